@@ -1,0 +1,1 @@
+"""Prefect flows: composition only. The work lives in ``tasks``."""

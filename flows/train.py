@@ -1,0 +1,47 @@
+"""The training stage of one trial: a subflow that runs where the GPUs are."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import optuna
+from prefect import flow
+
+from tasks import stages
+from tasks.config import parse_config
+from tasks.study import epoch_reporter
+from tasks.tracking import Tracker
+
+#: Set by the parent when the study is interrupted: running trainings stop at the next epoch.
+STOP = threading.Event()
+
+
+class Interrupted(RuntimeError):
+    """The study was stopped while this trial trained."""
+
+
+@flow(name="train-trial", flow_run_name="train-trial-{trial_number}", validate_parameters=False)
+def train_trial(
+    config: dict[str, Any],
+    trial_number: int,
+    trial_id: int,
+    params: dict[str, Any],
+    run_id: str,
+    parent_run_id: str,
+) -> dict[str, Any]:
+    """Train, export and log one trial; a pruned trial returns ``{"pruned": reason}``."""
+    cfg = parse_config(config, source="train-trial parameter 'config'")
+    report = epoch_reporter(cfg.storage_url, cfg.study.name, trial_id)
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if STOP.is_set():
+            raise Interrupted(f"study interrupted during epoch {epoch}")
+        report(epoch, row)
+
+    try:
+        return stages.train(
+            cfg, params, Tracker(cfg.tracking_uri), run_id, parent_run_id, on_epoch=on_epoch
+        )
+    except optuna.TrialPruned as pruned:
+        return {"pruned": str(pruned)}

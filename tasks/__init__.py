@@ -1,0 +1,1 @@
+"""The work: plain typed functions and thin Prefect task wrappers."""

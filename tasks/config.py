@@ -1,0 +1,454 @@
+"""Typed study configuration: YAML in, validated pydantic models out.
+
+Every error names the dotted path of the bad key, the value given and what is allowed,
+so a typo in a 400-trial study is caught before anything is created.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: Trial parameters a search space may tune: they override ``train.<name>``.
+TUNABLE = ("lr", "momentum", "weight_decay", "rho", "swa_start", "swa_lr", "epochs", "batch_size")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; a study config means the number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class AugmentConfig(_Strict):
+    """Training-time augmentations; horizontal flip stays off unless asked (text, digits)."""
+
+    rotation: float = Field(10.0, ge=0, le=45, description="max rotation in degrees")
+    perspective: float = Field(0.0, ge=0, le=1, description="perspective distortion scale")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation")
+    hflip: bool = False
+
+
+class DataConfig(_Strict):
+    root: str = Field(description="image-folder dataset: train/, val/, optional test/")
+    image_size: int = Field(32, gt=0, le=4096)
+    augment: AugmentConfig = AugmentConfig()
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelConfig(_Strict):
+    arch: str = "tinycnn"
+    weights: str | None = Field(None, description="local weights file; never a hub download")
+    finetune: Literal["full", "head"] = "full"
+
+    @model_validator(mode="after")
+    def _known_arch(self) -> ModelConfig:
+        from tasks.models import ARCHITECTURES
+
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(
+                f"arch: unknown architecture {self.arch!r}; "
+                f"choose one of {', '.join(sorted(ARCHITECTURES))}"
+            )
+        return self
+
+
+class TrainConfig(_Strict):
+    """FMFP: SAM around SGD, cosine to ``swa_start``, then SWA with SWALR."""
+
+    epochs: int = Field(200, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    rho: float = Field(0.05, gt=0, description="SAM neighbourhood size")
+    swa_start: int = Field(120, ge=0)
+    swa_lr: float = Field(0.05, gt=0)
+    eta_min: float = Field(1e-5, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast when training on CUDA")
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(17, ge=13, le=21)
+    parity_atol: float = Field(1e-3, gt=0)
+
+
+class OnnxRuntimeOptions(_Strict):
+    per_channel: bool = True
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+class HailoOptions(_Strict):
+    hw_arch: Literal["hailo8", "hailo8l", "hailo8r", "hailo10h", "hailo15h", "hailo15l"] = "hailo8"
+    optimization_level: int = Field(2, ge=0, le=4)
+    compression_level: int = Field(0, ge=0, le=5)
+    calibration_batch_size: int = Field(8, gt=0)
+    extra_model_script: str = ""
+
+
+class CompileConfig(_Strict):
+    backend: Literal["onnxruntime-int8", "hailo"] = "onnxruntime-int8"
+    calibration_samples: int = Field(256, gt=0, description="train images used to calibrate")
+    onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
+    hailo: HailoOptions = HailoOptions()
+
+    def backend_options(self) -> dict[str, Any]:
+        if self.backend == "hailo":
+            return self.hailo.model_dump()
+        return self.onnxruntime.model_dump()
+
+
+class DeviceConfig(_Strict):
+    name: str = Field("local-cpu", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    runner: Literal["local"] = "local"
+    timeout_s: float = Field(600, gt=0)
+    batch_size: int = Field(1, gt=0)
+    warmup: int = Field(5, ge=0)
+
+    @property
+    def concurrency_limit(self) -> str:
+        """The global concurrency limit that makes this board exclusive."""
+        return f"device-{self.name}"
+
+
+class SearchParam(_Strict):
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[float | int | str | bool] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("categorical takes 'choices', not 'low'/'high'")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes 'low' and 'high', not 'choices'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs both 'low' and 'high'")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError(
+                f"low and high must be finite, but got low={self.low}, high={self.high}"
+            )
+        if self.low > self.high:
+            raise ValueError(
+                f"low <= high must hold, but got low={self.low}, high={self.high}; swap them"
+            )
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, but got low={self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("'step' cannot be combined with log=true")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be > 0, but got {self.step}")
+        if self.type == "int" and not (
+            float(self.low).is_integer() and float(self.high).is_integer()
+        ):
+            raise ValueError(f"int bounds must be whole numbers, but got {self.low}..{self.high}")
+        return self
+
+    @property
+    def upper(self) -> float | None:
+        """The largest value this parameter can take, for cross-field checks."""
+        if self.type == "categorical":
+            numbers = [c for c in self.choices or [] if isinstance(c, int | float)]
+            return max(numbers) if numbers else None
+        return self.high
+
+    @property
+    def lower(self) -> float | None:
+        if self.type == "categorical":
+            numbers = [c for c in self.choices or [] if isinstance(c, int | float)]
+            return min(numbers) if numbers else None
+        return self.low
+
+
+def _original_space() -> dict[str, SearchParam]:
+    """The HI4Lines study's space (REFERENCE.md): used when a config names none."""
+    return {
+        "lr": SearchParam(type="float", low=1e-3, high=1e-1, log=True),
+        "swa_start": SearchParam(type="int", low=65, high=150),
+        "weight_decay": SearchParam(type="float", low=1e-5, high=1e-3, log=True),
+        "momentum": SearchParam(type="float", low=0.85, high=0.99),
+        "swa_lr": SearchParam(type="float", low=1e-3, high=1e-1, log=True),
+    }
+
+
+class StudyConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    n_trials: int = Field(400, gt=0)
+    parallel: int = Field(1, gt=0, description="trials training at once (GPU slots)")
+    max_pending: int | None = Field(
+        None, gt=0, description="trained models waiting for compile/device (default: parallel)"
+    )
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["none", "median"] = "none"
+    storage: str | None = Field(None, description="Optuna RDB URL; default: a file in run_dir")
+    search_space: dict[str, SearchParam] = Field(default_factory=_original_space)
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUGRC interval")
+
+    @model_validator(mode="after")
+    def _known_params(self) -> StudyConfig:
+        for name in self.search_space:
+            if name not in TUNABLE:
+                raise ValueError(
+                    f"search_space.{name}: not a tunable parameter; "
+                    f"choose from {', '.join(TUNABLE)}{_suggest(name, TUNABLE)}"
+                )
+        return self
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite in run_dir")
+    experiment: str | None = None
+    registered_model: str | None = None
+
+
+class EdgetuneConfig(_Strict):
+    """One study: data, model, FMFP training, export, compiler, device, search and tracking."""
+
+    seed: int = 0
+    run_dir: str | None = Field(None, description="default: runs/<study.name>")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    compile: CompileConfig = CompileConfig()
+    device: DeviceConfig = DeviceConfig()
+    study: StudyConfig
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _swa_inside_epochs(self) -> EdgetuneConfig:
+        space = self.study.search_space
+        max_swa = space["swa_start"].upper if "swa_start" in space else self.train.swa_start
+        min_epochs = space["epochs"].lower if "epochs" in space else self.train.epochs
+        if max_swa is not None and min_epochs is not None and max_swa >= min_epochs:
+            raise ValueError(
+                f"train.swa_start: SWA must start before the last epoch, but swa_start can be "
+                f"{max_swa:g} with epochs={min_epochs:g}; lower swa_start (or its search range) "
+                f"below epochs"
+            )
+        return self
+
+    # Derived locations -------------------------------------------------------------------
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or Path("runs") / self.study.name)
+
+    @property
+    def storage_url(self) -> str:
+        return self.study.storage or f"sqlite:///{(self.run_path / 'optuna.db').resolve()}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{(self.run_path / 'mlflow.db').resolve()}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.study.name
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model or f"{self.study.name}-classifier"
+
+
+# Loading -----------------------------------------------------------------------------------
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (for listing allowed keys)."""
+    model: Any = EdgetuneConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def _describe(error: Any) -> str:
+    loc = tuple(p for p in error["loc"] if p not in ("function-after",))
+    path = ".".join(str(p) for p in loc) or "<root>"
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        allowed = sorted(owner.model_fields) if owner else []
+        hint = _suggest(str(loc[-1]), allowed)
+        return f"{path}: unknown key{hint}; allowed keys here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "value_error":
+        # Our validators state the values themselves; some name a key below ``loc``.
+        if re.match(r"^[A-Za-z_][\w.]*: ", message):
+            return message if path == "<root>" else f"{path}.{message}"
+        return f"{path}: {message}"
+    return f"{path}: {message}, but got {value!r}"
+
+
+def _format(error: ValidationError) -> str:
+    return "; ".join(_describe(e) for e in error.errors())
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    merged = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"override {item!r}: expected section.key=value, e.g. train.epochs=10"
+            )
+        try:
+            value = yaml_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        node = merged
+        *parents, leaf = key.split(".")
+        for depth, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"config file {str(source)!r} not found; pass the path of a YAML file")
+    try:
+        raw = yaml_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top, got {raw!r}")
+    return raw
+
+
+def parse_config(raw: dict[str, Any], *, source: str = "config") -> EdgetuneConfig:
+    try:
+        config = EdgetuneConfig.model_validate(_with_floats(raw))
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format(exc)}") from None
+    return _resolve_paths(config)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> EdgetuneConfig:
+    """Read, override and validate a study config; relative paths resolve from the cwd."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return parse_config(raw, source=str(path))
+
+
+_FLOAT_FIELDS = {
+    "train": {"lr", "momentum", "weight_decay", "rho", "swa_lr", "eta_min"},
+    "export": {"parity_atol"},
+    "device": {"timeout_s"},
+}
+
+
+def _with_floats(raw: dict[str, Any]) -> dict[str, Any]:
+    """Let an integer stand for a float (``lr: 1``) without relaxing type checks elsewhere."""
+    fixed = _deep_copy(raw)
+    for section, names in _FLOAT_FIELDS.items():
+        block = fixed.get(section)
+        if isinstance(block, dict):
+            for name in names:
+                if isinstance(block.get(name), int) and not isinstance(block.get(name), bool):
+                    block[name] = float(block[name])
+    space = (
+        fixed.get("study", {}).get("search_space") if isinstance(fixed.get("study"), dict) else None
+    )
+    if isinstance(space, dict):
+        for spec in space.values():
+            if isinstance(spec, dict):
+                for key in ("low", "high", "step"):
+                    if isinstance(spec.get(key), int) and not isinstance(spec.get(key), bool):
+                        spec[key] = float(spec[key])
+    return fixed
+
+
+def _resolve_paths(config: EdgetuneConfig) -> EdgetuneConfig:
+    """Make every path absolute so the saved config re-runs from anywhere."""
+    data = config.data.model_copy(update={"root": str(Path(config.data.root).resolve())})
+    model = config.model
+    if model.weights:
+        model = model.model_copy(update={"weights": str(Path(model.weights).resolve())})
+    return config.model_copy(
+        update={"data": data, "model": model, "run_dir": str(config.run_path.resolve())}
+    )
+
+
+def dump_config(config: EdgetuneConfig) -> str:
+    """The fully resolved config as YAML: enough to re-run the study from this one file."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def trial_train_config(config: EdgetuneConfig, params: dict[str, Any]) -> TrainConfig:
+    """The training settings of one trial: the config's, overridden by the sampled params."""
+    unknown = set(params) - set(TUNABLE)
+    if unknown:
+        raise ConfigError(f"trial params {sorted(unknown)} are not tunable; use {TUNABLE}")
+    merged = {**config.train.model_dump(), **params}
+    for name in ("epochs", "batch_size", "swa_start"):
+        merged[name] = int(merged[name])
+    for name in ("lr", "momentum", "weight_decay", "rho", "swa_lr"):
+        merged[name] = float(merged[name])
+    return TrainConfig.model_validate(merged)

@@ -1,0 +1,235 @@
+"""Image-folder datasets, preprocessing and the bundles shipped to the compiler and board.
+
+A dataset is ``root/{train,val[,test]}/<class>/<image>``. The validation split is turned
+once into an *evaluation bundle* (uint8 images at the model's input size + labels +
+normalisation) that both the float model on the training host and the device-side
+evaluator read, so the float and device metrics see exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+#: ImageNet statistics in 0..255 pixel scale (the pretrained torchvision models expect them).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    root: Path
+    classes: tuple[str, ...]
+    files: dict[str, list[tuple[Path, int]]] = field(repr=False)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.files)
+
+    def counts(self) -> dict[str, int]:
+        return {split: len(items) for split, items in self.files.items()}
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images(class_dir: Path) -> list[Path]:
+    return sorted(
+        p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _verify(path: Path) -> None:
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"corrupt image {path}: {exc.__class__.__name__}: {exc}; remove or replace the file"
+        ) from None
+
+
+def inspect_dataset(root: str | Path, *, verify_images: bool = True) -> DatasetInfo:
+    """List and check a dataset before anything is created; raise DataError on the first fault."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(
+            f"dataset folder {base} not found; point data.root at a folder with train/ and val/ "
+            f"(for the example: edgetune data digits {base})"
+        )
+    present = [s for s in SPLITS if (base / s).is_dir()]
+    missing = [s for s in ("train", "val") if s not in present]
+    if missing:
+        raise DataError(
+            f"dataset {base} has no {'/ '.join(missing)}/ folder; expected train/, val/ and "
+            f"optionally test/, each with one folder per class"
+        )
+    classes_by_split = {s: [d.name for d in _class_dirs(base / s)] for s in present}
+    reference = classes_by_split["train"]
+    if len(reference) < 2:
+        raise DataError(
+            f"{base / 'train'} has {len(reference)} class folder(s); a classifier needs at least 2"
+        )
+    for split, names in classes_by_split.items():
+        if names != reference:
+            only_train = sorted(set(reference) - set(names))
+            only_here = sorted(set(names) - set(reference))
+            raise DataError(
+                f"class folders differ between train/ and {split}/ in {base}: "
+                f"only in train: {only_train or '-'}, only in {split}: {only_here or '-'}; "
+                f"give every split the same class folders"
+            )
+    files: dict[str, list[tuple[Path, int]]] = {}
+    for split in present:
+        items: list[tuple[Path, int]] = []
+        for index, name in enumerate(reference):
+            images = _images(base / split / name)
+            if not images:
+                raise DataError(
+                    f"class folder {base / split / name} has no images "
+                    f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder "
+                    f"from every split"
+                )
+            items.extend((path, index) for path in images)
+        files[split] = items
+    if verify_images:
+        for items in files.values():
+            for path, _ in items:
+                _verify(path)
+    return DatasetInfo(root=base, classes=tuple(reference), files=files)
+
+
+def load_rgb(path: Path, size: int) -> Image.Image:
+    """Three channels at the model's input size: the one resize both float and device use."""
+    with Image.open(path) as image:
+        return image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+
+
+# Bundles ------------------------------------------------------------------------------------
+
+
+def make_bundle(
+    items: Sequence[tuple[Path, int]],
+    classes: Sequence[str],
+    image_size: int,
+    out_path: Path,
+) -> Path:
+    """Write an evaluation/calibration bundle (see module docstring); atomic."""
+    images = np.stack([np.asarray(load_rgb(path, image_size), dtype=np.uint8) for path, _ in items])
+    labels = np.asarray([label for _, label in items], dtype=np.int64)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out_path.parent, suffix=".npz", delete=False) as handle:
+        np.savez(
+            handle,
+            images=images,
+            labels=labels,
+            mean=np.asarray(IMAGENET_MEAN, dtype=np.float32),
+            std=np.asarray(IMAGENET_STD, dtype=np.float32),
+            classes=np.asarray(list(classes)),
+        )
+    Path(handle.name).replace(out_path)
+    return out_path
+
+
+def calibration_items(
+    items: Sequence[tuple[Path, int]], samples: int, seed: int
+) -> list[tuple[Path, int]]:
+    """A seeded, class-balanced-by-chance sample of the train split for INT8 calibration."""
+    rng = np.random.default_rng(seed)
+    count = min(samples, len(items))
+    chosen = rng.choice(len(items), size=count, replace=False)
+    return [items[i] for i in sorted(chosen)]
+
+
+def load_bundle(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def normalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """uint8 NHWC → float32 NCHW, the float model's input."""
+    scaled = (images.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32)
+    return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))
+
+
+# The bundled example ------------------------------------------------------------------------
+
+DIGITS_MARKER = ".edgetune-digits.json"
+
+
+def write_digits(
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> DatasetInfo:
+    """Materialise scikit-learn's digits (shipped with the package) as an image-folder dataset.
+
+    Idempotent: a folder written before with the same settings is left as it is; any other
+    non-empty folder is refused rather than mixed into.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    target = Path(out_dir)
+    settings = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
+    marker = target / DIGITS_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return inspect_dataset(target)
+    if target.exists() and any(target.iterdir()):
+        raise DataError(
+            f"{target} exists and is not an edgetune digits folder with these settings; "
+            f"choose an empty or new folder"
+        )
+    if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError(
+            f"val_fraction and test_fraction must be in (0, 1) and sum below 1, but got "
+            f"{val_fraction} and {test_fraction}"
+        )
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    index = np.arange(len(pixels))
+    rest, test = (
+        train_test_split(index, test_size=test_fraction, stratify=digits.target, random_state=seed)
+        if test_fraction
+        else (index, index[:0])
+    )
+    train, val = train_test_split(
+        rest,
+        test_size=val_fraction / (1 - test_fraction),
+        stratify=digits.target[rest],
+        random_state=seed,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=target.parent))
+    try:
+        for split, members in (("train", train), ("val", val), ("test", test)):
+            if not len(members):
+                continue
+            for i in members:
+                folder = staging / split / str(digits.target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
+        (staging / DIGITS_MARKER).write_text(json.dumps(settings))
+        if target.exists():
+            target.rmdir()
+        staging.replace(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return inspect_dataset(target)

@@ -1,0 +1,155 @@
+"""`local`: run the device evaluator as a subprocess on this host.
+
+The embedded mode's device (with the `onnxruntime-int8` compiler), and a board's own
+runner when the controller runs on the board. The evaluator is copied into the workdir
+and run from there, exactly as a remote runner installs it on a board, so it cannot
+import anything from this project by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tasks.devices.base import (
+    PROBS_FILE,
+    RESULT_FILE,
+    DeviceError,
+    DeviceResult,
+    DeviceRunner,
+    bundle_expectations,
+    classify_argv,
+    evaluator_path,
+    failure_message,
+    read_result,
+)
+
+OUT_DIR = "device-result"
+EVALUATOR_DIR = "evaluator"
+
+
+class LocalRunner(DeviceRunner):
+    """Evaluator in a child process (own process group, killed on timeout or error)."""
+
+    name: ClassVar[str] = "local"
+
+    def __init__(
+        self,
+        python: str = sys.executable,
+        timeout_s: float = 600,
+        batch_size: int = 1,
+        warmup: int = 5,
+        threads: int | None = None,
+    ) -> None:
+        if timeout_s <= 0 or batch_size < 1 or warmup < 0 or (threads is not None and threads < 1):
+            raise ValueError(
+                f"local runner: timeout_s={timeout_s}, batch_size={batch_size}, warmup={warmup}, "
+                f"threads={threads}; timeout_s must be > 0, batch_size and threads >= 1, "
+                "warmup >= 0"
+            )
+        self.python = python
+        self.timeout_s = float(timeout_s)
+        self.batch_size = batch_size
+        self.warmup = warmup
+        self.threads = threads
+
+    def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:
+        artifact, bundle, workdir = Path(artifact), Path(bundle), Path(workdir)
+        for path, what in ((artifact, "compiled artifact"), (bundle, "evaluation bundle")):
+            if not path.is_file():
+                raise FileNotFoundError(f"{what} {path} does not exist")
+        n_expected, classes_expected = bundle_expectations(bundle)
+        out_dir = workdir / OUT_DIR
+        _remove_results(out_dir)
+        script = _install_evaluator(workdir / EVALUATOR_DIR)
+        argv = classify_argv(
+            str(artifact.resolve()),
+            str(bundle.resolve()),
+            str(out_dir.resolve()),
+            self.batch_size,
+            self.warmup,
+            self.threads,
+        )
+        try:
+            self._run([self.python, str(script), *argv], f"evaluating {artifact.name}")
+            return read_result(out_dir, n_expected, classes_expected)
+        except DeviceError:
+            _remove_results(out_dir)
+            raise
+
+    def info(self) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="edgetune-eval-") as tmp:
+            script = _install_evaluator(Path(tmp))
+            stdout = self._run([self.python, str(script), "info"], "evaluator info")
+        try:
+            report: dict[str, Any] = json.loads(stdout)
+        except json.JSONDecodeError as exc:
+            raise DeviceError(f"evaluator info printed no JSON ({exc}): {stdout[-500:]!r}") from exc
+        return report
+
+    def _run(self, argv: list[str], what: str) -> str:
+        """Run the evaluator; return stdout; DeviceError on non-zero exit or timeout."""
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,  # its own process group, so a kill takes it all
+            )
+        except OSError as exc:
+            raise DeviceError(
+                f"cannot start the evaluator with {self.python!r} ({exc}); set device.python "
+                "to a Python with numpy and onnxruntime"
+            ) from exc
+        try:
+            stdout, stderr = proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            raise DeviceError(
+                f"device evaluation timed out after {self.timeout_s:g}s ({what}); raise "
+                "device.timeout_s, or evaluate fewer images or with a larger batch size"
+            ) from None
+        except BaseException:
+            _kill(proc)
+            raise
+        if proc.returncode != 0:
+            raise DeviceError(
+                failure_message(f"device evaluator ({what})", proc.returncode, stderr)
+            )
+        return stdout
+
+
+def _install_evaluator(directory: Path) -> Path:
+    """Copy the shipped evaluator into `directory` (as a remote runner uploads it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / evaluator_path().name
+    shutil.copyfile(evaluator_path(), target)
+    return target
+
+
+def _remove_results(out_dir: Path) -> None:
+    """No result files from an earlier or a failed run may be read as this run's."""
+    for name in (RESULT_FILE, PROBS_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+        for partial in out_dir.glob(f".{name}.*"):  # temp files of a killed evaluator
+            partial.unlink(missing_ok=True)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """Kill the evaluator's whole process group and reap it."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:  # pragma: no cover - not POSIX
+            proc.kill()
+    except ProcessLookupError:
+        pass
+    proc.communicate()

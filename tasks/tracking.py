@@ -1,0 +1,170 @@
+"""MLflow bookkeeping by explicit run id.
+
+No fluent ``mlflow.start_run`` state: stages run in threads here and on other hosts in
+production, and each one finds its run (and its inputs) by id. One parent run per study,
+one nested run per trial; the champion's compiled artifact is registered with an alias.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# MLflow reads these at import: keep it quiet and offline before it is first imported.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+PARENT_TAG = "mlflow.parentRunId"
+CHAMPION = "champion"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or store cannot be used; the message names the URI and the fix."""
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+class Tracker:
+    """A thin, thread-safe facade over one MLflow tracking URI."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.client = _client(uri)
+
+    # Experiments and runs ---------------------------------------------------------------
+    def experiment_id(self, name: str, artifact_location: str | None = None) -> str:
+        try:
+            existing = self.client.get_experiment_by_name(name)
+            if existing is not None:
+                return str(existing.experiment_id)
+            return str(self.client.create_experiment(name, artifact_location=artifact_location))
+        except Exception as exc:
+            from mlflow.exceptions import MlflowException
+
+            if isinstance(exc, MlflowException) and "already exists" in str(exc):
+                return str(self.client.get_experiment_by_name(name).experiment_id)
+            raise TrackingError(
+                f"cannot use MLflow tracking at {mask_uri(self.uri)}: {exc}; check tracking.uri "
+                f"(or --tracking-uri) and that the server is running"
+            ) from None
+
+    def start_run(
+        self,
+        experiment_id: str,
+        name: str,
+        *,
+        parent_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        all_tags = dict(tags or {})
+        if parent_id:
+            all_tags[PARENT_TAG] = parent_id
+        run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
+        return str(run.info.run_id)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+    ) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(key, float(value), now, step or 0)
+            for key, value in metrics.items()
+            if value is not None and math.isfinite(float(value))
+        ]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value)[:5000])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
+        """Fetch a stage's input by run id: MLflow is the artifact bus between hosts."""
+        from mlflow.artifacts import download_artifacts
+
+        dst.mkdir(parents=True, exist_ok=True)
+        local = download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.uri
+        )
+        return Path(local)
+
+    def artifact_uri(self, run_id: str, artifact_path: str) -> str:
+        return f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+    # Registry -----------------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        run_id: str,
+        artifact_path: str,
+        *,
+        alias: str = CHAMPION,
+        tags: Mapping[str, Any] | None = None,
+        description: str | None = None,
+    ) -> str:
+        """Register a run's artifact folder as a new version of ``name`` and point ``alias`` at it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower():
+                raise
+        version = self.client.create_model_version(
+            name,
+            source=self.artifact_uri(run_id, artifact_path),
+            run_id=run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()},
+            description=description,
+        )
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
+
+    def alias_version(self, name: str, alias: str = CHAMPION) -> Any:
+        return self.client.get_model_version_by_alias(name, alias)
+
+
+def mask_uri(uri: str) -> str:
+    """Hide a password in a database or server URL before it is printed or logged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def write_temp_text(text: str, name: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="edgetune-"))
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path

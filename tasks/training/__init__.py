@@ -1,0 +1,1 @@
+"""Trainers: FMFP (SAM + SWA) for classifiers."""

@@ -1,0 +1,179 @@
+"""FMFP training (flat minima for failure prediction, ECCV 2022).
+
+SAM around SGD with plain cross-entropy; cosine annealing from ``lr`` to ``eta_min`` over
+the first ``swa_start`` epochs; then stochastic weight averaging with SWALR(``swa_lr``)
+and a BatchNorm refresh. The averaged model is the result.
+
+After every epoch the float validation metrics (AUGRC first) of the model that *would*
+be the result are passed to ``on_epoch``, which may raise to stop the run (pruning).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
+from torch.utils.data import DataLoader
+
+from tasks.config import TrainConfig
+from tasks.metrics import classification_metrics
+from tasks.training.sam import SAM
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _autocast(device: torch.device, amp: bool) -> Any:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
+    model.eval()
+    chunks = [
+        torch.softmax(model(images[i : i + batch_size].to(device)).float(), dim=1).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks).double().numpy()
+
+
+def _validate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+) -> dict[str, float]:
+    probs = predict_proba(model, images, device)
+    y = labels.numpy()
+    metrics = classification_metrics(probs, y, bootstrap=0)
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    return {k: v for k, v in metrics.items() if not k.startswith("augrc_ci")}
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader[Any],
+    optimizer: SAM,
+    device: torch.device,
+    amp: bool,
+) -> float:
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    for inputs, targets in loader:
+        inputs, targets = (
+            inputs.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+        )
+        with _autocast(device, amp):
+            loss = criterion(model(inputs), targets)
+        loss.backward()
+        optimizer.first_step()
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            criterion(model(inputs), targets).backward()
+        optimizer.second_step()
+        optimizer.zero_grad(set_to_none=True)
+        total += float(loss.detach()) * len(targets)
+        count += len(targets)
+    return total / max(count, 1)
+
+
+def train_fmfp(
+    model: nn.Module,
+    loader: DataLoader[Any],
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    params: TrainConfig,
+    *,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train with FMFP and return the SWA model (BatchNorm refreshed) on the CPU."""
+    if not 0 <= params.swa_start < params.epochs:
+        raise ValueError(
+            f"swa_start must be in [0, epochs), but got swa_start={params.swa_start}, "
+            f"epochs={params.epochs}"
+        )
+    seed_everything(seed)
+    device = resolve_device(params.device)
+    model = model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = SAM(
+        trainable,
+        torch.optim.SGD,
+        rho=params.rho,
+        lr=params.lr,
+        momentum=params.momentum,
+        weight_decay=params.weight_decay,
+    )
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer.base_optimizer, T_max=max(params.swa_start, 1), eta_min=params.eta_min
+    )
+    swa_model = AveragedModel(model)
+    swa_scheduler = SWALR(optimizer.base_optimizer, swa_lr=params.swa_lr, anneal_epochs=1)
+    started = time.perf_counter()
+    history: list[dict[str, float]] = []
+    for epoch in range(params.epochs):
+        train_loss = _train_epoch(model, loader, optimizer, device, params.amp)
+        if epoch >= params.swa_start:
+            swa_model.update_parameters(model)
+            swa_scheduler.step()
+            update_bn(loader, swa_model, device=device)
+            current: nn.Module = swa_model
+        else:
+            cosine.step()
+            current = model
+        metrics = _validate(current, val_images, val_labels, device)
+        row = {
+            "epoch": float(epoch),
+            "train_loss": train_loss,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        row.update({f"val_{k}": v for k, v in metrics.items()})
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    result_model = copy.deepcopy(swa_model.module).cpu().eval()
+    return TrainResult(
+        model=result_model,
+        history=history,
+        metrics={k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")},
+        seconds=time.perf_counter() - started,
+        device=str(device),
+    )

@@ -1,0 +1,61 @@
+"""Shared fixtures: one Prefect test server per session, the digits dataset, tiny configs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Before Prefect or MLflow is imported anywhere: no telemetry, quiet logs.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real Prefect API (SQLite-backed) shared by every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled example, written through the same code users run."""
+    from tasks.data import write_digits
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    write_digits(root)
+    return root
+
+
+def tiny_config(root: Path, run_dir: Path, **sections: Any) -> dict[str, Any]:
+    """A config small enough for a CPU test: 16 px, 2 epochs, 2 trials in parallel."""
+    raw: dict[str, Any] = {
+        "seed": 0,
+        "run_dir": str(run_dir),
+        "data": {"root": str(root), "image_size": 16, "augment": {"rotation": 0.0}},
+        "model": {"arch": "tinycnn"},
+        "train": {"epochs": 2, "batch_size": 128, "swa_start": 1, "lr": 0.05, "swa_lr": 0.02},
+        "compile": {"calibration_samples": 32},
+        "device": {"name": f"test-{run_dir.name}", "warmup": 0},
+        "study": {
+            "name": run_dir.name,
+            "n_trials": 2,
+            "parallel": 2,
+            "bootstrap": 20,
+            "search_space": {
+                "lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+                "momentum": {"type": "float", "low": 0.85, "high": 0.95},
+            },
+        },
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw

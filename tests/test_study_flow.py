@@ -1,0 +1,163 @@
+"""A whole study through the Prefect flows: ask/tell, stages, MLflow, registry, the board lock."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from conftest import tiny_config
+from mlflow import MlflowClient
+
+from tasks.config import load_config, parse_config
+from tasks.study import open_study
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+
+def _run(raw: dict[str, Any]) -> tuple[dict[str, Any], Any, optuna.Study]:
+    from flows.tune import tune
+
+    config = parse_config(raw)
+    result = tune(config.model_dump(mode="json"))
+    return result, config, open_study(config.storage_url, config.study, config.seed, create=False)
+
+
+def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
+    result, config, study = _run(tiny_config(digits_root, tmp_path / "e2e"))
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert result["counts"]["COMPLETE"] == 2
+    for trial in trials:
+        assert 0.0 <= trial.value <= 0.5
+        assert 0.0 <= trial.user_attrs["float_augrc"] <= 0.5
+        assert (
+            trial.user_attrs["device_augrc_ci_low"]
+            <= trial.value
+            <= trial.user_attrs["device_augrc_ci_high"]
+        )
+        assert trial.user_attrs["train_finished"] <= trial.user_attrs["compile_started"]
+        assert trial.user_attrs["compile_finished"] <= trial.user_attrs["device_started"]
+        # The objective of pruning is the objective's own metric: one report per epoch.
+        assert sorted(trial.intermediate_values) == [0, 1]
+
+    client = MlflowClient(config.tracking_uri)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["edgetune.kind"] == "study"
+    assert parent.data.metrics["best_device_augrc"] == pytest.approx(min(t.value for t in trials))
+    assert {a.path for a in client.list_artifacts(parent_id, "inputs")} == {
+        "inputs/calibration.npz",
+        "inputs/val_bundle.npz",
+    }
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {
+            "float_augrc",
+            "device_augrc",
+            "device_accuracy",
+            "device_latency_ms",
+            "val_augrc",
+        } <= set(child.data.metrics)
+        paths = {
+            a.path
+            for folder in ("model", "compiled", "compile", "device")
+            for a in client.list_artifacts(child.info.run_id, folder)
+        }
+        assert {
+            "model/model.onnx",
+            "model/checkpoint.pt",
+            "compiled/model.int8.onnx",
+            "compile/compile.log",
+            "device/device_probs.npy",
+            "device/device_result.json",
+        } <= paths
+        history = client.get_metric_history(child.info.run_id, "val_augrc")
+        assert [m.step for m in history] == [0, 1]
+
+    best = min(trials, key=lambda t: t.value)
+    champion = client.get_model_version_by_alias(config.registered_model_name, "champion")
+    assert champion.run_id == best.user_attrs["mlflow_run_id"]
+    assert champion.tags["trial"] == str(best.number)
+    assert result["champion"]["version"] == str(champion.version)
+
+    # The saved config re-runs the same study; running it again adds no trial.
+    saved = load_config(config.run_path / "config.yaml")
+    assert saved == config
+    again, _, study = _run(saved.model_dump(mode="json"))
+    assert len(study.get_trials()) == 2 and again["counts"]["COMPLETE"] == 2
+
+
+def test_a_failing_trial_is_told_fail_and_the_study_goes_on(
+    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.stages
+
+    real = tasks.stages.compile_model
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            calls.append(1)
+            first = len(calls) == 1
+        if first:
+            raise RuntimeError("injected compiler crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.stages, "compile_model", flaky)
+    raw = tiny_config(digits_root, tmp_path / "flaky")
+    raw["study"]["n_trials"] = 3
+    result, config, study = _run(raw)
+    states = sorted(t.state.name for t in study.get_trials())
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+    failed = next(t for t in study.get_trials() if t.state.name == "FAIL")
+    assert failed.value is None  # told FAIL: no sentinel objective value
+    assert failed.user_attrs["fail_stage"] == "compile"
+    assert failed.user_attrs["fail_reason"] == "RuntimeError: injected compiler crash"
+    run = MlflowClient(config.tracking_uri).get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["edgetune.fail_reason"] == "RuntimeError: injected compiler crash"
+    assert result["champion"]["trial"] != failed.number
+
+
+def test_device_evaluations_never_overlap(
+    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.stages
+
+    real_run, real_inputs = tasks.stages.run_on_device, tasks.stages.device_inputs
+    windows: list[tuple[float, float]] = []
+    arrivals: list[float] = []
+
+    def slow_board(*args: Any, **kwargs: Any) -> Any:
+        started = time.time()
+        time.sleep(2.0)  # a board that takes a while makes contention certain
+        out = real_run(*args, **kwargs)
+        windows.append((started, time.time()))
+        return out
+
+    def arriving(*args: Any, **kwargs: Any) -> Any:
+        arrivals.append(time.time())  # a trial reaches the device stage, before the slot
+        return real_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.stages, "run_on_device", slow_board)
+    monkeypatch.setattr(tasks.stages, "device_inputs", arriving)
+    raw = tiny_config(digits_root, tmp_path / "board")
+    raw["study"].update(n_trials=4, parallel=2, max_pending=2)
+    _, _, study = _run(raw)
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 4
+    windows.sort()
+    assert len(windows) == 4
+    for (_, end), (start, _) in itertools.pairwise(windows):
+        assert end <= start, f"device evaluations overlapped: {windows}"
+    # The lock was contended: some trial reached the board while another held it.
+    assert any(start < t < end for t in arrivals for start, end in windows)
