@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -24,7 +25,7 @@ from optuna.trial import TrialState
 from prefect import flow, get_run_logger
 
 from flows.train import STOP, train_trial
-from tasks.config import EdgetuneConfig, dump_config, parse_config
+from tasks.config import EdgetuneConfig, apply_overrides, dump_config, load_config, parse_config
 from tasks.stages import COMPILED_DIR, prepare_inputs
 from tasks.study import (
     ATTR_FAIL_REASON,
@@ -318,6 +319,21 @@ class StudyRunner:
         )
 
 
+def _resolve(config: dict[str, Any] | str, overrides: list[str] | None) -> EdgetuneConfig:
+    if isinstance(config, str):
+        return load_config(config, overrides)
+    return parse_config(apply_overrides(config, overrides or []), source="tune parameter 'config'")
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config")
+    if isinstance(config, dict):
+        return f"tune-{config.get('study', {}).get('name', 'study')}"
+    return f"tune-{Path(str(config)).stem}"
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -335,10 +351,14 @@ def _json(value: Any) -> str:
     return json.dumps(value, indent=2, default=str)
 
 
-@flow(name="tune", flow_run_name="tune-{config[study][name]}", validate_parameters=False)
-def tune(config: dict[str, Any]) -> dict[str, Any]:
-    """Run (or continue) a study until ``study.n_trials`` trials have finished."""
-    cfg = parse_config(config, source="tune parameter 'config'")
+@flow(name="tune", flow_run_name=_run_name, validate_parameters=False)
+def tune(config: dict[str, Any] | str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run (or continue) a study until ``study.n_trials`` trials have finished.
+
+    ``config`` is a resolved config (a mapping) or the path of a YAML file readable where
+    this flow runs; ``overrides`` are ``section.key=value`` items applied on top.
+    """
+    cfg = _resolve(config, overrides)
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     (cfg.run_path / "config.yaml").write_text(dump_config(cfg))
     started = time.time()

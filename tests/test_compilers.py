@@ -15,16 +15,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from fakes import (
-    IMAGE_SIZE,
-    export_onnx,
-    fake_hailo,
-    normalise_nchw,
-    synthetic_images,
-    tiny_classifier,
-    torch_logits,
-    write_bundle,
-)
 
 from tasks.compilers import (
     COMPILERS,
@@ -38,6 +28,17 @@ from tasks.compilers import (
 )
 from tasks.compilers.hailo import HailoCompiler
 from tasks.compilers.onnxruntime_int8 import OnnxRuntimeInt8Compiler
+
+from fakes import (
+    IMAGE_SIZE,
+    export_onnx,
+    fake_hailo,
+    normalise_nchw,
+    synthetic_images,
+    tiny_classifier,
+    torch_logits,
+    write_bundle,
+)
 
 COMMON_METADATA = {"input_name", "input_shape", "output_name", "opset", "calibration_samples"}
 BACKEND_METADATA = {

@@ -20,15 +20,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fakes import (
-    CLASSES,
-    export_onnx,
-    fake_hailo,
-    normalise_nchw,
-    tiny_classifier,
-    torch_logits,
-    write_bundle,
-)
 
 from tasks.compilers import CompiledArtifact, create_compiler
 from tasks.devices import (
@@ -40,6 +31,16 @@ from tasks.devices import (
     edgetune_eval,
     evaluator_path,
     evaluator_version,
+)
+
+from fakes import (
+    CLASSES,
+    export_onnx,
+    fake_hailo,
+    normalise_nchw,
+    tiny_classifier,
+    torch_logits,
+    write_bundle,
 )
 
 N_IMAGES = 21  # not a multiple of the batch sizes below: the last batch is partial

@@ -10,11 +10,12 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import tiny_config
 from mlflow import MlflowClient
 
 from tasks.config import load_config, parse_config
 from tasks.study import open_study
+
+from conftest import tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -135,19 +136,25 @@ def test_device_evaluations_never_overlap(
     import tasks.stages
 
     real_run, real_inputs = tasks.stages.run_on_device, tasks.stages.device_inputs
-    windows: list[tuple[float, float]] = []
-    arrivals: list[float] = []
+    windows: list[tuple[float, float, float]] = []  # (arrived, board taken, board released)
+    arrived: dict[int, float] = {}
+    second_arrival = threading.Event()
+
+    def arriving(*args: Any, **kwargs: Any) -> Any:
+        # A trial reaches the device stage (before the slot); same thread as its board call.
+        arrived[threading.get_ident()] = time.time()
+        if len(arrived) >= 2:
+            second_arrival.set()
+        return real_inputs(*args, **kwargs)
 
     def slow_board(*args: Any, **kwargs: Any) -> Any:
         started = time.time()
-        time.sleep(2.0)  # a board that takes a while makes contention certain
+        # Hold the board until another trial wants it: contention is certain, not timed.
+        assert second_arrival.wait(timeout=60), "no second trial reached the device stage"
+        time.sleep(0.5)
         out = real_run(*args, **kwargs)
-        windows.append((started, time.time()))
+        windows.append((arrived[threading.get_ident()], started, time.time()))
         return out
-
-    def arriving(*args: Any, **kwargs: Any) -> Any:
-        arrivals.append(time.time())  # a trial reaches the device stage, before the slot
-        return real_inputs(*args, **kwargs)
 
     monkeypatch.setattr(tasks.stages, "run_on_device", slow_board)
     monkeypatch.setattr(tasks.stages, "device_inputs", arriving)
@@ -155,9 +162,10 @@ def test_device_evaluations_never_overlap(
     raw["study"].update(n_trials=4, parallel=2, max_pending=2)
     _, _, study = _run(raw)
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 4
-    windows.sort()
     assert len(windows) == 4
-    for (_, end), (start, _) in itertools.pairwise(windows):
-        assert end <= start, f"device evaluations overlapped: {windows}"
-    # The lock was contended: some trial reached the board while another held it.
-    assert any(start < t < end for t in arrivals for start, end in windows)
+    boards = sorted((start, end) for _, start, end in windows)
+    for (_, end), (start, _) in itertools.pairwise(boards):
+        assert end <= start, f"device evaluations overlapped: {boards}"
+    # The lock was contended: two trials were in the device stage at once, one waiting.
+    stays = sorted((arrival, end) for arrival, _, end in windows)
+    assert any(b_arrival < a_end for (_, a_end), (b_arrival, _) in itertools.pairwise(stays))
