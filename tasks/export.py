@@ -6,6 +6,7 @@ returns logits; the device-side evaluator applies the softmax.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,11 @@ from torch import nn
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+
+
+#: torch.onnx.export keeps process-global state: trials exporting from parallel threads
+#: (the embedded mode) must take turns.
+_EXPORT_LOCK = threading.Lock()
 
 
 class ExportError(RuntimeError):
@@ -43,7 +49,7 @@ def export_onnx(
     example = torch.zeros(1, 3, image_size, image_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_suffix(".partial.onnx")
-    with warnings.catch_warnings():
+    with _EXPORT_LOCK, warnings.catch_warnings():
         # The TorchScript exporter writes one file at any opset; it warns that it is legacy.
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -138,3 +138,17 @@ def test_onnx_input_shape_mismatch_is_named(small_task, tmp_path: Path) -> None:
         match=r"expects input shape \['batch', 3, 16, 16\], but the data is \[2, 3, 24, 24\]",
     ):
         onnx_parity(model, path, np.zeros((2, 3, 24, 24), np.float32))
+
+
+def test_exports_from_parallel_threads_do_not_collide(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+
+    def export(index: int) -> float:
+        model = create_model("tinycnn", 10).eval()
+        return export_checked(model, tmp_path / f"m{index}.onnx", 16, batch).max_abs_diff
+
+    with ThreadPoolExecutor(4) as pool:
+        diffs = list(pool.map(export, range(12)))
+    assert len(diffs) == 12 and max(diffs) < 1e-4
