@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Datasets: write the bundled example.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+device_app = typer.Typer(help="Boards: check what a device has.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
 
 EXIT_BAD_INPUT = 2
 
@@ -173,6 +175,48 @@ def validate(config: ConfigArg, overrides: Overrides = None) -> None:
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"ok: {cfg.study.name}: classes {list(info.classes)}, images {info.counts()}")
+
+
+@app.command("deploy")
+def deploy_command(
+    file: Annotated[Path | None, typer.Option("--file", help="deployments file")] = None,
+    configs: Annotated[
+        list[Path] | None, typer.Option("--config", help="study config whose board to register")
+    ] = None,
+    devices: Annotated[list[str] | None, typer.Option("--device", help="board name")] = None,
+) -> None:
+    """Create or update the work pools, the per-board limits and the deployments."""
+    _quiet_services(False)
+    from tasks.config import load_config
+    from tasks.deploy import DEFAULT_FILE, DeployError, deploy
+
+    try:
+        names = [load_config(c).device.name for c in configs or []] + list(devices or [])
+        report = deploy(file or DEFAULT_FILE, devices=names or ["local-cpu"])
+    except (DeployError, *_user_errors()) as exc:
+        raise _fail(str(exc)) from None
+    for pool, limit in report.pools.items():
+        typer.echo(f"work pool {pool}: concurrency limit {limit if limit else 'none'}")
+    for name in report.device_limits:
+        typer.echo(f"concurrency limit {name}: 1 (strict, leased)")
+    for name in report.deployments:
+        typer.echo(f"deployment {name}")
+
+
+@device_app.command("check")
+def device_check(config: ConfigArg, overrides: Overrides = None) -> None:
+    """Run the device-side evaluator's `info` on the config's board and print it."""
+    from tasks.devices import DeviceError, create_runner
+
+    try:
+        cfg = _load(config, overrides or [], None, None)
+        runner = create_runner(cfg.device.runner, **cfg.device.runner_options())
+        info = runner.info()
+    except DeviceError as exc:
+        raise _fail(f"device {cfg.device.name}: {exc}", 1) from None
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(json.dumps({"device": cfg.device.name, **info}, indent=2, default=str))
 
 
 @data_app.command("digits")

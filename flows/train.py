@@ -39,9 +39,10 @@ def train_trial(
             raise Interrupted(f"study interrupted during epoch {epoch}")
         report(epoch, row)
 
+    tracker = Tracker(cfg.tracking_uri)
     try:
-        return stages.train(
-            cfg, params, Tracker(cfg.tracking_uri), run_id, parent_run_id, on_epoch=on_epoch
-        )
+        outcome = stages.train(cfg, params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
     except optuna.TrialPruned as pruned:
-        return {"pruned": str(pruned)}
+        outcome = {"pruned": str(pruned)}
+    stages.save_outcome(tracker, run_id, "train", outcome)
+    return outcome

@@ -23,9 +23,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import FlowRun
 
 from flows.train import STOP, train_trial
 from tasks.config import EdgetuneConfig, apply_overrides, dump_config, load_config, parse_config
+from tasks.preflight import check_shared_services
 from tasks.stages import COMPILED_DIR, prepare_inputs
 from tasks.study import (
     ATTR_FAIL_REASON,
@@ -52,6 +54,83 @@ class Slot:
     stage: str = "train"
     times: dict[str, float] = field(default_factory=dict)
     float_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class StageFailed(RuntimeError):
+    """A stage's flow run on a work pool did not complete."""
+
+
+class LocalStages:
+    """Stages in this process: the training subflow and the compile/device tasks."""
+
+    def __init__(self, config: EdgetuneConfig, config_dict: dict[str, Any], parent_run_id: str):
+        self.config, self.config_dict, self.parent_run_id = config, config_dict, parent_run_id
+
+    def train(self, slot: Slot) -> dict[str, Any]:
+        trial = slot.trial
+        return train_trial(
+            self.config_dict,
+            trial.number,
+            trial._trial_id,
+            slot.params,
+            slot.run_id,
+            self.parent_run_id,
+        )
+
+    def compile(self, slot: Slot) -> dict[str, Any]:
+        return compile_task(self.config, slot.trial.number, slot.run_id, self.parent_run_id)
+
+    def evaluate(self, slot: Slot, artifact: str) -> dict[str, Any]:
+        return device_task(
+            self.config, slot.trial.number, slot.run_id, self.parent_run_id, artifact
+        )
+
+
+class DeploymentStages(LocalStages):
+    """Stages as flow runs of their deployments on the gpu, compile and edge pools.
+
+    Each child reads its inputs from MLflow by run id and leaves its outcome there; the
+    parent waits for the child's final state and reads the outcome back.
+    """
+
+    def _run(self, deployment: str, stage: str, slot: Slot, **parameters: Any) -> dict[str, Any]:
+        from prefect.deployments import run_deployment
+
+        from tasks.stages import load_outcome
+
+        flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync in a sync context
+            deployment,
+            parameters={
+                "config": self.config_dict,
+                "trial_number": slot.trial.number,
+                "run_id": slot.run_id,
+                "parent_run_id": self.parent_run_id,
+                **parameters,
+            },
+            timeout=None,
+            poll_interval=self.config.orchestration.poll_interval_s,
+            tags=[f"study:{self.config.study.name}", f"trial:{slot.trial.number}"],
+        )
+        state = flow_run.state
+        if state is None or not state.is_completed():
+            kind = state.type.value if state else "UNKNOWN"
+            message = (state.message if state else None) or "no message"
+            raise StageFailed(f"{deployment} run {flow_run.name} ended {kind}: {message}")
+        return load_outcome(Tracker(self.config.tracking_uri), slot.run_id, stage)
+
+    def train(self, slot: Slot) -> dict[str, Any]:
+        deployment = self.config.orchestration.train_deployment
+        return self._run(
+            deployment, "train", slot, trial_id=slot.trial._trial_id, params=slot.params
+        )
+
+    def compile(self, slot: Slot) -> dict[str, Any]:
+        return self._run(self.config.orchestration.compile_deployment, "compile", slot)
+
+    def evaluate(self, slot: Slot, artifact: str) -> dict[str, Any]:
+        return self._run(
+            self.config.orchestration.device_deployment, "device", slot, artifact=artifact
+        )
 
 
 def ensure_device_limit(name: str) -> None:
@@ -82,6 +161,7 @@ class StudyRunner:
         self.study = open_study(config.storage_url, config.study, config.seed)
         self.tracker = Tracker(config.tracking_uri)
         self.parent_run_id = ""
+        self.stages: LocalStages | None = None
         self.slots: dict[Future[Any], Slot] = {}
         self.in_train = 0
         self.in_eval = 0
@@ -89,6 +169,7 @@ class StudyRunner:
     # Setup --------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
+        check_shared_services(cfg)
         ensure_device_limit(cfg.device.concurrency_limit)
         artifacts = (
             (cfg.run_path / "mlartifacts").resolve().as_uri() if cfg.tracking.uri is None else None
@@ -102,6 +183,8 @@ class StudyRunner:
         self.study.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
         self.study.set_user_attr("mlflow_tracking_uri", mask_uri(cfg.tracking_uri))
         self.tracker.log_params(self.parent_run_id, _flatten(self.config_dict))
+        launcher = DeploymentStages if cfg.orchestration.mode == "deployments" else LocalStages
+        self.stages = launcher(cfg, self.config_dict, self.parent_run_id)
         inputs = prepare_inputs(cfg, self.tracker, self.parent_run_id)
         self.logger.info(
             "study %s: %d classes, splits %s; storage %s; tracking %s",
@@ -156,17 +239,9 @@ class StudyRunner:
         )
         trial.set_user_attr(ATTR_RUN_ID, run_id)
         self.tracker.log_params(run_id, {**params, "trial": trial.number})
-        slot = Slot(trial=trial, params=params, run_id=run_id)
-        future = _in_context(
-            pool,
-            train_trial,
-            self.config_dict,
-            trial.number,
-            trial._trial_id,
-            params,
-            run_id,
-            self.parent_run_id,
-        )
+        slot = Slot(trial=trial, params=params, run_id=run_id, times={"asked_at": time.time()})
+        assert self.stages is not None
+        future = _in_context(pool, self.stages.train, slot)
         self.slots[future] = slot
         self.in_train += 1
         self.logger.info("trial %d: training with %s", trial.number, params)
@@ -174,17 +249,25 @@ class StudyRunner:
     def _advance(self, future: Future[Any], eval_pool: ThreadPoolExecutor) -> None:
         slot = self.slots.pop(future)
         stage = slot.stage
-        if stage == "train":
-            self.in_train -= 1
-        else:
+        slot.times[f"{stage}_returned_at"] = time.time()  # seen by the parent: overhead included
+        pipelined = self.config.orchestration.pipelined
+        if stage == "train" and pipelined:
+            self.in_train -= 1  # the GPU slot is free as soon as training and export end
+        elif stage != "train":
             self.in_eval -= 1
+            if not pipelined:
+                self.in_train -= 1  # blocking design: the slot was held through evaluation
         try:
             outcome = future.result()
         except BaseException as exc:
+            if stage == "train" and not pipelined:
+                self.in_train -= 1
             self._fail(slot, stage, exc)
             return
         if stage == "train":
             if "pruned" in outcome:
+                if not pipelined:
+                    self.in_train -= 1
                 self._prune(slot, outcome["pruned"])
                 return
             slot.float_metrics = outcome["metrics"]
@@ -199,16 +282,14 @@ class StudyRunner:
 
     def _evaluate(self, slot: Slot) -> dict[str, Any]:
         """Compile, then evaluate on the board; runs in an evaluation thread."""
-        number = slot.trial.number
+        assert self.stages is not None
         slot.stage = "compile"
-        compiled = compile_task(self.config, number, slot.run_id, self.parent_run_id)
+        compiled = self.stages.compile(slot)
         slot.times.update(
             compile_started=compiled["started_at"], compile_finished=compiled["finished_at"]
         )
         slot.stage = "device"
-        device = device_task(
-            self.config, number, slot.run_id, self.parent_run_id, compiled["artifact"]
-        )
+        device = self.stages.evaluate(slot, compiled["artifact"])
         slot.times.update(
             device_started=device["started_at"], device_finished=device["finished_at"]
         )

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STORAGE_ENV = "EDGETUNE_STORAGE"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
 #: Trial parameters a search space may tune: they override ``train.<name>``.
 TUNABLE = ("lr", "momentum", "weight_decay", "rho", "swa_start", "swa_lr", "epochs", "batch_size")
@@ -128,17 +132,67 @@ class CompileConfig(_Strict):
         return self.onnxruntime.model_dump()
 
 
+def device_limit_name(device: str) -> str:
+    """The global concurrency limit (limit 1) that makes one board exclusive."""
+    return f"device-{device}"
+
+
+class SshOptions(_Strict):
+    """How the controller reaches a board; the key comes from a file, never from the config."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(22, gt=0, lt=65536)
+    user: str = Field(min_length=1)
+    key_file: str | None = None
+    known_hosts: str | None = Field(None, description="default: ~/.ssh/known_hosts")
+    check_host_key: bool = True
+    work_dir: str = "edgetune"
+    python: str = "python3"
+    connect_timeout_s: float = Field(15, gt=0)
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(2.0, ge=0)
+
+
 class DeviceConfig(_Strict):
     name: str = Field("local-cpu", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    runner: Literal["local"] = "local"
+    runner: Literal["local", "ssh"] = "local"
+    ssh: SshOptions | None = None
     timeout_s: float = Field(600, gt=0)
     batch_size: int = Field(1, gt=0)
     warmup: int = Field(5, ge=0)
 
+    @model_validator(mode="after")
+    def _ssh_needs_options(self) -> DeviceConfig:
+        if self.runner == "ssh" and self.ssh is None:
+            raise ValueError("ssh: runner 'ssh' needs an ssh section with at least host and user")
+        return self
+
     @property
     def concurrency_limit(self) -> str:
-        """The global concurrency limit that makes this board exclusive."""
-        return f"device-{self.name}"
+        return device_limit_name(self.name)
+
+    def runner_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "timeout_s": self.timeout_s,
+            "batch_size": self.batch_size,
+            "warmup": self.warmup,
+        }
+        if self.runner == "ssh" and self.ssh is not None:
+            options.update(self.ssh.model_dump())
+        return options
+
+
+class OrchestrationConfig(_Strict):
+    """Where the stages run: in this process (``local``) or on work pools (``deployments``)."""
+
+    mode: Literal["local", "deployments"] = "local"
+    train_deployment: str = "train-trial/gpu"
+    compile_deployment: str = "compile-trial/compile"
+    device_deployment: str = "evaluate-trial/edge"
+    pipelined: bool = Field(
+        True, description="free a GPU slot when training ends (false: hold it until told)"
+    )
+    poll_interval_s: float = Field(2.0, gt=0)
 
 
 class SearchParam(_Strict):
@@ -251,6 +305,7 @@ class EdgetuneConfig(_Strict):
     device: DeviceConfig = DeviceConfig()
     study: StudyConfig
     tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
     def _swa_inside_epochs(self) -> EdgetuneConfig:
@@ -272,11 +327,24 @@ class EdgetuneConfig(_Strict):
 
     @property
     def storage_url(self) -> str:
-        return self.study.storage or f"sqlite:///{(self.run_path / 'optuna.db').resolve()}"
+        """study.storage, else $EDGETUNE_STORAGE, else a SQLite file in the run directory.
+
+        Read where it is used, so a password can stay in the environment of each host.
+        """
+        return (
+            self.study.storage
+            or os.environ.get(STORAGE_ENV)
+            or f"sqlite:///{(self.run_path / 'optuna.db').resolve()}"
+        )
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{(self.run_path / 'mlflow.db').resolve()}"
+        """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."""
+        return (
+            self.tracking.uri
+            or os.environ.get(TRACKING_ENV)
+            or f"sqlite:///{(self.run_path / 'mlflow.db').resolve()}"
+        )
 
     @property
     def experiment_name(self) -> str:
@@ -385,7 +453,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def parse_config(raw: dict[str, Any], *, source: str = "config") -> EdgetuneConfig:
     try:
-        config = EdgetuneConfig.model_validate(_with_floats(raw))
+        config = EdgetuneConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_format(exc)}") from None
     return _resolve_paths(config)
@@ -395,34 +463,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Edgetun
     """Read, override and validate a study config; relative paths resolve from the cwd."""
     raw = apply_overrides(read_yaml(path), overrides or [])
     return parse_config(raw, source=str(path))
-
-
-_FLOAT_FIELDS = {
-    "train": {"lr", "momentum", "weight_decay", "rho", "swa_lr", "eta_min"},
-    "export": {"parity_atol"},
-    "device": {"timeout_s"},
-}
-
-
-def _with_floats(raw: dict[str, Any]) -> dict[str, Any]:
-    """Let an integer stand for a float (``lr: 1``) without relaxing type checks elsewhere."""
-    fixed = _deep_copy(raw)
-    for section, names in _FLOAT_FIELDS.items():
-        block = fixed.get(section)
-        if isinstance(block, dict):
-            for name in names:
-                if isinstance(block.get(name), int) and not isinstance(block.get(name), bool):
-                    block[name] = float(block[name])
-    space = (
-        fixed.get("study", {}).get("search_space") if isinstance(fixed.get("study"), dict) else None
-    )
-    if isinstance(space, dict):
-        for spec in space.values():
-            if isinstance(spec, dict):
-                for key in ("low", "high", "step"):
-                    if isinstance(spec.get(key), int) and not isinstance(spec.get(key), bool):
-                        spec[key] = float(spec[key])
-    return fixed
 
 
 def _resolve_paths(config: EdgetuneConfig) -> EdgetuneConfig:

@@ -40,14 +40,31 @@ COMPILED_DIR = "compiled"
 
 @contextmanager
 def scratch(config: EdgetuneConfig, label: str) -> Iterator[Path]:
-    """A private working folder under the run directory, removed when the stage ends."""
-    base = config.run_path / "work"
-    base.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
+    """A private working folder on this host, removed when the stage ends.
+
+    Stages may run on hosts that do not have the study's run directory: they keep
+    nothing locally and pass everything through MLflow.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f"edgetune-{config.study.name}-{label}-"))
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def stage_outcome_path(stage: str) -> str:
+    return f"stages/{stage}.json"
+
+
+def save_outcome(tracker: Tracker, run_id: str, stage: str, outcome: dict[str, Any]) -> None:
+    """Record what a stage returned in its trial's run: a parent on another host reads it."""
+    tracker.log_text(run_id, json.dumps(outcome, default=float), stage_outcome_path(stage))
+
+
+def load_outcome(tracker: Tracker, run_id: str, stage: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracker.download(run_id, stage_outcome_path(stage), Path(tmp))
+        return dict(json.loads(path.read_text()))
 
 
 @dataclass(frozen=True)
@@ -208,12 +225,7 @@ def run_on_device(config: EdgetuneConfig, compiled: Path, bundle: Path, work: Pa
     """Run the shipped evaluator on the board (hold the device's slot around this call)."""
     from tasks.devices import create_runner
 
-    runner = create_runner(
-        config.device.runner,
-        timeout_s=config.device.timeout_s,
-        batch_size=config.device.batch_size,
-        warmup=config.device.warmup,
-    )
+    runner = create_runner(config.device.runner, **config.device.runner_options())
     return runner.evaluate(compiled, bundle, work / "result")
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: they state the machine, the versions, the repeats and the config."""
