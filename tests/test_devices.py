@@ -1,7 +1,8 @@
 """Device seam: one conformance suite for every runner, then the evaluator itself.
 
-The runner suite is parametrised by `RUNNER_OPTIONS` (only `local` today; the SSH runner
-joins by adding its name and options). The evaluator's HailoRT path runs against a FAKE
+The runner suite is parametrised by `RUNNER_OPTIONS`: every registered runner must have an
+entry. `ssh` runs against a real SSH server on 127.0.0.1 (tests/board.py: OpenSSH's sshd
+when installed, else an in-process asyncssh server), one per module. The evaluator's HailoRT path runs against a FAKE
 `hailo_platform` (tests/fakes/fake_hailo.py), since no Hailo board is attached here.
 """
 
@@ -14,6 +15,7 @@ import json
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from tasks.devices import (
     evaluator_version,
 )
 
+from board import Board, start_board
 from fakes import (
     CLASSES,
     export_onnx,
@@ -59,7 +62,10 @@ RESULT_KEYS = {
     "bundle_sha256",
 }
 LATENCY_KEYS = {"mean", "p50", "p95", "min", "max"}
-RUNNER_OPTIONS: dict[str, dict[str, Any]] = {"local": {"warmup": 1, "timeout_s": 60}}
+RUNNER_OPTIONS: dict[str, dict[str, Any]] = {
+    "local": {"warmup": 1, "timeout_s": 60},
+    "ssh": {"warmup": 1, "timeout_s": 60},  # + the board's connection options
+}
 
 
 def _sha256(path: Path) -> str:
@@ -101,6 +107,12 @@ def int8(float_onnx: Path, workdir: Path) -> CompiledArtifact:
     return create_compiler("onnxruntime-int8").compile(float_onnx, calibration, workdir / "int8")
 
 
+@pytest.fixture(scope="module")
+def ssh_board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Board]:
+    with start_board(tmp_path_factory.mktemp("ssh-board")) as board:
+        yield board
+
+
 @pytest.fixture(params=sorted(RUNNERS))
 def runner_name(request: pytest.FixtureRequest) -> str:
     if request.param not in RUNNER_OPTIONS:
@@ -109,8 +121,18 @@ def runner_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def runner(runner_name: str) -> DeviceRunner:
-    return create_runner(runner_name, **RUNNER_OPTIONS[runner_name])
+def runner_options(runner_name: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The suite's options for this runner, plus where to reach the device."""
+    options = dict(RUNNER_OPTIONS[runner_name])
+    if runner_name == "ssh":
+        board: Board = request.getfixturevalue("ssh_board")
+        options = board.runner_options(**options)
+    return options
+
+
+@pytest.fixture
+def runner(runner_name: str, runner_options: dict[str, Any]) -> DeviceRunner:
+    return create_runner(runner_name, **runner_options)
 
 
 class TestRunnerConformance:
@@ -176,13 +198,18 @@ class TestRunnerConformance:
         assert quantized.info["model_sha256"] == _sha256(int8.path)
 
     def test_batch_size_does_not_change_probs(
-        self, runner_name: str, float_onnx: Path, bundle: Path, tmp_path: Path
+        self,
+        runner_name: str,
+        runner_options: dict[str, Any],
+        float_onnx: Path,
+        bundle: Path,
+        tmp_path: Path,
     ) -> None:
-        options = {**RUNNER_OPTIONS[runner_name], "batch_size": 4}
+        options = {**runner_options, "batch_size": 4}
         batched = create_runner(runner_name, **options).evaluate(
             float_onnx, bundle, tmp_path / "b4"
         )
-        single = create_runner(runner_name, **RUNNER_OPTIONS[runner_name]).evaluate(
+        single = create_runner(runner_name, **runner_options).evaluate(
             float_onnx, bundle, tmp_path / "b1"
         )
 
@@ -289,7 +316,7 @@ class TestLocalRunner:
             create_runner("local", timeout_s=0)
 
     def test_unknown_runner_lists_known(self) -> None:
-        with pytest.raises(ValueError, match=r"unknown device runner 'usb'.*\['local'\]"):
+        with pytest.raises(ValueError, match=r"unknown device runner 'usb'.*\['local', 'ssh'\]"):
             create_runner("usb")
 
 

@@ -17,9 +17,11 @@ from tasks.devices.base import (
     evaluator_version,
 )
 from tasks.devices.local import LocalRunner
+from tasks.devices.ssh import RemoteLayout, SshRunner
 
 RUNNERS: dict[str, type[DeviceRunner]] = {
     LocalRunner.name: LocalRunner,
+    SshRunner.name: SshRunner,
 }
 
 
@@ -42,6 +44,8 @@ __all__ = [
     "DeviceRunner",
     "DeviceUnreachableError",
     "LocalRunner",
+    "RemoteLayout",
+    "SshRunner",
     "create_runner",
     "evaluator_path",
     "evaluator_version",

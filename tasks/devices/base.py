@@ -118,6 +118,14 @@ def failure_message(what: str, returncode: int, stderr: str) -> str:
     return f"{what} failed with exit code {returncode}{meaning}:\n{tail}"
 
 
+def remove_results(out_dir: Path) -> None:
+    """Delete result files (and half-written temp files) so none is read as this run's."""
+    for name in (RESULT_FILE, PROBS_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+        for partial in out_dir.glob(f".{name}.*"):  # temp files of a killed evaluator or fetch
+            partial.unlink(missing_ok=True)
+
+
 def read_result(out_dir: Path, n_expected: int, classes_expected: int | None) -> DeviceResult:
     """Load probs.npy + result.json written by the evaluator and check they fit the bundle."""
     result_path, probs_path = out_dir / RESULT_FILE, out_dir / PROBS_FILE

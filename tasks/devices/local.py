@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tasks.devices.base import (
-    PROBS_FILE,
-    RESULT_FILE,
     DeviceError,
     DeviceResult,
     DeviceRunner,
@@ -29,6 +27,7 @@ from tasks.devices.base import (
     evaluator_path,
     failure_message,
     read_result,
+    remove_results,
 )
 
 OUT_DIR = "device-result"
@@ -67,7 +66,7 @@ class LocalRunner(DeviceRunner):
                 raise FileNotFoundError(f"{what} {path} does not exist")
         n_expected, classes_expected = bundle_expectations(bundle)
         out_dir = workdir / OUT_DIR
-        _remove_results(out_dir)
+        remove_results(out_dir)
         script = _install_evaluator(workdir / EVALUATOR_DIR)
         argv = classify_argv(
             str(artifact.resolve()),
@@ -81,7 +80,7 @@ class LocalRunner(DeviceRunner):
             self._run([self.python, str(script), *argv], f"evaluating {artifact.name}")
             return read_result(out_dir, n_expected, classes_expected)
         except DeviceError:
-            _remove_results(out_dir)
+            remove_results(out_dir)
             raise
 
     def info(self) -> dict[str, Any]:
@@ -133,14 +132,6 @@ def _install_evaluator(directory: Path) -> Path:
     target = directory / evaluator_path().name
     shutil.copyfile(evaluator_path(), target)
     return target
-
-
-def _remove_results(out_dir: Path) -> None:
-    """No result files from an earlier or a failed run may be read as this run's."""
-    for name in (RESULT_FILE, PROBS_FILE):
-        (out_dir / name).unlink(missing_ok=True)
-        for partial in out_dir.glob(f".{name}.*"):  # temp files of a killed evaluator
-            partial.unlink(missing_ok=True)
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:

@@ -1,0 +1,253 @@
+"""Pipeline benchmark: the real orchestration with synthetic stages of known durations.
+
+Brings up PostgreSQL, the Prefect server and the MLflow server (``infra/services.sh``),
+process workers for every pool (``infra/workers.sh``), deploys the synthetic stage flows
+of ``bench/synthetic.py`` with the configured durations, and runs the ``tune`` deployment
+once per design:
+
+- ``pipelined``: a GPU slot is freed when training ends (edgetune's design);
+- ``blocking``: the GPU slot is held through compilation and the board wait.
+
+It prints throughput against the capacity bound
+``trials/h <= 60 * min(N_gpu / E[train], C_compile / E[compile], 1 / E[device])`` (minutes),
+GPU-slot and board utilisation, and the orchestration seconds per trial (time the parent
+saw a stage take, minus the stage's own work, minus waiting for the busy board).
+
+    python -m bench.pipeline --gpus 2 --train 30 --compile 8 --device 6 --trials 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run(command: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        sys.exit(
+            f"error: {shlex.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
+    return done.stdout
+
+
+def _exports(text: str) -> dict[str, str]:
+    pairs = (
+        line.removeprefix("export ").partition("=")
+        for line in text.splitlines()
+        if line.startswith("export ")
+    )
+    return {key: shlex.split(value)[0] for key, _, value in pairs if value}
+
+
+def start_cluster(state: Path, args: argparse.Namespace) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "EDGETUNE_STATE_DIR": str(state),
+        "EDGETUNE_PG_PORT": str(_free_port()),
+        "EDGETUNE_PREFECT_PORT": str(_free_port()),
+        "EDGETUNE_MLFLOW_PORT": str(_free_port()),
+        "EDGETUNE_VENV": str(BIN.parent),
+        "EDGETUNE_GPU_WORKERS": str(args.gpus),
+        "PYTHONPATH": str(ROOT),  # workers import bench.synthetic
+        "PREFECT_WORKER_QUERY_SECONDS": str(args.worker_poll),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    _run([str(ROOT / "infra" / "services.sh"), "up"], env)
+    env.update(_exports(_run([str(ROOT / "infra" / "services.sh"), "env"], env)))
+    _run([str(BIN / "edgetune"), "deploy", "--device", "bench-board"], env)
+    _run([str(ROOT / "infra" / "workers.sh"), "up"], env)
+    return env
+
+
+def stop_cluster(env: dict[str, str]) -> None:
+    for script in ("workers.sh", "services.sh"):
+        subprocess.run(
+            [str(ROOT / "infra" / script), "down"], env=env, capture_output=True, timeout=180
+        )
+
+
+def deploy_synthetic(args: argparse.Namespace) -> None:
+    """The synthetic stages, with their durations as deployment defaults; compile slots set."""
+    from prefect.client.orchestration import get_client
+
+    from bench.synthetic import bench_compile, bench_device, bench_train
+    from tasks.deploy import ensure_pool
+
+    with get_client(sync_client=True) as client:
+        ensure_pool(client, "compile", args.compile_slots)
+    for flow, pool, seconds in (
+        (bench_train, "gpu", args.train),
+        (bench_compile, "compile", args.compile),
+        (bench_device, "edge", args.device),
+    ):
+        from prefect.deployments.runner import EntrypointType
+
+        flow.to_deployment(
+            name=pool, parameters={"seconds": seconds}, entrypoint_type=EntrypointType.MODULE_PATH
+        ).apply(work_pool_name=pool)
+
+
+def study_config(
+    design: str, data: Path, run_dir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    return {
+        "run_dir": str(run_dir),
+        "data": {"root": str(data), "image_size": 8},
+        "compile": {"calibration_samples": 16},
+        "device": {"name": "bench-board"},
+        "study": {
+            "name": f"bench-{design}-{int(time.time())}",
+            "n_trials": args.trials,
+            "parallel": args.gpus,
+            "max_pending": args.gpus,
+            "bootstrap": 0,
+            "search_space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
+        },
+        "train": {"epochs": 2, "swa_start": 1},
+        "orchestration": {
+            "mode": "deployments",
+            "train_deployment": "bench-train/gpu",
+            "compile_deployment": "bench-compile/compile",
+            "device_deployment": "bench-device/edge",
+            "pipelined": design == "pipelined",
+            "poll_interval_s": args.parent_poll,
+        },
+    }
+
+
+def measure(study: Any, args: argparse.Namespace) -> dict[str, float]:
+    trials = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    a = [t.user_attrs for t in trials]
+    start = min(x["asked_at"] for x in a)
+    wall = max(x["evaluate_returned_at"] for x in a) - start
+    train_work = [x["train_finished"] - x["train_started"] for x in a]
+    board = sorted((x["device_started"], x["device_finished"], i) for i, x in enumerate(a))
+    board_wait = [0.0] * len(a)
+    for (_, previous_end, _), (_, _, i) in itertools.pairwise(board):
+        board_wait[i] = max(0.0, previous_end - a[i]["compile_finished"])
+    overhead = []
+    for i, x in enumerate(a):
+        train_span = x["train_returned_at"] - x["asked_at"]
+        eval_span = x["evaluate_returned_at"] - x["train_returned_at"]
+        work = (
+            train_work[i]
+            + (x["compile_finished"] - x["compile_started"])
+            + (x["device_finished"] - x["device_started"])
+        )
+        overhead.append(train_span + eval_span - work - board_wait[i])
+    minutes = {k: getattr(args, k) / 60 for k in ("train", "compile", "device")}
+    bound = 60 * min(
+        args.gpus / minutes["train"], args.compile_slots / minutes["compile"], 1 / minutes["device"]
+    )
+    throughput = len(trials) / wall * 3600
+    return {
+        "trials": len(trials),
+        "wall_s": wall,
+        "throughput_per_h": throughput,
+        "bound_per_h": bound,
+        "fraction_of_bound": throughput / bound,
+        "gpu_utilisation": sum(train_work) / (args.gpus * wall),
+        "board_utilisation": sum(e - s for s, e, _ in board) / wall,
+        "orchestration_s_per_trial": statistics.median(overhead),
+        "orchestration_share_of_7min_trial": statistics.median(overhead) / 420,
+    }
+
+
+def run_design(design: str, data: Path, args: argparse.Namespace) -> dict[str, float]:
+    import optuna
+    from prefect.deployments import run_deployment
+
+    config = study_config(design, data, Path(tempfile.mkdtemp(prefix=f"bench-{design}-")), args)
+    flow_run: Any = run_deployment("tune/classifier", parameters={"config": config}, timeout=None)
+    if not flow_run.state.is_completed():
+        sys.exit(
+            f"error: the {design} study ended {flow_run.state.type.value}: {flow_run.state.message}"
+        )
+    study = optuna.load_study(
+        study_name=config["study"]["name"], storage=os.environ["EDGETUNE_STORAGE"]
+    )
+    return measure(study, args)
+
+
+def header(args: argparse.Namespace) -> str:
+    from importlib.metadata import version
+
+    packages = ", ".join(f"{p} {version(p)}" for p in ("prefect", "optuna", "mlflow"))
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
+        f"Python {platform.python_version()}; {packages}\n"
+        f"config: N_gpu={args.gpus}, C_compile={args.compile_slots}, E[train]={args.train}s, "
+        f"E[compile]={args.compile}s, E[device]={args.device}s, {args.trials} trials per design, "
+        f"worker poll {args.worker_poll}s, parent poll {args.parent_poll}s, 1 repeat"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--compile-slots", type=int, default=1)
+    parser.add_argument("--train", type=float, default=30.0, help="seconds per training")
+    parser.add_argument("--compile", type=float, default=8.0, help="seconds per compile")
+    parser.add_argument("--device", type=float, default=6.0, help="seconds per device evaluation")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--designs", default="pipelined,blocking")
+    parser.add_argument(
+        "--worker-poll", type=float, default=2.0, help="PREFECT_WORKER_QUERY_SECONDS"
+    )
+    parser.add_argument(
+        "--parent-poll", type=float, default=1.0, help="run_deployment poll interval"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from tasks.data import write_digits
+
+    work = Path(tempfile.mkdtemp(prefix="edgetune-bench-"))
+    data = work / "digits"
+    write_digits(data)
+    env = start_cluster(work / "services", args)
+    os.environ.update(
+        {k: env[k] for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "EDGETUNE_STORAGE")}
+    )
+    try:
+        deploy_synthetic(args)
+        results = {design: run_design(design, data, args) for design in args.designs.split(",")}
+    finally:
+        stop_cluster(env)
+    print(header(args))
+    keys = list(next(iter(results.values())))
+    print("| metric | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for key in keys:
+        print(f"| {key} | " + " | ".join(f"{r[key]:.3g}" for r in results.values()) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"header": header(args), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

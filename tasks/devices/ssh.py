@@ -1,0 +1,519 @@
+"""`ssh`: run the device evaluator on a board over SSH (asyncssh), host keys checked.
+
+Layout on the board under `work_dir` (a relative `work_dir` is relative to the remote
+user's home; `RemoteLayout` is the one statement of this rule, which
+`infra/device/install-evaluator.sh` follows too):
+
+    evaluator/<version>/edgetune_eval.py   uploaded when missing or different (sha256)
+    bundles/<sha256>.npz                   evaluation bundles cached by content hash
+    runs/<run id>/<artifact name>          this evaluation's artifact
+    runs/<run id>/out/                     probs.npy + result.json, fetched over SFTP
+
+Every upload goes to a temporary name first and is renamed into place, so a half upload
+never counts. `runs/<run id>/` is removed at the end of every evaluation, whatever the
+outcome. The evaluator runs with a time limit: the controller kills its process group
+when `timeout_s` expires, and the remote `timeout` command (where the board has one)
+kills it a little later should the connection be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import shlex
+import uuid
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import asyncssh
+
+from tasks.devices.base import (
+    PROBS_FILE,
+    RESULT_FILE,
+    DeviceError,
+    DeviceResult,
+    DeviceRunner,
+    DeviceUnreachableError,
+    bundle_expectations,
+    classify_argv,
+    evaluator_path,
+    evaluator_version,
+    failure_message,
+    read_result,
+    remove_results,
+)
+from tasks.devices.edgetune_eval import sha256_file
+from tasks.devices.local import OUT_DIR
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+RUN_OUT = "out"  # inside runs/<run id>/
+KILL_GRACE_S = 30  # the remote `timeout` backstop fires this long after timeout_s
+EXIT_NOT_FOUND = 127  # the shell could not find device.ssh.python
+EXIT_TIMEOUT = (124, 137)  # `timeout` expired (TERM / KILL)
+KEEPALIVE_INTERVAL_S = 15
+KEEPALIVE_COUNT_MAX = 4
+
+
+@dataclass(frozen=True)
+class RemoteLayout:
+    """Where the runner keeps things on the board, all under `work_dir`."""
+
+    work_dir: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "work_dir", check_work_dir(self.work_dir))
+
+    @property
+    def bundles(self) -> str:
+        return posixpath.join(self.work_dir, "bundles")
+
+    @property
+    def runs(self) -> str:
+        return posixpath.join(self.work_dir, "runs")
+
+    def evaluator(self, version: str | None = None) -> str:
+        """The evaluator file of `version` (default: the one this controller ships)."""
+        version = version or evaluator_version()
+        return posixpath.join(self.work_dir, "evaluator", version, evaluator_path().name)
+
+    def bundle(self, sha256: str) -> str:
+        return posixpath.join(self.bundles, f"{sha256}.npz")
+
+    def run(self, run_id: str) -> str:
+        return posixpath.join(self.runs, run_id)
+
+
+def check_work_dir(work_dir: str) -> str:
+    """Normalise `work_dir` ("~/x" → "x", relative to the home) or raise ValueError."""
+    raw = work_dir
+    if work_dir == "~":
+        work_dir = "."
+    elif work_dir.startswith("~/"):
+        work_dir = work_dir[2:] or "."
+    problem = None
+    if not work_dir.strip():
+        problem = "is empty"
+    elif ".." in work_dir.split("/"):
+        problem = "contains '..'"
+    elif work_dir.startswith(("-", "~")):
+        problem = "starts with '-' or '~user'"
+    elif any(c in work_dir for c in "\0\n\r"):
+        problem = "contains a control character"
+    if problem:
+        raise ValueError(
+            f"device.ssh.work_dir {raw!r} {problem}; use a plain directory such as "
+            "'edgetune' (relative to the remote home) or an absolute path"
+        )
+    return posixpath.normpath(work_dir)
+
+
+class SshRunner(DeviceRunner):
+    """The shipped evaluator on a board reached over SSH (asyncssh client)."""
+
+    name: ClassVar[str] = "ssh"
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int = 22,
+        user: str,
+        key_file: str | None = None,
+        known_hosts: str | None = None,
+        check_host_key: bool = True,
+        work_dir: str = "edgetune",
+        python: str = "python3",
+        connect_timeout_s: float = 15,
+        timeout_s: float = 600,
+        retries: int = 3,
+        backoff_s: float = 2.0,
+        batch_size: int = 1,
+        warmup: int = 5,
+        threads: int | None = None,
+    ) -> None:
+        problems = []
+        if not host or not user:
+            problems.append("host and user must not be empty")
+        if not 0 < port < 65536:
+            problems.append(f"port {port} is not in 1..65535")
+        if timeout_s <= 0 or connect_timeout_s <= 0:
+            problems.append("timeout_s and connect_timeout_s must be > 0")
+        if retries < 0 or backoff_s < 0:
+            problems.append("retries and backoff_s must be >= 0")
+        if batch_size < 1 or warmup < 0 or (threads is not None and threads < 1):
+            problems.append("batch_size and threads must be >= 1, warmup >= 0")
+        if not python.strip():
+            problems.append("python must not be empty")
+        if problems:
+            raise ValueError(f"ssh runner: {'; '.join(problems)}")
+        self.layout = RemoteLayout(work_dir)
+        self.host = host
+        self.port = int(port)
+        self.user = user
+        self.key_file = key_file
+        self.known_hosts = known_hosts
+        self.check_host_key = check_host_key
+        self.work_dir = work_dir
+        self.python = python
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.timeout_s = float(timeout_s)
+        self.retries = retries
+        self.backoff_s = float(backoff_s)
+        self.batch_size = batch_size
+        self.warmup = warmup
+        self.threads = threads
+        if not check_host_key:
+            _log.warning(
+                "device.ssh.check_host_key is false: the host key of %s is NOT verified, "
+                "so anyone on the path to the board can impersonate it",
+                self.address,
+            )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------ contract
+
+    def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:
+        artifact, bundle, workdir = Path(artifact), Path(bundle), Path(workdir)
+        for path, what in ((artifact, "compiled artifact"), (bundle, "evaluation bundle")):
+            if not path.is_file():
+                raise FileNotFoundError(f"{what} {path} does not exist")
+        n_expected, classes_expected = bundle_expectations(bundle)
+        out_dir = workdir / OUT_DIR
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_results(out_dir)
+        try:
+            self._run_sync(lambda: self._evaluate(artifact, bundle, out_dir))
+            return read_result(out_dir, n_expected, classes_expected)
+        except BaseException:
+            remove_results(out_dir)
+            raise
+
+    def info(self) -> dict[str, Any]:
+        stdout = self._run_sync(self._info)
+        try:
+            report: dict[str, Any] = json.loads(stdout)
+        except json.JSONDecodeError as exc:
+            raise DeviceError(
+                f"evaluator info on {self.address} printed no JSON ({exc}): {stdout[-500:]!r}"
+            ) from exc
+        report.update(host=self.host, work_dir=self.layout.work_dir)
+        return report
+
+    # ------------------------------------------------------------------ async core
+
+    def _run_sync(self, make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        """Run the coroutine `make()` to completion, also from inside a running loop."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._guard(make()))
+        # a loop runs in this thread (an async caller): run ours in a thread of its own
+        with ThreadPoolExecutor(1, thread_name_prefix="edgetune-ssh") as pool:
+            return pool.submit(lambda: asyncio.run(self._guard(make()))).result()
+
+    async def _guard(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """SSH and SFTP failures after connecting become DeviceError."""
+        try:
+            return await coro
+        except DeviceError:
+            raise
+        except (asyncssh.Error, OSError) as exc:
+            raise DeviceError(
+                f"SSH session with {self.user}@{self.address} failed: {_describe(exc)}"
+            ) from exc
+
+    async def _evaluate(self, artifact: Path, bundle: Path, out_dir: Path) -> None:
+        bundle_sha = sha256_file(bundle)
+        run_dir = self.layout.run(uuid.uuid4().hex)
+        async with await self._connect() as conn, conn.start_sftp_client() as sftp:
+            script = await self._ensure_evaluator(sftp)
+            remote_bundle = await self._ensure_bundle(sftp, bundle, bundle_sha)
+            try:
+                await sftp.makedirs(run_dir, exist_ok=True)
+                remote_artifact = posixpath.join(run_dir, artifact.name)
+                await sftp.put(str(artifact), remote_artifact)
+                remote_out = posixpath.join(run_dir, RUN_OUT)
+                argv = classify_argv(
+                    remote_artifact,
+                    remote_bundle,
+                    remote_out,
+                    self.batch_size,
+                    self.warmup,
+                    self.threads,
+                )
+                await self._run_evaluator(conn, script, argv, f"evaluating {artifact.name}")
+                await self._fetch_results(sftp, remote_out, out_dir)
+            finally:
+                await self._remove_run(sftp, run_dir)
+
+    async def _info(self) -> str:
+        async with await self._connect() as conn, conn.start_sftp_client() as sftp:
+            script = await self._ensure_evaluator(sftp)
+            stdout = await self._run_evaluator(conn, script, ["info"], "evaluator info")
+        return stdout
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        """Connect, retrying refused/reset/timed-out attempts with exponential backoff."""
+        options = self._connect_options()
+        attempts = self.retries + 1
+        last: BaseException | None = None
+        for attempt in range(attempts):
+            if attempt:
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                _log.warning(
+                    "SSH to %s failed (%s); attempt %d of %d in %.3gs",
+                    self.address,
+                    _describe(last),
+                    attempt + 1,
+                    attempts,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            try:
+                return await asyncssh.connect(self.host, self.port, **options)
+            except asyncssh.HostKeyNotVerifiable as exc:
+                raise DeviceError(self._host_key_message(exc)) from exc
+            except asyncssh.PermissionDenied as exc:
+                raise DeviceError(
+                    f"SSH authentication failed for {self.user}@{self.address} with key file "
+                    f"{self.key_file or '(default keys and agent)'}: add its public key to "
+                    f"~/.ssh/authorized_keys of {self.user} on the board, or set "
+                    "device.ssh.key_file / device.ssh.user"
+                ) from exc
+            except TimeoutError as exc:  # no SSH handshake within connect_timeout_s
+                last = TimeoutError(
+                    f"no SSH handshake within device.ssh.connect_timeout_s="
+                    f"{self.connect_timeout_s:g}s{f' ({exc})' if str(exc) else ''}"
+                )
+            except (OSError, asyncssh.ConnectionLost) as exc:  # refused, reset, unreachable
+                last = exc
+            except asyncssh.Error as exc:
+                raise DeviceError(
+                    f"SSH to {self.user}@{self.address} failed: {_describe(exc)}"
+                ) from exc
+        raise DeviceUnreachableError(
+            f"cannot reach the device at {self.address} after {attempts} attempt(s) "
+            f"(device.ssh.retries={self.retries}); last error: {_describe(last)}"
+        )
+
+    def _connect_options(self) -> dict[str, Any]:
+        """asyncssh.connect options; local key and known_hosts files are checked first."""
+        known_hosts: Any = ()  # asyncssh's default: ~/.ssh/known_hosts
+        if not self.check_host_key:
+            known_hosts = None
+        elif self.known_hosts is not None:
+            known_hosts = os.path.expanduser(self.known_hosts)
+            if not os.path.isfile(known_hosts):
+                raise DeviceError(
+                    f"known_hosts file {known_hosts} does not exist; create it with "
+                    f"`ssh-keyscan -p {self.port} {self.host} >> {known_hosts}` "
+                    "(check the key with the board's owner)"
+                )
+        options: dict[str, Any] = {
+            "username": self.user,
+            "known_hosts": known_hosts,
+            "connect_timeout": self.connect_timeout_s,
+            "keepalive_interval": KEEPALIVE_INTERVAL_S,
+            "keepalive_count_max": KEEPALIVE_COUNT_MAX,
+            "preferred_auth": "publickey",
+        }
+        if self.key_file is not None:
+            key_file = os.path.expanduser(self.key_file)
+            if not os.path.isfile(key_file):
+                raise DeviceError(f"SSH key file {key_file} (device.ssh.key_file) does not exist")
+            try:  # fail here, not as an unreachable board, on an unreadable or locked key
+                asyncssh.read_private_key(key_file)
+            except (OSError, asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+                raise DeviceError(
+                    f"cannot load SSH key file {key_file} (device.ssh.key_file): {exc}; edgetune "
+                    "needs a key without a passphrase, or unset key_file to use ssh-agent"
+                ) from exc
+            options.update(client_keys=[key_file], agent_path=None)
+        return options
+
+    def _host_key_message(self, exc: BaseException) -> str:
+        file = self.known_hosts or "~/.ssh/known_hosts"
+        return (
+            f"the host key of {self.address} is not trusted ({_describe(exc)}); if this is "
+            f"the right board, add its key to known_hosts with "
+            f"`ssh-keyscan -p {self.port} {self.host} >> {file}`, or set "
+            "device.ssh.check_host_key: false knowingly"
+        )
+
+    # ------------------------------------------------------------------ uploads
+
+    async def _ensure_evaluator(self, sftp: asyncssh.SFTPClient) -> str:
+        """The evaluator of this version on the board, uploaded unless identical."""
+        remote = self.layout.evaluator()
+        local = evaluator_path()
+        wanted = sha256_file(local)
+        with suppress(asyncssh.SFTPNoSuchFile):
+            async with sftp.open(remote, "rb") as f:
+                content: bytes = await f.read()  # "rb": bytes
+                if hashlib.sha256(content).hexdigest() == wanted:
+                    return remote
+        _log.info("uploading evaluator %s to %s:%s", evaluator_version(), self.address, remote)
+        await _upload(sftp, local, remote)
+        return remote
+
+    async def _ensure_bundle(self, sftp: asyncssh.SFTPClient, bundle: Path, sha256: str) -> str:
+        """The bundle on the board under its content hash, uploaded only when missing."""
+        remote = self.layout.bundle(sha256)
+        with suppress(asyncssh.SFTPNoSuchFile):
+            if (await sftp.stat(remote)).size == bundle.stat().st_size:
+                return remote
+        _log.info("uploading bundle %s to %s:%s", bundle.name, self.address, remote)
+        await _upload(sftp, bundle, remote)
+        return remote
+
+    async def _fetch_results(self, sftp: asyncssh.SFTPClient, remote_out: str, out: Path) -> None:
+        """probs.npy then result.json, each to a temp name renamed into place."""
+        for name in (PROBS_FILE, RESULT_FILE):
+            partial = out / f".{name}.{uuid.uuid4().hex}.part"
+            try:
+                await sftp.get(posixpath.join(remote_out, name), str(partial))
+            except asyncssh.SFTPNoSuchFile:
+                continue  # read_result reports the missing file
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            os.replace(partial, out / name)
+
+    async def _remove_run(self, sftp: asyncssh.SFTPClient, run_dir: str) -> None:
+        try:
+            await sftp.rmtree(run_dir)
+        except asyncssh.SFTPNoSuchFile:
+            pass
+        except (asyncssh.Error, OSError) as exc:
+            _log.warning("could not remove %s on %s: %s", run_dir, self.address, exc)
+
+    # ------------------------------------------------------------------ the evaluator
+
+    def _command(self, script: str, argv: list[str]) -> str:
+        """Shell line: print the shell's pid, then exec the evaluator (under `timeout`)."""
+        python = self.python
+        if python.startswith("~/"):
+            exe = '"$HOME"/' + shlex.quote(python[2:])
+        else:
+            exe = shlex.quote(python)
+        line = " ".join([exe, shlex.quote(script), *map(shlex.quote, argv)])
+        backstop = math.ceil(self.timeout_s) + KILL_GRACE_S
+        return (
+            "echo $$; "
+            "if timeout -s KILL 5 true >/dev/null 2>&1; "
+            f"then exec timeout -s KILL {backstop} {line}; "
+            f"else exec {line}; fi"
+        )
+
+    async def _run_evaluator(
+        self, conn: asyncssh.SSHClientConnection, script: str, argv: list[str], what: str
+    ) -> str:
+        """Run the evaluator within timeout_s; its stdout; DeviceError on failure."""
+        proc = await conn.create_process(
+            self._command(script, argv), stdin=asyncssh.DEVNULL, encoding="utf-8", errors="replace"
+        )
+        pid: list[int] = []
+
+        async def communicate() -> tuple[str, str]:
+            first = await proc.stdout.readline()
+            if first.strip().isdigit():
+                pid.append(int(first))
+            stdout, stderr = await proc.communicate()
+            return str(stdout or ""), str(stderr or "")
+
+        try:
+            stdout, stderr = await asyncio.wait_for(communicate(), self.timeout_s)
+        except TimeoutError:
+            await self._kill(conn, proc, pid)
+            raise DeviceError(
+                f"device evaluation on {self.address} timed out after {self.timeout_s:g}s "
+                f"({what}); the evaluator was killed. Raise device.timeout_s, or evaluate "
+                "fewer images or with a larger batch size"
+            ) from None
+        except BaseException:
+            await self._kill(conn, proc, pid)
+            raise
+        returncode = proc.exit_status
+        if returncode == 0:
+            return stdout
+        if returncode is None or returncode < 0:
+            signal = proc.exit_signal[0] if proc.exit_signal else "unknown"
+            raise DeviceError(
+                f"device evaluator ({what}) on {self.address} was killed by signal {signal}:\n"
+                + (stderr.strip()[-2000:] or "(no stderr)")
+            )
+        if returncode == EXIT_NOT_FOUND:
+            raise DeviceError(
+                f"cannot start the evaluator with {self.python!r} on {self.address} "
+                f"(exit code 127: {stderr.strip()[-300:]}); set device.ssh.python to a Python "
+                "with numpy and onnxruntime on the board"
+            )
+        if returncode in EXIT_TIMEOUT and not stderr.strip():
+            raise DeviceError(
+                f"device evaluation on {self.address} was killed by the board's `timeout` "
+                f"({what}); raise device.timeout_s"
+            )
+        raise DeviceError(
+            failure_message(f"device evaluator ({what}) on {self.address}", returncode, stderr)
+        )
+
+    async def _kill(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        proc: asyncssh.SSHClientProcess[Any],
+        pid: list[int],
+    ) -> None:
+        """Kill the remote evaluator's process group and wait for its channel to close."""
+        if pid:
+            group = shlex.quote(f"-{pid[0]}")
+            command = (
+                f"kill -s KILL -- {group} 2>/dev/null || kill -s KILL {pid[0]} 2>/dev/null; true"
+            )
+            with suppress(asyncssh.Error, OSError, TimeoutError):
+                await asyncio.wait_for(conn.run(command, check=False), 10)
+        else:
+            _log.warning("no pid from the evaluator on %s; closing its channel", self.address)
+        proc.close()
+        with suppress(asyncssh.Error, OSError, TimeoutError):
+            await asyncio.wait_for(proc.wait_closed(), 10)
+
+
+async def _upload(sftp: asyncssh.SFTPClient, local: Path, remote: str) -> None:
+    """Upload to a temporary name in the target folder, then rename over the target."""
+    folder = posixpath.dirname(remote)
+    await sftp.makedirs(folder, exist_ok=True)
+    partial = posixpath.join(folder, f".{posixpath.basename(remote)}.{uuid.uuid4().hex}.part")
+    try:
+        await sftp.put(str(local), partial)
+        try:
+            await sftp.posix_rename(partial, remote)
+        except asyncssh.SFTPOpUnsupported:
+            with suppress(asyncssh.SFTPNoSuchFile):
+                await sftp.remove(remote)
+            await sftp.rename(partial, remote)
+    except BaseException:
+        with suppress(asyncssh.Error, OSError):
+            await sftp.remove(partial)
+        raise
+
+
+def _describe(exc: BaseException | None) -> str:
+    """`Type: message` (some network errors have an empty message)."""
+    if exc is None:
+        return "unknown error"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
