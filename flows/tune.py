@@ -161,6 +161,7 @@ class StudyRunner:
         self.study = open_study(config.storage_url, config.study, config.seed)
         self.tracker = Tracker(config.tracking_uri)
         self.parent_run_id = ""
+        self.experiment_id = ""
         self.stages: LocalStages | None = None
         self.slots: dict[Future[Any], Slot] = {}
         self.in_train = 0
@@ -174,9 +175,11 @@ class StudyRunner:
         artifacts = (
             (cfg.run_path / "mlartifacts").resolve().as_uri() if cfg.tracking.uri is None else None
         )
-        experiment = self.tracker.experiment_id(cfg.experiment_name, artifact_location=artifacts)
+        self.experiment_id = self.tracker.experiment_id(
+            cfg.experiment_name, artifact_location=artifacts
+        )
         self.parent_run_id = self.tracker.start_run(
-            experiment,
+            self.experiment_id,
             f"study-{cfg.study.name}",
             tags={"edgetune.study": cfg.study.name, "edgetune.kind": "study"},
         )
@@ -230,9 +233,8 @@ class StudyRunner:
     def _ask(self, pool: ThreadPoolExecutor) -> None:
         trial = self.study.ask()
         params = suggest(trial, self.config.study.search_space)
-        experiment = self.tracker.client.get_run(self.parent_run_id).info.experiment_id
         run_id = self.tracker.start_run(
-            experiment,
+            self.experiment_id,
             f"trial-{trial.number}",
             parent_id=self.parent_run_id,
             tags={"edgetune.study": self.config.study.name, "edgetune.trial": str(trial.number)},
@@ -249,7 +251,8 @@ class StudyRunner:
     def _advance(self, future: Future[Any], eval_pool: ThreadPoolExecutor) -> None:
         slot = self.slots.pop(future)
         stage = slot.stage
-        slot.times[f"{stage}_returned_at"] = time.time()  # seen by the parent: overhead included
+        phase = "train" if stage == "train" else "evaluate"
+        slot.times[f"{phase}_returned_at"] = time.time()  # seen by the parent: overhead included
         pipelined = self.config.orchestration.pipelined
         if stage == "train" and pipelined:
             self.in_train -= 1  # the GPU slot is free as soon as training and export end

@@ -16,6 +16,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+#: The names of ``tasks.models.ARCHITECTURES`` (a test keeps them equal): parsing a config
+#: must not import torch, which compile and device stages never need.
+MODEL_ARCHS = (
+    "tinycnn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+)
+
 STORAGE_ENV = "EDGETUNE_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
@@ -76,12 +92,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_arch(self) -> ModelConfig:
-        from tasks.models import ARCHITECTURES
-
-        if self.arch not in ARCHITECTURES:
+        if self.arch not in MODEL_ARCHS:
             raise ValueError(
                 f"arch: unknown architecture {self.arch!r}; "
-                f"choose one of {', '.join(sorted(ARCHITECTURES))}"
+                f"choose one of {', '.join(sorted(MODEL_ARCHS))}"
             )
         return self
 
@@ -459,10 +473,31 @@ def parse_config(raw: dict[str, Any], *, source: str = "config") -> EdgetuneConf
     return _resolve_paths(config)
 
 
+#: Path-valued keys; in a file they are relative to the file's folder (like docker compose).
+PATH_KEYS = (("data", "root"), ("model", "weights"), ("run_dir",))
+
+
+def _anchor_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    anchored = _deep_copy(raw)
+    for keys in PATH_KEYS:
+        node = anchored
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(value, str) and value:
+            node[keys[-1]] = str((base / Path(value).expanduser()).resolve())
+    return anchored
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> EdgetuneConfig:
-    """Read, override and validate a study config; relative paths resolve from the cwd."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return parse_config(raw, source=str(path))
+    """Read, override and validate a study config.
+
+    Relative paths written in the file are relative to the file's folder, so the config
+    means the same wherever it is read (a worker runs in a temporary folder); paths given
+    as overrides are relative to the current folder.
+    """
+    raw = _anchor_paths(read_yaml(path), Path(path).resolve().parent)
+    return parse_config(apply_overrides(raw, overrides or []), source=str(path))
 
 
 def _resolve_paths(config: EdgetuneConfig) -> EdgetuneConfig:

@@ -160,3 +160,21 @@ def test_float_ranges_accept_exactly_the_valid_ones(low: float, high: float, log
         assert not valid, exc
     else:
         assert valid
+
+
+def test_paths_in_a_file_are_relative_to_the_file_and_overrides_to_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    raw = _base(tmp_path) | {"run_dir": "runs/here"}
+    raw["data"] = dict(raw["data"], root="../datasets/digits")
+    (folder / "s.yaml").write_text(yaml.safe_dump(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(folder / "s.yaml")
+    assert config.data.root == str(tmp_path / "datasets" / "digits")
+    assert config.run_dir == str(folder / "runs" / "here")
+    overridden = load_config(folder / "s.yaml", ["data.root=mine"])
+    assert overridden.data.root == str(elsewhere / "mine")

@@ -152,3 +152,16 @@ def test_exports_from_parallel_threads_do_not_collide(tmp_path: Path) -> None:
     with ThreadPoolExecutor(4) as pool:
         diffs = list(pool.map(export, range(12)))
     assert len(diffs) == 12 and max(diffs) < 1e-4
+
+
+def test_config_knows_every_architecture_without_importing_torch() -> None:
+    import subprocess
+    import sys
+
+    from tasks.config import MODEL_ARCHS
+
+    assert set(MODEL_ARCHS) == set(ARCHITECTURES)
+    # Stage flows that only parse a config (compile, device) must not pay for torch.
+    probe = "import sys, tasks.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -110,6 +110,14 @@ def bundle_expectations(bundle: Path) -> tuple[int, int | None]:
     return n, classes
 
 
+def check_inputs(artifact: Path, bundle: Path) -> tuple[int, int | None]:
+    """Both inputs exist; returns what a result for the bundle must hold (see above)."""
+    for path, what in ((artifact, "compiled artifact"), (bundle, "evaluation bundle")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {path} does not exist")
+    return bundle_expectations(bundle)
+
+
 def failure_message(what: str, returncode: int, stderr: str) -> str:
     """`what` failed with the exit code, its meaning where known, and the stderr tail."""
     tail = "\n".join(stderr.strip().splitlines()[-STDERR_TAIL_LINES:]) or "(no stderr)"

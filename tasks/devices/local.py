@@ -22,7 +22,7 @@ from tasks.devices.base import (
     DeviceError,
     DeviceResult,
     DeviceRunner,
-    bundle_expectations,
+    check_inputs,
     classify_argv,
     evaluator_path,
     failure_message,
@@ -61,10 +61,7 @@ class LocalRunner(DeviceRunner):
 
     def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:
         artifact, bundle, workdir = Path(artifact), Path(bundle), Path(workdir)
-        for path, what in ((artifact, "compiled artifact"), (bundle, "evaluation bundle")):
-            if not path.is_file():
-                raise FileNotFoundError(f"{what} {path} does not exist")
-        n_expected, classes_expected = bundle_expectations(bundle)
+        n_expected, classes_expected = check_inputs(artifact, bundle)
         out_dir = workdir / OUT_DIR
         remove_results(out_dir)
         script = _install_evaluator(workdir / EVALUATOR_DIR)

@@ -43,7 +43,7 @@ from tasks.devices.base import (
     DeviceResult,
     DeviceRunner,
     DeviceUnreachableError,
-    bundle_expectations,
+    check_inputs,
     classify_argv,
     evaluator_path,
     evaluator_version,
@@ -188,10 +188,7 @@ class SshRunner(DeviceRunner):
 
     def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:
         artifact, bundle, workdir = Path(artifact), Path(bundle), Path(workdir)
-        for path, what in ((artifact, "compiled artifact"), (bundle, "evaluation bundle")):
-            if not path.is_file():
-                raise FileNotFoundError(f"{what} {path} does not exist")
-        n_expected, classes_expected = bundle_expectations(bundle)
+        n_expected, classes_expected = check_inputs(artifact, bundle)
         out_dir = workdir / OUT_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_results(out_dir)
