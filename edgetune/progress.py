@@ -96,7 +96,7 @@ def results_table(result: dict[str, Any]) -> Table:
     table.add_column("trial", justify="right")
     for name in names:
         table.add_column(name, justify="right")
-    for column in ("float AUGRC", "device AUGRC", "device acc", "ms/img", "state"):
+    for column in ("float AUGRC", "device AUGRC", "device acc", "latency ms", "state"):
         table.add_column(column, justify="right")
     best = result["best"]["trial"] if result.get("best") else None
     for row in rows:

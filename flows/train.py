@@ -32,7 +32,7 @@ def train_trial(
 ) -> dict[str, Any]:
     """Train, export and log one trial; a pruned trial returns ``{"pruned": reason}``."""
     cfg = parse_config(config, source="train-trial parameter 'config'")
-    report = epoch_reporter(cfg.storage_url, cfg.study.name, trial_id)
+    report = epoch_reporter(cfg.storage_url, cfg.study, trial_id)
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         if STOP.is_set():

@@ -91,13 +91,17 @@ def suggest(trial: optuna.Trial, space: Mapping[str, SearchParam]) -> dict[str, 
 
 
 def epoch_reporter(
-    storage_url: str, study_name: str, trial_id: int
+    storage_url: str, config: StudyConfig, trial_id: int
 ) -> Callable[[int, dict[str, float]], None]:
     """Report the float validation AUGRC to the trial each epoch; raise TrialPruned if told.
 
-    The pruning signal is the objective's own metric (AUGRC), measured on the float model.
+    The pruning signal is the objective's own metric (AUGRC), measured on the float model,
+    and the decision is the configured pruner's (``load_study`` alone would use Optuna's
+    default median pruner).
     """
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    study = optuna.load_study(
+        study_name=config.name, storage=open_storage(storage_url), pruner=make_pruner(config.pruner)
+    )
     trial = optuna.Trial(study, trial_id)
 
     def report(epoch: int, row: dict[str, float]) -> None:

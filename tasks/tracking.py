@@ -130,8 +130,18 @@ class Tracker:
         tags: Mapping[str, Any] | None = None,
         description: str | None = None,
     ) -> str:
-        """Register a run's artifact folder as a new version of ``name`` and point ``alias`` at it."""
+        """Register a run's artifact folder as a version of ``name`` and point ``alias`` at it.
+
+        A study run again with the same best trial keeps its version: no duplicate is made.
+        """
         from mlflow.exceptions import MlflowException
+
+        try:
+            current = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            current = None
+        if current is not None and current.run_id == run_id:
+            return str(current.version)
 
         try:
             self.client.create_registered_model(name)

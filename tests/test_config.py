@@ -83,7 +83,7 @@ def test_hi4lines_is_the_original_study() -> None:
             r"model\.arch: unknown architecture 'resnet19'; choose one of .*resnet18",
         ),
         (
-            ["study.search_space.swa_start.high=6"],
+            ["study.search_space.swa_start.high=10"],
             r"train\.swa_start: SWA must start before the last epoch",
         ),
         (["device.name=my board"], r"device\.name: .*pattern"),

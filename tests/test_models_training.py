@@ -165,3 +165,20 @@ def test_config_knows_every_architecture_without_importing_torch() -> None:
     probe = "import sys, tasks.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path is tested above)"
+)
+def test_fmfp_trains_on_cuda_with_bf16(small_task) -> None:
+    info, val_x, val_y = small_task
+    loader = train_loader(info.files["train"], 16, AugmentConfig(rotation=0), 128, seed=0)
+    params = TrainConfig(
+        epochs=3, batch_size=128, lr=0.05, swa_start=1, swa_lr=0.02, device="cuda", amp=True
+    )
+    seed_everything(0)
+    result = train_fmfp(create_model("tinycnn", 10), loader, val_x, val_y, params, seed=0)
+    assert result.device.startswith("cuda")
+    assert result.metrics["accuracy"] > 0.5
+    assert next(result.model.parameters()).device.type == "cpu"  # returned ready to export

@@ -95,6 +95,9 @@ def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
     assert saved == config
     again, _, study = _run(saved.model_dump(mode="json"))
     assert len(study.get_trials()) == 2 and again["counts"]["COMPLETE"] == 2
+    # The same champion keeps its version: running again registers nothing new.
+    assert again["champion"]["version"] == str(champion.version)
+    assert len(client.search_model_versions(f"name = '{config.registered_model_name}'")) == 1
 
 
 def test_a_failing_trial_is_told_fail_and_the_study_goes_on(
