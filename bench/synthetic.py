@@ -21,6 +21,7 @@ from prefect.concurrency.sync import concurrency
 from tasks.config import parse_config
 from tasks.stages import COMPILED_DIR, save_outcome
 from tasks.tracking import Tracker
+from tasks.wrappers import DEVICE_LEASE_S
 
 
 def objective(params: dict[str, Any]) -> float:
@@ -82,7 +83,9 @@ def bench_device(
     seconds: float = 2.0,
 ) -> dict[str, Any]:
     cfg = parse_config(config)
-    with concurrency(cfg.device.concurrency_limit, occupy=1, strict=True, lease_duration=60.0):
+    with concurrency(
+        cfg.device.concurrency_limit, occupy=1, strict=True, lease_duration=DEVICE_LEASE_S
+    ):
         started = time.time()
         time.sleep(seconds)
         finished = time.time()

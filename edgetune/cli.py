@@ -37,7 +37,8 @@ def _quiet_services(verbose: bool) -> None:
     if not verbose:
         import logging
 
-        for name in ("mlflow", "alembic", "optuna"):
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+        for name in ("alembic", "optuna"):
             logging.getLogger(name).setLevel(logging.WARNING)
         import optuna
 
@@ -217,6 +218,28 @@ def device_check(config: ConfigArg, overrides: Overrides = None) -> None:
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
     typer.echo(json.dumps({"device": cfg.device.name, **info}, indent=2, default=str))
+
+
+@device_app.command("release")
+def device_release(config: ConfigArg, overrides: Overrides = None) -> None:
+    """Free the board's slot left taken by a killed run (only when no study uses the board)."""
+    _quiet_services(False)
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.wrappers import release_board
+
+    try:
+        cfg = _load(config, overrides or [], None, None)
+        taken = release_board(cfg.device.concurrency_limit)
+    except ObjectNotFound:
+        raise _fail(
+            f"no concurrency limit {cfg.device.concurrency_limit}; nothing to release"
+        ) from None
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"board {cfg.device.name}: released {taken} slot(s) of {cfg.device.concurrency_limit}"
+    )
 
 
 @data_app.command("digits")

@@ -172,6 +172,9 @@ class DeviceConfig(_Strict):
     runner: Literal["local", "ssh"] = "local"
     ssh: SshOptions | None = None
     timeout_s: float = Field(600, gt=0)
+    wait_timeout_s: float = Field(
+        3600, gt=0, description="longest wait for the board's slot before the trial fails"
+    )
     batch_size: int = Field(1, gt=0)
     warmup: int = Field(5, ge=0)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import task
@@ -12,6 +14,47 @@ from tasks import stages
 from tasks.config import EdgetuneConfig
 from tasks.data import load_bundle
 from tasks.tracking import Tracker
+
+#: How long the board stays locked after its holder dies (the lease is renewed while it lives).
+DEVICE_LEASE_S = 60.0
+
+
+class BoardBusyError(RuntimeError):
+    """The board's slot stayed taken for longer than device.wait_timeout_s."""
+
+
+@contextmanager
+def hold_board(config: EdgetuneConfig) -> Iterator[None]:
+    """Take the board's slot (limit 1, strict, leased) for the duration of the block."""
+    name = config.device.concurrency_limit
+    try:
+        with concurrency(
+            name,
+            occupy=1,
+            strict=True,
+            timeout_seconds=config.device.wait_timeout_s,
+            # Renewed while this run lives; a server frees a crashed holder's slot after it.
+            lease_duration=DEVICE_LEASE_S,
+        ):
+            yield
+    except TimeoutError:
+        raise BoardBusyError(
+            f"board {config.device.name!r} stayed busy for {config.device.wait_timeout_s:g} s "
+            f"(limit {name}): another study holds it, or a run killed while evaluating left it "
+            f"taken; if no study uses it, free it with: edgetune device release CONFIG"
+        ) from None
+
+
+def release_board(name: str) -> int:
+    """Free every slot of a board's limit; returns how many were taken. Manual recovery."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+        taken = int(limit.active_slots)
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+    return taken
 
 
 @task(name="compile", task_run_name="compile-trial-{trial_number}", cache_policy=NO_CACHE)
@@ -33,11 +76,6 @@ def device_task(
         work,
     ):
         labels = load_bundle(bundle)["labels"]
-        with concurrency(
-            config.device.concurrency_limit,
-            occupy=1,
-            strict=True,
-            lease_duration=max(60.0, config.device.timeout_s),
-        ):
+        with hold_board(config):
             result = stages.run_on_device(config, compiled, bundle, work)
     return stages.score_device_result(config, tracker, run_id, result, labels)

@@ -172,3 +172,38 @@ def test_device_evaluations_never_overlap(
     # The lock was contended: two trials were in the device stage at once, one waiting.
     stays = sorted((arrival, end) for arrival, _, end in windows)
     assert any(b_arrival < a_end for (_, a_end), (b_arrival, _) in itertools.pairwise(stays))
+
+
+def test_a_board_left_taken_fails_clearly_and_release_frees_it(
+    digits_root: Path, tmp_path: Path
+) -> None:
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from typer.testing import CliRunner
+
+    from edgetune.cli import app
+    from flows.tune import ensure_device_limit
+    from tasks.wrappers import BoardBusyError, hold_board
+
+    raw = tiny_config(digits_root, tmp_path / "stuck")
+    raw["device"]["wait_timeout_s"] = 2
+    config = parse_config(raw)
+    name = config.device.concurrency_limit
+    ensure_device_limit(name)
+    with get_client(sync_client=True) as client:  # a run killed on the board kept its slot
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
+    started = time.monotonic()
+    with (
+        pytest.raises(BoardBusyError, match=r"stayed busy for 2 s .*edgetune device release"),
+        hold_board(config),
+    ):
+        pass
+    assert time.monotonic() - started >= 2
+    path = tmp_path / "stuck.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["device", "release", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"released 1 slot(s) of {name}" in result.output
+    with hold_board(config), get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 1  # ours now
