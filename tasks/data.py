@@ -35,10 +35,6 @@ class DatasetInfo:
     classes: tuple[str, ...]
     files: dict[str, list[tuple[Path, int]]] = field(repr=False)
 
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return tuple(self.files)
-
     def counts(self) -> dict[str, int]:
         return {split: len(items) for split, items in self.files.items()}
 

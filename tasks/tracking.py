@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -171,10 +170,3 @@ def mask_uri(uri: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return urlunsplit(parts._replace(netloc=netloc))
     return uri
-
-
-def write_temp_text(text: str, name: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="edgetune-"))
-    path = folder / name
-    path.write_text(text, encoding="utf-8")
-    return path
