@@ -55,20 +55,36 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tasks.config import ConfigError
     from tasks.data import DataError
     from tasks.models import ModelError
+    from tasks.secrets import SecretError
     from tasks.study import StudyError
     from tasks.tracking import TrackingError
 
-    return (ConfigError, DataError, ModelError, CompilerUnavailableError, StudyError, TrackingError)
+    return (
+        ConfigError,
+        DataError,
+        ModelError,
+        CompilerUnavailableError,
+        StudyError,
+        TrackingError,
+        SecretError,
+    )
 
 
 def _load(config: Path, overrides: list[str], storage: str | None, tracking_uri: str | None) -> Any:
-    from tasks.config import load_config
+    """The config with the URL flags applied.
+
+    The flags go into the environment (read where each URL is used), not into the config,
+    so a password given on the command line is never saved, logged or passed to a stage.
+    """
+    from tasks.config import STORAGE_ENV, TRACKING_ENV, load_config
 
     extra = list(overrides)
     if storage:
-        extra.append(f"study.storage={storage}")
+        os.environ[STORAGE_ENV] = storage
+        extra.append("study.storage=null")
     if tracking_uri:
-        extra.append(f"tracking.uri={tracking_uri}")
+        os.environ[TRACKING_ENV] = tracking_uri
+        extra.append("tracking.uri=null")
     return load_config(config, extra)
 
 
@@ -96,9 +112,24 @@ def tune(
         bool, typer.Option("--json", help="print the final summary as JSON")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="delete the stored study and start afresh")
+    ] = False,
+    reuse_best: Annotated[
+        bool,
+        typer.Option(
+            "--reuse-best", help="skip the search: retrain, compile and evaluate the best trial"
+        ),
+    ] = False,
 ) -> None:
-    """Run (or continue) a study: train, compile and evaluate each trial on the device."""
+    """Run (or continue) a study: train, compile and evaluate each trial on the device.
+
+    Running a study again continues it up to study.n_trials results, re-running trials
+    that a crash left behind.
+    """
     _quiet_services(verbose)
+    if restart and reuse_best:
+        raise _fail("--restart and --reuse-best exclude each other; choose one")
     from tasks.preflight import preflight
 
     try:
@@ -116,16 +147,21 @@ def tune(
     )
     from flows.tune import tune as tune_flow
 
-    progress = Progress(cfg, enabled=not as_json and sys.stderr.isatty())
+    progress = Progress(cfg, enabled=not (as_json or reuse_best) and sys.stderr.isatty())
+    from flows.tune import BoardPaused
+    from tasks.recovery import NothingToReuseError, StudyChangedError
+
     try:
         with progress:
-            result = tune_flow(cfg.model_dump(mode="json"))
+            result = tune_flow(cfg.model_dump(mode="json"), restart=restart, reuse_best=reuse_best)
     except KeyboardInterrupt:
         raise _fail(
             "interrupted; trials in flight were told FAIL, re-run to continue", 130
         ) from None
-    except _user_errors() as exc:
+    except (*_user_errors(), StudyChangedError, NothingToReuseError) as exc:
         raise _fail(str(exc)) from None
+    except BoardPaused as exc:
+        raise _fail(str(exc), 1) from None
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
@@ -167,7 +203,7 @@ def report(
 
 @app.command()
 def validate(config: ConfigArg, overrides: Overrides = None) -> None:
-    """Check a config, its dataset and its toolchain without creating anything."""
+    """Check a config, its dataset, toolchain, storage and tracking without creating anything."""
     from tasks.preflight import preflight
 
     try:
@@ -207,16 +243,21 @@ def deploy_command(
 @device_app.command("check")
 def device_check(config: ConfigArg, overrides: Overrides = None) -> None:
     """Run the device-side evaluator's `info` on the config's board and print it."""
-    from tasks.devices import DeviceError, create_runner
+    from tasks.devices import DeviceConfigError, DeviceError, create_runner
 
     try:
         cfg = _load(config, overrides or [], None, None)
-        runner = create_runner(cfg.device.runner, **cfg.device.runner_options())
-        info = runner.info()
-    except DeviceError as exc:
-        raise _fail(f"device {cfg.device.name}: {exc}", 1) from None
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
+    try:
+        runner = create_runner(cfg.device.runner, **cfg.device.runner_options())
+        info = runner.info()
+    except DeviceConfigError as exc:  # host key, client key, key files: fix the settings
+        raise _fail(f"device {cfg.device.name}: {exc}") from None
+    except DeviceError as exc:  # the board is down or its evaluator fails
+        raise _fail(f"device {cfg.device.name}: {exc}", 1) from None
+    except ValueError as exc:  # the runner's options (device.ssh.work_dir, ...)
+        raise _fail(f"device {cfg.device.name}: {exc}") from None
     typer.echo(json.dumps({"device": cfg.device.name, **info}, indent=2, default=str))
 
 

@@ -10,6 +10,7 @@ from prefect import flow
 
 from tasks import stages
 from tasks.config import parse_config
+from tasks.recovery import stage_heartbeat
 from tasks.study import epoch_reporter
 from tasks.tracking import Tracker
 
@@ -33,16 +34,22 @@ def train_trial(
     """Train, export and log one trial; a pruned trial returns ``{"pruned": reason}``."""
     cfg = parse_config(config, source="train-trial parameter 'config'")
     report = epoch_reporter(cfg.storage_url, cfg.study, trial_id)
+    # On a work pool the parent watches this beat; in its own process it beats for us.
+    remote = cfg.orchestration.mode == "deployments"
+    beat_id = trial_id if remote else None
+    with stage_heartbeat(cfg.storage_url, beat_id, cfg.study.heartbeat_s) as gone:
 
-    def on_epoch(epoch: int, row: dict[str, float]) -> None:
-        if STOP.is_set():
-            raise Interrupted(f"study interrupted during epoch {epoch}")
-        report(epoch, row)
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            if STOP.is_set():
+                raise Interrupted(f"study interrupted during epoch {epoch}")
+            if gone.is_set():
+                raise Interrupted(f"the study gave this trial up (epoch {epoch})")
+            report(epoch, row)
 
-    tracker = Tracker(cfg.tracking_uri)
-    try:
-        outcome = stages.train(cfg, params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
-    except optuna.TrialPruned as pruned:
-        outcome = {"pruned": str(pruned)}
+        tracker = Tracker(cfg.tracking_uri)
+        try:
+            outcome = stages.train(cfg, params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
+        except optuna.TrialPruned as pruned:
+            outcome = {"pruned": str(pruned)}
     stages.save_outcome(tracker, run_id, "train", outcome)
     return outcome

@@ -27,7 +27,26 @@ from prefect.client.schemas.objects import FlowRun
 
 from flows.train import STOP, train_trial
 from tasks.config import EdgetuneConfig, apply_overrides, dump_config, load_config, parse_config
+from tasks.devices.base import DeviceUnreachableError
 from tasks.preflight import check_shared_services
+from tasks.recovery import (
+    ATTR_HEARTBEAT,
+    ATTR_OWNER,
+    ATTR_PARENT,
+    ATTR_RETRY_OF,
+    ATTR_STAGE,
+    cancel_stage_runs,
+    check_fingerprint,
+    current_owner,
+    enqueue_best,
+    enqueue_retry,
+    find_stale,
+    foreign_running,
+    forget_study,
+    gone_reason,
+    reuse_best_config,
+    still_to_ask,
+)
 from tasks.stages import COMPILED_DIR, prepare_inputs
 from tasks.study import (
     ATTR_FAIL_REASON,
@@ -39,7 +58,7 @@ from tasks.study import (
     summary,
 )
 from tasks.tracking import CHAMPION, Tracker, mask_uri
-from tasks.wrappers import compile_task, device_task
+from tasks.wrappers import BoardBusyError, compile_task, device_task
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -60,11 +79,22 @@ class StageFailed(RuntimeError):
     """A stage's flow run on a work pool did not complete."""
 
 
+class BoardPaused(RuntimeError):
+    """The board failed ``device.max_consecutive_failures`` times in a row."""
+
+
 class LocalStages:
     """Stages in this process: the training subflow and the compile/device tasks."""
 
-    def __init__(self, config: EdgetuneConfig, config_dict: dict[str, Any], parent_run_id: str):
+    def __init__(
+        self,
+        config: EdgetuneConfig,
+        config_dict: dict[str, Any],
+        parent_run_id: str,
+        storage: optuna.storages.BaseStorage,
+    ):
         self.config, self.config_dict, self.parent_run_id = config, config_dict, parent_run_id
+        self.storage = storage
 
     def train(self, slot: Slot) -> dict[str, Any]:
         trial = slot.trial
@@ -90,7 +120,9 @@ class DeploymentStages(LocalStages):
     """Stages as flow runs of their deployments on the gpu, compile and edge pools.
 
     Each child reads its inputs from MLflow by run id and leaves its outcome there; the
-    parent waits for the child's final state and reads the outcome back.
+    parent follows the child's state and its heartbeat in the study storage. A child that
+    stays RUNNING without a heartbeat for ``study.stale_after_s`` (its worker or host died)
+    is marked CRASHED and its stage fails, so no trial waits for it forever.
     """
 
     def _run(self, deployment: str, stage: str, slot: Slot, **parameters: Any) -> dict[str, Any]:
@@ -103,14 +135,15 @@ class DeploymentStages(LocalStages):
             parameters={
                 "config": self.config_dict,
                 "trial_number": slot.trial.number,
+                "trial_id": slot.trial._trial_id,
                 "run_id": slot.run_id,
                 "parent_run_id": self.parent_run_id,
                 **parameters,
             },
-            timeout=None,
-            poll_interval=self.config.orchestration.poll_interval_s,
+            timeout=0,
             tags=[f"study:{self.config.study.name}", f"trial:{slot.trial.number}"],
         )
+        flow_run = self._follow(flow_run, slot)
         state = flow_run.state
         if state is None or not state.is_completed():
             kind = state.type.value if state else "UNKNOWN"
@@ -118,11 +151,40 @@ class DeploymentStages(LocalStages):
             raise StageFailed(f"{deployment} run {flow_run.name} ended {kind}: {message}")
         return load_outcome(Tracker(self.config.tracking_uri), slot.run_id, stage)
 
+    def _follow(self, flow_run: FlowRun, slot: Slot) -> FlowRun:
+        """Poll a child flow run until it ends, or until it is found dead."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        from tasks.recovery import stage_beat_at
+
+        stale_after = self.config.study.stale_after_s
+        with get_client(sync_client=True) as client:
+            while True:
+                time.sleep(self.config.orchestration.poll_interval_s)
+                try:
+                    flow_run = client.read_flow_run(flow_run.id)
+                except Exception:  # the API is restarting: ask again next time
+                    continue
+                state = flow_run.state
+                if state is None or state.is_final():
+                    return flow_run
+                if not state.is_running():
+                    continue  # scheduled or pending: waiting for a worker of its pool
+                beat = stage_beat_at(self.storage, slot.trial._trial_id, str(flow_run.id))
+                since = beat if beat is not None else state.timestamp.timestamp()
+                silent = time.time() - since
+                if silent > stale_after:
+                    message = (
+                        f"no heartbeat for {silent:.0f} s (limit {stale_after:g} s): its worker "
+                        f"or host is gone"
+                    )
+                    client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+                    raise StageFailed(f"{flow_run.name}: {message}")
+
     def train(self, slot: Slot) -> dict[str, Any]:
         deployment = self.config.orchestration.train_deployment
-        return self._run(
-            deployment, "train", slot, trial_id=slot.trial._trial_id, params=slot.params
-        )
+        return self._run(deployment, "train", slot, params=slot.params)
 
     def compile(self, slot: Slot) -> dict[str, Any]:
         return self._run(self.config.orchestration.compile_deployment, "compile", slot)
@@ -146,6 +208,17 @@ def _in_context(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) ->
     return pool.submit(contextvars.copy_context().run, fn, *args)
 
 
+#: Failures of the board rather than of the trial (bounded by device.max_consecutive_failures).
+BOARD_DOWN = (DeviceUnreachableError, BoardBusyError)
+
+
+def _board_down(exc: BaseException) -> bool:
+    if isinstance(exc, BOARD_DOWN):
+        return True
+    # A stage run on the edge pool reports its exception by name in its final state.
+    return isinstance(exc, StageFailed) and any(t.__name__ in str(exc) for t in BOARD_DOWN)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
@@ -154,18 +227,23 @@ def _reason(exc: BaseException) -> str:
 class StudyRunner:
     """Runs the ask/tell loop of one study; ``run()`` returns the study summary."""
 
-    def __init__(self, config: EdgetuneConfig) -> None:
+    def __init__(self, config: EdgetuneConfig, study: optuna.Study) -> None:
         self.config = config
         self.config_dict = config.model_dump(mode="json")
         self.logger = get_run_logger()
-        self.study = open_study(config.storage_url, config.study, config.seed)
+        self.study = study
         self.tracker = Tracker(config.tracking_uri)
+        self.me = current_owner()
         self.parent_run_id = ""
         self.experiment_id = ""
         self.stages: LocalStages | None = None
         self.slots: dict[Future[Any], Slot] = {}
         self.in_train = 0
         self.in_eval = 0
+        self.last_beat = 0.0
+        self.last_reconcile = time.time()
+        self.board_failures: list[str] = []
+        self.waiting_logged = False
 
     # Setup --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -183,11 +261,13 @@ class StudyRunner:
             f"study-{cfg.study.name}",
             tags={"edgetune.study": cfg.study.name, "edgetune.kind": "study"},
         )
+        self._end_previous_parent()
         self.study.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
+        self.study.set_user_attr(ATTR_PARENT, {"owner": self.me, ATTR_HEARTBEAT: time.time()})
         self.study.set_user_attr("mlflow_tracking_uri", mask_uri(cfg.tracking_uri))
         self.tracker.log_params(self.parent_run_id, _flatten(self.config_dict))
         launcher = DeploymentStages if cfg.orchestration.mode == "deployments" else LocalStages
-        self.stages = launcher(cfg, self.config_dict, self.parent_run_id)
+        self.stages = launcher(cfg, self.config_dict, self.parent_run_id, self.study._storage)
         inputs = prepare_inputs(cfg, self.tracker, self.parent_run_id)
         self.logger.info(
             "study %s: %d classes, splits %s; storage %s; tracking %s",
@@ -197,41 +277,135 @@ class StudyRunner:
             mask_uri(cfg.storage_url),
             mask_uri(cfg.tracking_uri),
         )
+        self._reconcile()
+
+    def _end_previous_parent(self) -> None:
+        """End the MLflow run of a previous study process that died without ending it."""
+        previous = self.study.user_attrs.get(ATTR_PARENT) or {}
+        run_id = self.study.user_attrs.get("mlflow_parent_run_id")
+        if not run_id:
+            return
+        beat = previous.get(ATTR_HEARTBEAT)
+        why = gone_reason(
+            previous.get("owner"),
+            None if beat is None else float(beat),
+            self.me,
+            self.config.study.stale_after_s,
+            time.time(),
+        )
+        if why is None or self.tracker.client.get_run(run_id).info.status != "RUNNING":
+            return
+        self.tracker.set_tags(run_id, {"edgetune.end_reason": f"stale: {why}"})
+        self.tracker.end_run(run_id, "KILLED")
+        self.logger.warning("previous study run %s ended KILLED: %s", run_id, why)
+
+    def _reconcile(self) -> None:
+        """Tell FAIL every RUNNING trial whose owner is gone; retry it while allowed."""
+        for stale in find_stale(self.study, self.me, self.config.study.stale_after_s):
+            trial = stale.trial
+            stage = trial.user_attrs.get(ATTR_STAGE, "unknown")
+            reason = f"stale: {stale.reason} (stage {stage})"
+            try:
+                self.study._storage.set_trial_user_attr(trial._trial_id, ATTR_FAIL_STAGE, stage)
+                self.study._storage.set_trial_user_attr(
+                    trial._trial_id,
+                    ATTR_FAIL_REASON,
+                    reason,
+                )
+                self.study.tell(trial.number, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # its owner finished it meanwhile
+            run_id = trial.user_attrs.get(ATTR_RUN_ID)
+            if run_id:
+                self.tracker.set_tags(
+                    run_id, {"edgetune.state": "FAIL", "edgetune.fail_reason": reason}
+                )
+                self.tracker.end_run(run_id, "FAILED")
+            if self.config.orchestration.mode == "deployments":
+                cancel_stage_runs(self.config.study.name, [trial.number])
+            retried = enqueue_retry(self.study, trial, self.config.study.retries)
+            self.logger.warning(
+                "trial %d: %s; %s",
+                trial.number,
+                reason,
+                "its parameters are enqueued again" if retried else "no retry left",
+            )
 
     # The loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.start()
         cfg = self.config.study
         max_pending = cfg.max_pending or cfg.parallel
-        done_before = len(self.study.get_trials(deepcopy=False, states=FINISHED))
-        to_ask = max(cfg.n_trials - done_before, 0)
         status = "FINISHED"
         train_pool = ThreadPoolExecutor(cfg.parallel, thread_name_prefix="train")
         eval_pool = ThreadPoolExecutor(max_pending, thread_name_prefix="evaluate")
         try:
             while True:
+                to_ask = still_to_ask(self.study, cfg.n_trials)
                 while to_ask and self.in_train < cfg.parallel and self.in_eval < max_pending:
                     self._ask(train_pool)
                     to_ask -= 1
-                if not self.slots:
+                if not self.slots and not self._others_running():
                     break
-                finished, _ = wait(list(self.slots), return_when=FIRST_COMPLETED)
+                finished, _ = wait(
+                    list(self.slots), timeout=cfg.heartbeat_s, return_when=FIRST_COMPLETED
+                )
                 for future in finished:
                     self._advance(future, eval_pool)
+                self._beat()
         except BaseException as exc:
             status = "KILLED"
             STOP.set()
             self._abandon(f"study interrupted: {_reason(exc)}")
             raise
         finally:
+            # Trainings stop at their next epoch (STOP), stage runs once cancelled.
             train_pool.shutdown(wait=True, cancel_futures=True)
             eval_pool.shutdown(wait=True, cancel_futures=True)
             STOP.clear()
             self._finish(status)
         return summary(self.study)
 
+    def _others_running(self) -> bool:
+        """Whether trials of this study run elsewhere; reconciles the stale ones first."""
+        if self.slots:
+            return False
+        self._reconcile()
+        others = foreign_running(self.study, self.me)
+        if others and not self.waiting_logged:
+            self.waiting_logged = True
+            self.logger.warning(
+                "waiting for %d trial(s) held by another study process (%s)",
+                len(others),
+                ", ".join(str(t.user_attrs.get(ATTR_OWNER, "unknown owner")) for t in others),
+            )
+        if others:
+            time.sleep(self.config.study.heartbeat_s)
+        return bool(others) or still_to_ask(self.study, self.config.study.n_trials) > 0
+
+    def _beat(self, force: bool = False) -> None:
+        """Refresh the heartbeat of every trial this process holds."""
+        now = time.time()
+        if not force and now - self.last_beat < self.config.study.heartbeat_s:
+            return
+        self.last_beat = now
+        self.study.set_user_attr(ATTR_PARENT, {"owner": self.me, ATTR_HEARTBEAT: now})
+        if now - self.last_reconcile >= self.config.study.stale_after_s / 2:
+            self.last_reconcile = now
+            self._reconcile()
+        storage = self.study._storage
+        for slot in list(self.slots.values()):
+            try:
+                storage.set_trial_user_attr(slot.trial._trial_id, ATTR_HEARTBEAT, now)
+                storage.set_trial_user_attr(slot.trial._trial_id, ATTR_STAGE, slot.stage)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # told meanwhile
+
     def _ask(self, pool: ThreadPoolExecutor) -> None:
         trial = self.study.ask()
+        trial.set_user_attr(ATTR_OWNER, self.me)
+        trial.set_user_attr(ATTR_HEARTBEAT, time.time())
+        trial.set_user_attr(ATTR_STAGE, "train")
         params = suggest(trial, self.config.study.search_space)
         run_id = self.tracker.start_run(
             self.experiment_id,
@@ -240,13 +414,21 @@ class StudyRunner:
             tags={"edgetune.study": self.config.study.name, "edgetune.trial": str(trial.number)},
         )
         trial.set_user_attr(ATTR_RUN_ID, run_id)
+        retry_of = trial.user_attrs.get(ATTR_RETRY_OF)
         self.tracker.log_params(run_id, {**params, "trial": trial.number})
+        if retry_of is not None:
+            self.tracker.set_tags(run_id, {"edgetune.retry_of": str(retry_of)})
         slot = Slot(trial=trial, params=params, run_id=run_id, times={"asked_at": time.time()})
         assert self.stages is not None
         future = _in_context(pool, self.stages.train, slot)
         self.slots[future] = slot
         self.in_train += 1
-        self.logger.info("trial %d: training with %s", trial.number, params)
+        self.logger.info(
+            "trial %d: training with %s%s",
+            trial.number,
+            params,
+            f" (retry of trial {retry_of})" if retry_of is not None else "",
+        )
 
     def _advance(self, future: Future[Any], eval_pool: ThreadPoolExecutor) -> None:
         slot = self.slots.pop(future)
@@ -313,6 +495,7 @@ class StudyRunner:
             slot.trial.set_user_attr(key, device[key])
         value = device["device_augrc"]
         self.study.tell(slot.trial, value)
+        self.board_failures.clear()
         self.tracker.set_tags(slot.run_id, {"edgetune.state": "COMPLETE"})
         self.tracker.end_run(slot.run_id, "FINISHED")
         self.logger.info(
@@ -325,8 +508,9 @@ class StudyRunner:
 
     def _fail(self, slot: Slot, stage: str, exc: BaseException) -> None:
         reason = _reason(exc)
+        where = slot.stage if stage == "evaluate" else stage
         self._record(slot)
-        slot.trial.set_user_attr(ATTR_FAIL_STAGE, slot.stage if stage == "evaluate" else stage)
+        slot.trial.set_user_attr(ATTR_FAIL_STAGE, where)
         slot.trial.set_user_attr(ATTR_FAIL_REASON, reason)
         self.study.tell(slot.trial, state=TrialState.FAIL)
         self.tracker.set_tags(
@@ -334,7 +518,30 @@ class StudyRunner:
         )
         self.tracker.log_text(slot.run_id, "".join(traceback.format_exception(exc)), "error.txt")
         self.tracker.end_run(slot.run_id, "FAILED")
-        self.logger.warning("trial %d failed in %s: %s", slot.trial.number, slot.stage, reason)
+        frozen = self.study._storage.get_trial(slot.trial._trial_id)
+        board_down = _board_down(exc)  # not the trial's fault: its retry is not charged
+        retried = enqueue_retry(
+            self.study, frozen, self.config.study.retries, charge=not board_down
+        )
+        self.logger.warning(
+            "trial %d failed in %s: %s; %s",
+            slot.trial.number,
+            where,
+            reason,
+            "its parameters are enqueued again" if retried else "no retry left",
+        )
+        if where == "device":
+            self._board_failed(reason)
+
+    def _board_failed(self, reason: str) -> None:
+        self.board_failures.append(reason)
+        limit = self.config.device.max_consecutive_failures
+        if len(self.board_failures) >= limit:
+            raise BoardPaused(
+                f"board {self.config.device.name!r} failed {limit} evaluations in a row (last: "
+                f"{reason}); the study is paused and its trials in flight are enqueued again: "
+                f"check the board with 'edgetune device check CONFIG', then run the study again"
+            )
 
     def _prune(self, slot: Slot, reason: str) -> None:
         slot.trial.set_user_attr(ATTR_FAIL_REASON, reason)
@@ -344,13 +551,31 @@ class StudyRunner:
         self.logger.info("trial %d: %s", slot.trial.number, reason)
 
     def _abandon(self, reason: str) -> None:
-        """Tell every trial still in flight FAIL so none is left RUNNING."""
-        for slot in list(self.slots.values()):
-            slot.trial.set_user_attr(ATTR_FAIL_STAGE, slot.stage)
-            slot.trial.set_user_attr(ATTR_FAIL_REASON, reason)
-            self.study.tell(slot.trial, state=TrialState.FAIL)
-            self.tracker.end_run(slot.run_id, "KILLED")
+        """Tell every trial still in flight FAIL, and enqueue it again, so none is lost."""
+        slots = list(self.slots.values())
         self.slots.clear()
+        if self.config.orchestration.mode == "deployments" and slots:
+            try:
+                cancel_stage_runs(self.config.study.name, [s.trial.number for s in slots])
+            except Exception as exc:  # the API is gone too: reconciliation cancels them later
+                self.logger.warning("could not cancel the stage runs: %s", _reason(exc))
+        for slot in slots:
+            try:
+                slot.trial.set_user_attr(ATTR_FAIL_STAGE, slot.stage)
+                slot.trial.set_user_attr(ATTR_FAIL_REASON, reason)
+                self.study.tell(slot.trial, state=TrialState.FAIL)
+                frozen = self.study._storage.get_trial(slot.trial._trial_id)
+                enqueue_retry(self.study, frozen, self.config.study.retries, charge=False)
+            except Exception as exc:  # the database is gone: the next run reconciles it
+                self.logger.warning(
+                    "trial %d left for the next run to reconcile: %s",
+                    slot.trial.number,
+                    _reason(exc),
+                )
+            self.tracker.set_tags(
+                slot.run_id, {"edgetune.state": "FAIL", "edgetune.fail_reason": reason}
+            )
+            self.tracker.end_run(slot.run_id, "KILLED")
 
     # The end ------------------------------------------------------------------------------
     def _finish(self, status: str) -> None:
@@ -425,7 +650,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict) and value and name != "study.search_space":
             flat.update(_flatten(value, f"{name}."))
         else:
-            flat[name] = mask_uri(value) if isinstance(value, str) and "://" in value else value
+            flat[name] = mask_uri(value) if isinstance(value, str) else value
     return flat
 
 
@@ -436,16 +661,34 @@ def _json(value: Any) -> str:
 
 
 @flow(name="tune", flow_run_name=_run_name, validate_parameters=False)
-def tune(config: dict[str, Any] | str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run (or continue) a study until ``study.n_trials`` trials have finished.
+def tune(
+    config: dict[str, Any] | str,
+    overrides: list[str] | None = None,
+    restart: bool = False,
+    reuse_best: bool = False,
+) -> dict[str, Any]:
+    """Run (or continue) a study until ``study.n_trials`` trials have an outcome.
 
     ``config`` is a resolved config (a mapping) or the path of a YAML file readable where
-    this flow runs; ``overrides`` are ``section.key=value`` items applied on top.
+    this flow runs; ``overrides`` are ``section.key=value`` items applied on top. Running
+    the same study again continues it; ``restart`` deletes it first; ``reuse_best`` skips
+    the search and retrains the best parameters found as a one-trial study ``<name>-best``.
     """
     cfg = _resolve(config, overrides)
+    best = None
+    if reuse_best:
+        cfg, best = reuse_best_config(cfg)
+    if restart and forget_study(cfg):
+        get_run_logger().warning("study %s deleted: starting afresh", cfg.study.name)
+    study = open_study(cfg.storage_url, cfg.study, cfg.seed)
+    check_fingerprint(study, cfg)
+    if best is not None:
+        enqueue_best(study, best)
     cfg.run_path.mkdir(parents=True, exist_ok=True)
-    (cfg.run_path / "config.yaml").write_text(dump_config(cfg))
+    (
+        cfg.run_path / f"{cfg.study.name}.yaml" if reuse_best else cfg.run_path / "config.yaml"
+    ).write_text(dump_config(cfg))
     started = time.time()
-    result = StudyRunner(cfg).run()
+    result = StudyRunner(cfg, study).run()
     result["seconds"] = time.time() - started
     return result

@@ -14,7 +14,7 @@ readonly DB_ROLE=edgetune
 readonly DATABASES=(optuna prefect mlflow)
 readonly HEALTH_TIMEOUT=${EDGETUNE_HEALTH_TIMEOUT:-120}
 
-usage() { echo "usage: infra/services.sh up|down|status|env" >&2; exit 2; }
+usage() { echo "usage: infra/services.sh up|down|status|env|restart-db" >&2; exit 2; }
 
 # ---------------------------------------------------------------- configuration
 
@@ -393,6 +393,19 @@ cmd_status() {
     return "$down"
 }
 
+# Restart PostgreSQL alone (after changing its settings, say); servers and studies reconnect.
+cmd_restart_db() {
+    load_config
+    [[ -s $PGDATA/PG_VERSION ]] || die "no PostgreSQL cluster in $PGDATA; run 'infra/services.sh up' first"
+    find_pg_bin
+    resolve_pg_user
+    ensure_pg_can_traverse
+    pg_running || die "PostgreSQL is not running; start everything with 'infra/services.sh up'"
+    log "restarting postgres on 127.0.0.1:$PG_PORT"
+    pg pg_ctl restart -D "$PGDATA" -m fast -l "$STATE/postgres.log" -w -t 60 >/dev/null ||
+        die "PostgreSQL did not restart; see $STATE/postgres.log"
+}
+
 cmd_env() {
     load_config
     resolve_password read
@@ -405,6 +418,7 @@ case $1 in
     down) cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
+    restart-db) cmd_restart_db ;;
     -h | --help | help) usage ;;
     *) usage ;;
 esac

@@ -7,14 +7,24 @@ so a typo in a 400-trial study is caught before anything is created.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 #: The names of ``tasks.models.ARCHITECTURES`` (a test keeps them equal): parsing a config
 #: must not import torch, which compile and device stages never need.
@@ -177,6 +187,9 @@ class DeviceConfig(_Strict):
     )
     batch_size: int = Field(1, gt=0)
     warmup: int = Field(5, ge=0)
+    max_consecutive_failures: int = Field(
+        3, ge=1, description="device-stage failures in a row that pause the study"
+    )
 
     @model_validator(mode="after")
     def _ssh_needs_options(self) -> DeviceConfig:
@@ -234,14 +247,17 @@ class SearchParam(_Strict):
             raise ValueError(f"{self.type} needs both 'low' and 'high'")
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             raise ValueError(
-                f"low and high must be finite, but got low={self.low}, high={self.high}"
+                f"low and high must be finite, but got low={self.low}, high={self.high}; "
+                f"give finite bounds"
             )
         if self.low > self.high:
             raise ValueError(
                 f"low <= high must hold, but got low={self.low}, high={self.high}; swap them"
             )
         if self.log and self.low <= 0:
-            raise ValueError(f"log scale needs low > 0, but got low={self.low}")
+            raise ValueError(
+                f"log scale needs low > 0, but got low={self.low}; raise low or set log: false"
+            )
         if self.log and self.step is not None:
             raise ValueError("'step' cannot be combined with log=true")
         if self.step is not None and self.step <= 0:
@@ -291,6 +307,25 @@ class StudyConfig(_Strict):
     storage: str | None = Field(None, description="Optuna RDB URL; default: a file in run_dir")
     search_space: dict[str, SearchParam] = Field(default_factory=_original_space)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUGRC interval")
+    retries: int = Field(1, ge=0, description="times a failed trial's parameters are run again")
+    heartbeat_s: float = Field(10.0, gt=0, description="how often a running trial is marked alive")
+    stale_after_s: float = Field(
+        120.0, gt=0, description="a RUNNING trial without a heartbeat this long is failed"
+    )
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        return _refuse_password(value, STORAGE_ENV, "--storage")
+
+    @model_validator(mode="after")
+    def _heartbeat_window(self) -> StudyConfig:
+        if self.stale_after_s < 3 * self.heartbeat_s:
+            raise ValueError(
+                f"stale_after_s: must be at least 3 x heartbeat_s ({3 * self.heartbeat_s:g}), "
+                f"got {self.stale_after_s:g}; raise stale_after_s or lower heartbeat_s"
+            )
+        return self
 
     @model_validator(mode="after")
     def _known_params(self) -> StudyConfig:
@@ -307,6 +342,38 @@ class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite in run_dir")
     experiment: str | None = None
     registered_model: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        return _refuse_password(value, TRACKING_ENV, "--tracking-uri")
+
+
+def _refuse_password(value: str | None, env: str, flag: str) -> str | None:
+    """A URL in a config must not carry a password: configs are saved, logged and passed on."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return value
+    try:
+        password = urlsplit(value).password
+    except ValueError:
+        password = None
+    if password:
+        raise ValueError(
+            f"holds a password, and configs are saved, logged and passed to every stage; "
+            f"leave it out and set ${env} (or {flag}) on each host, or save the URL in a "
+            f"Prefect Secret block and write prefect-secret://NAME"
+        )
+    return value
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(value: str, key: str) -> str:
+    """The URL itself, or the one in the Prefect Secret block it names (once per process)."""
+    from tasks.secrets import resolve_secret
+
+    return resolve_secret(value, key=key) or value
 
 
 class EdgetuneConfig(_Strict):
@@ -348,20 +415,20 @@ class EdgetuneConfig(_Strict):
 
         Read where it is used, so a password can stay in the environment of each host.
         """
-        return (
-            self.study.storage
-            or os.environ.get(STORAGE_ENV)
-            or f"sqlite:///{(self.run_path / 'optuna.db').resolve()}"
-        )
+        if self.study.storage:
+            return _resolved(self.study.storage, "study.storage")
+        if os.environ.get(STORAGE_ENV):
+            return _resolved(os.environ[STORAGE_ENV], f"${STORAGE_ENV}")
+        return f"sqlite:///{(self.run_path / 'optuna.db').resolve()}"
 
     @property
     def tracking_uri(self) -> str:
         """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."""
-        return (
-            self.tracking.uri
-            or os.environ.get(TRACKING_ENV)
-            or f"sqlite:///{(self.run_path / 'mlflow.db').resolve()}"
-        )
+        if self.tracking.uri:
+            return _resolved(self.tracking.uri, "tracking.uri")
+        if os.environ.get(TRACKING_ENV):
+            return _resolved(os.environ[TRACKING_ENV], f"${TRACKING_ENV}")
+        return f"sqlite:///{(self.run_path / 'mlflow.db').resolve()}"
 
     @property
     def experiment_name(self) -> str:
@@ -381,13 +448,27 @@ def _suggest(word: str, choices: Any) -> str:
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the key at ``loc`` (for listing allowed keys)."""
+    """The pydantic model that owns the key at ``loc`` (for listing allowed keys).
+
+    Follows ``Model``, ``Model | None`` and ``dict[str, Model]`` fields (in a dict, the
+    next part of ``loc`` is an entry's name, e.g. ``study.search_space.lr``).
+    """
     model: Any = EdgetuneConfig
-    for part in loc:
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             return None
         annotation = field.annotation
+        if typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[-1]
+            if not parts:
+                return None
+            parts.pop(0)  # the entry's name
+        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = members[0] if len(members) == 1 else None
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
         else:
@@ -431,7 +512,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         try:
             value = yaml_load(text) if text else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(
+                f"override {item!r}: value is not valid YAML ({problem}); quote the whole "
+                f"override in the shell and fix the value, e.g. 'key={{a: 1, b: 2}}'"
+            ) from None
         node = merged
         *parents, leaf = key.split(".")
         for depth, part in enumerate(parents):
@@ -464,7 +549,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{source}: malformed YAML{where}: {problem}; fix the syntax") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections at the top, got {raw!r}")
+        raise ConfigError(
+            f"{source}: expected a mapping of sections at the top (data:, study:, ...), got "
+            f"{raw!r}; start from configs/quickstart.yaml"
+        )
     return raw
 
 

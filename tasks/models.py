@@ -73,22 +73,29 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+SAVE_HINT = "save one with torch.save(model.state_dict(), path)"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"weights file {path} not found; give a local .pt/.pth file or none")
+    if path.suffix.lower() == ".onnx":
+        raise ModelError(
+            f"weights file {path} is an ONNX model, but weights must be a torch state_dict "
+            f"(.pt/.pth) of model.arch; {SAVE_HINT}"
+        )
     try:
         state: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a bad file
+    except Exception as exc:  # torch raises many kinds for a bad file, over many lines
         raise ModelError(
-            f"weights file {path} cannot be read ({exc}); give a torch state_dict"
+            f"weights file {path} is not a torch checkpoint of tensors "
+            f"({type(exc).__name__}); give a state_dict of model.arch: {SAVE_HINT}"
         ) from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(
-            f"weights file {path} holds no state_dict of tensors; save model.state_dict()"
-        )
+        raise ModelError(f"weights file {path} holds no state_dict of tensors; {SAVE_HINT}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -103,6 +110,17 @@ def _load_backbone(model: nn.Module, head: str, path: Path) -> None:
     ]
     for key in skipped:
         state.pop(key)
+    wrong_shape = [
+        f"{k} {list(v.shape)} vs {list(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong_shape:
+        raise ModelError(
+            f"weights file {path} does not fit this architecture: {len(wrong_shape)} tensors "
+            f"have another shape (e.g. {wrong_shape[0]}); use weights saved from the same "
+            f"model.arch"
+        )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(f"{head}.")]
     if missing or result.unexpected_keys:

@@ -174,7 +174,7 @@ def compile_model(
     config: EdgetuneConfig, tracker: Tracker, run_id: str, parent_run_id: str
 ) -> dict[str, Any]:
     """Compile the trial's ONNX with the configured backend; log the artifact and the log."""
-    from tasks.compilers import CompilerError, create_compiler
+    from tasks.compilers import create_compiler
 
     started = time.time()
     compiler = create_compiler(config.compile.backend, **config.compile.backend_options())
@@ -185,7 +185,7 @@ def compile_model(
         out.mkdir()
         try:
             artifact = compiler.compile(onnx_path, calibration, out)
-        except CompilerError:
+        except Exception:  # the log says why: keep it with the failed trial
             log = out / "compile.log"
             if log.is_file():
                 tracker.log_artifact(run_id, log, "compile")

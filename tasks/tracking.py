@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,9 @@ class Tracker:
             if isinstance(exc, MlflowException) and "already exists" in str(exc):
                 return str(self.client.get_experiment_by_name(name).experiment_id)
             raise TrackingError(
-                f"cannot use MLflow tracking at {mask_uri(self.uri)}: {exc}; check tracking.uri "
-                f"(or --tracking-uri) and that the server is running"
+                f"cannot use MLflow tracking at {mask_uri(self.uri)}: {one_line(exc)}; check "
+                f"tracking.uri (or --tracking-uri, $MLFLOW_TRACKING_URI) and that the server "
+                f"is running"
             ) from None
 
     def start_run(
@@ -161,12 +163,42 @@ class Tracker:
         return self.client.get_model_version_by_alias(name, alias)
 
 
-def mask_uri(uri: str) -> str:
-    """Hide a password in a database or server URL before it is printed or logged."""
-    from urllib.parse import urlsplit, urlunsplit
+#: Query parameters whose values are credentials (``?password=…``, ``?token=…``).
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&;](?:password|passwd|pwd|secret|token|access_token|api_key|apikey|key)=)[^&;#\s]*"
+)
+#: ``scheme://user:password@host``: everything up to the last ``@`` before the host is the
+#: password, so one with an unescaped ``/`` or ``@`` is hidden too.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#\s]*):[^?#\s]*@([^@?#\s]*)")
+#: ``user:password@host/db`` without a scheme (not ``sqlite:////path``).
+_BARE_USERINFO = re.compile(r"^([^:/@?#\s]+):(?!//)[^?#\s]*@([^@?#\s]*)")
+#: The same inside free text (an exception message that quotes a URL).
+_USERINFO_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#\s]*):[^@\s]*@")
 
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
+
+def mask_uri(uri: str) -> str:
+    """Hide a password in a database or server URL before it is printed or logged.
+
+    ``scheme://user:password@host/…`` becomes ``scheme://user:***@host/…``, and credential
+    query parameters (``password=``, ``token=``…) become ``***``. Never raises: a URL that
+    cannot be parsed is masked by pattern.
+    """
+    masked = _USERINFO.sub(r"\1:***@\2", uri, count=1)
+    if masked == uri:
+        masked = _BARE_USERINFO.sub(r"\1:***@\2", uri, count=1)
+    return _SECRET_QUERY.sub(r"\1***", masked)
+
+
+def mask_text(text: str) -> str:
+    """Hide every URL password and credential query parameter inside free text."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO_IN_TEXT.sub(r"\1:***@", text))
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error, whitespace collapsed, secrets masked and cut to ``limit``."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = " ".join(lines[0].split()) if lines else ""
+    if not text and isinstance(exc, BaseException):
+        text = type(exc).__name__
+    text = mask_text(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -16,6 +16,17 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+@pytest.fixture(autouse=True)
+def _url_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without the URL variables, and whatever it sets is undone after.
+
+    ``edgetune --storage/--tracking-uri`` set them in the process (so that a password
+    stays out of the config): without this, one CLI test would leak its URL into the next.
+    """
+    monkeypatch.delenv("EDGETUNE_STORAGE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """A real Prefect API (SQLite-backed) shared by every flow test of the session."""

@@ -278,6 +278,20 @@ class TestRunnerConformance:
             runner.evaluate(float_onnx, five, tmp_path / "work")
         assert _result_files(tmp_path) == []
 
+    def test_onnx_input_size_differs_from_the_bundle(
+        self, runner: DeviceRunner, float_onnx: Path, tmp_path: Path
+    ) -> None:
+        larger = write_bundle(tmp_path / "24px.npz", n=4, size=24)
+
+        with pytest.raises(DeviceError) as caught:
+            runner.evaluate(float_onnx, larger, tmp_path / "work")
+
+        first = str(caught.value).splitlines()[0]  # what a trial's fail reason shows
+        assert "failed with exit code 1: edgetune_eval: error: model input input " in first
+        assert "['batch', 3, 16, 16] does not fit bundle images 24x24x3" in first
+        assert "export the model at the bundle's size (data.image_size=24)" in first
+        assert _result_files(tmp_path) == []
+
     def test_missing_inputs(self, runner: DeviceRunner, bundle: Path, tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError, match="compiled artifact"):
             runner.evaluate(tmp_path / "absent.onnx", bundle, tmp_path)
@@ -365,6 +379,22 @@ class TestEvaluatorProgram:
         err = capsys.readouterr().err
         assert err.count("\n") == 1
         assert "cannot tell the runtime of model.tflite" in err
+
+    def test_onnx_input_size_mismatch_is_one_line(
+        self, float_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        larger = write_bundle(tmp_path / "24px.npz", n=4, size=24)
+        out = tmp_path / "out"
+        argv = ["classify", "--model", str(float_onnx), "--bundle", str(larger), "--out", str(out)]
+
+        assert edgetune_eval.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err == (
+            "edgetune_eval: error: model input input ['batch', 3, 16, 16] does not fit bundle "
+            "images 24x24x3 (NCHW expected); export the model at the bundle's size "
+            "(data.image_size=24) or rebuild the bundle at the model's input size\n"
+        )
+        assert _result_files(out) == []
 
     def test_debug_prints_traceback(
         self, bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 import optuna
 import pytest
@@ -174,3 +179,190 @@ def test_a_study_runs_on_work_pools(
     best = min(trials, key=lambda t: t.value)
     champion = client.get_model_version_by_alias("distributed-classifier", "champion")
     assert champion.run_id == best.user_attrs["mlflow_run_id"]
+
+
+# Faults on the work pools ----------------------------------------------------------------------
+
+
+def _client(cluster: dict[str, str]) -> Any:
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _api(cluster: dict[str, str]) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: cluster["PREFECT_API_URL"]})
+
+
+def _flow_runs(cluster: dict[str, str], study: str) -> list[Any]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with _api(cluster), _client(cluster) as client:
+        return list(
+            client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"study:{study}"]))
+            )
+        )
+
+
+def _process_of(flow_run_id: str) -> int | None:
+    """The pid of the process executing a flow run (its engine has the id in its env)."""
+    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                return int(environ.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(1)
+
+
+def _start_study(cluster: dict[str, str], config: Path) -> str:
+    out = _run(
+        [
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            "tune/classifier",
+            "--param",
+            f"config={config}",
+        ],
+        cluster,
+    )
+    match = re.search(r"UUID: ([0-9a-f-]{36})", out)
+    assert match, out
+    return match.group(1)
+
+
+def _state(cluster: dict[str, str], flow_run_id: str) -> Any:
+    with _api(cluster), _client(cluster) as client:
+        return client.read_flow_run(UUID(flow_run_id)).state
+
+
+def _board_config(board: Any, digits_root: Path, tmp_path: Path, name: str) -> Path:
+    raw = tiny_config(digits_root, tmp_path / name)
+    ssh = {
+        k: v
+        for k, v in board.runner_options().items()
+        if k in {"host", "port", "user", "key_file", "known_hosts", "work_dir", "python"}
+    }
+    raw["device"] = {"name": "board", "runner": "ssh", "ssh": ssh, "warmup": 0, "timeout_s": 120}
+    raw["train"]["epochs"] = 4
+    raw["study"].update(
+        name=name, n_trials=4, parallel=2, max_pending=2, retries=2, heartbeat_s=2, stale_after_s=20
+    )
+    raw["orchestration"] = {"mode": "deployments", "poll_interval_s": 1.0}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _no_mlflow_run_running(cluster: dict[str, str], experiment: str) -> None:
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    runs = client.search_runs([found.experiment_id])
+    assert runs and [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+
+
+def test_a_killed_gpu_worker_and_a_database_restart_lose_no_trial(
+    cluster: dict[str, str], digits_root: Path, tmp_path: Path
+) -> None:
+    with start_board(tmp_path) as board:
+        config = _board_config(board, digits_root, tmp_path, "faults")
+        parent = _start_study(cluster, config)
+
+        def training() -> Any:
+            runs = [
+                r
+                for r in _flow_runs(cluster, "faults")
+                if r.name.startswith("train-trial") and r.state and r.state.is_running()
+            ]
+            return runs and _process_of(str(runs[0].id)) and runs[0]
+
+        victim = _wait_for(training, 300, "a training on the gpu pool")
+        time.sleep(3)  # mid-training
+        pid = _process_of(str(victim.id))
+        assert pid is not None
+        worker = _ppid(pid)
+        cmdline = Path(f"/proc/{worker}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert "worker" in cmdline, cmdline  # the gpu worker that started it
+        # The worker's host dies: the worker and the training it runs, with no goodbye.
+        os.kill(pid, signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)
+        # And the database restarts while the other trials run.
+        _run([str(ROOT / "infra" / "services.sh"), "restart-db"], cluster)
+
+        final = _wait_for(
+            lambda: (s := _state(cluster, parent)) is not None and s.is_final() and s,
+            900,
+            "the study to end",
+        )
+    assert final.is_completed(), final
+    study = optuna.load_study(study_name="faults", storage=cluster["EDGETUNE_STORAGE"])
+    trials = study.get_trials()
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 4, states
+    assert "RUNNING" not in states and "WAITING" not in states
+    crashed = [t for t in trials if "no heartbeat" in str(t.user_attrs.get("fail_reason"))]
+    assert len(crashed) == 1, [t.user_attrs.get("fail_reason") for t in trials]
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == crashed[0].number)
+    assert retry.params == crashed[0].params
+    assert _state(cluster, str(victim.id)).type.value == "CRASHED"
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    device = sorted((t.user_attrs["device_started"], t.user_attrs["device_finished"]) for t in done)
+    for (_, end), (start, _) in itertools.pairwise(device):
+        assert end <= start, f"device evaluations overlapped: {device}"
+    _no_mlflow_run_running(cluster, "faults")
+
+
+def test_cancelling_the_study_cancels_its_stage_runs_and_leaves_nothing_running(
+    cluster: dict[str, str], digits_root: Path, tmp_path: Path
+) -> None:
+    with start_board(tmp_path) as board:
+        config = _board_config(board, digits_root, tmp_path, "cancelled")
+        parent = _start_study(cluster, config)
+        _wait_for(
+            lambda: any(
+                r.name.startswith("train-trial") and r.state and r.state.is_running()
+                for r in _flow_runs(cluster, "cancelled")
+            ),
+            300,
+            "a training on the gpu pool",
+        )
+        _run([str(BIN / "prefect"), "flow-run", "cancel", parent], cluster)
+        final = _wait_for(
+            lambda: (s := _state(cluster, parent)) is not None and s.is_final() and s,
+            180,
+            "the study to be cancelled",
+        )
+        assert final.type.value == "CANCELLED", final
+        _wait_for(
+            lambda: all(r.state and r.state.is_final() for r in _flow_runs(cluster, "cancelled")),
+            120,
+            "the stage runs to end",
+        )
+    study = optuna.load_study(study_name="cancelled", storage=cluster["EDGETUNE_STORAGE"])
+    states = [t.state.name for t in study.get_trials()]
+    assert "RUNNING" not in states, states
+    stages = _flow_runs(cluster, "cancelled")
+    assert any(r.state.type.value == "CANCELLED" for r in stages)
+    _no_mlflow_run_running(cluster, "cancelled")

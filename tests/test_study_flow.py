@@ -100,8 +100,9 @@ def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
     assert len(client.search_model_versions(f"name = '{config.registered_model_name}'")) == 1
 
 
+@pytest.mark.parametrize("retries", [0, 1])
 def test_a_failing_trial_is_told_fail_and_the_study_goes_on(
-    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: int
 ) -> None:
     import tasks.stages
 
@@ -118,12 +119,22 @@ def test_a_failing_trial_is_told_fail_and_the_study_goes_on(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tasks.stages, "compile_model", flaky)
-    raw = tiny_config(digits_root, tmp_path / "flaky")
-    raw["study"]["n_trials"] = 3
+    raw = tiny_config(digits_root, tmp_path / f"flaky{retries}")
+    raw["study"].update(n_trials=3, retries=retries)
     result, config, study = _run(raw)
-    states = sorted(t.state.name for t in study.get_trials())
-    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
-    failed = next(t for t in study.get_trials() if t.state.name == "FAIL")
+    trials = study.get_trials()
+    states = sorted(t.state.name for t in trials)
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    if retries:
+        # The failed trial's parameters ran again, traced to it; the study still got 3 results.
+        assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
+        retry = next(t for t in trials if t.user_attrs.get("retry_of") == failed.number)
+        assert retry.state.name == "COMPLETE" and retry.params == failed.params
+        assert retry.user_attrs["attempt"] == 1
+        tags = MlflowClient(config.tracking_uri).get_run(retry.user_attrs["mlflow_run_id"])
+        assert tags.data.tags["edgetune.retry_of"] == str(failed.number)
+    else:
+        assert states == ["COMPLETE", "COMPLETE", "FAIL"]
     assert failed.value is None  # told FAIL: no sentinel objective value
     assert failed.user_attrs["fail_stage"] == "compile"
     assert failed.user_attrs["fail_reason"] == "RuntimeError: injected compiler crash"

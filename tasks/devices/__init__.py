@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.devices.base import (
+    DeviceConfigError,
     DeviceError,
     DeviceResult,
     DeviceRunner,
@@ -39,6 +40,7 @@ def create_runner(name: str, **options: Any) -> DeviceRunner:
 
 __all__ = [
     "RUNNERS",
+    "DeviceConfigError",
     "DeviceError",
     "DeviceResult",
     "DeviceRunner",

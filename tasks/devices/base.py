@@ -45,6 +45,14 @@ class DeviceUnreachableError(DeviceError):
     """The device cannot be reached at all (remote runners)."""
 
 
+class DeviceConfigError(DeviceError):
+    """The runner's own settings are wrong (host key not trusted, key refused or missing).
+
+    Bad input rather than a fault of the board: retrying does not help, fixing the
+    config or the controller's files does.
+    """
+
+
 class DeviceRunner(ABC):
     """Contract: run the shipped evaluator on one device.
 
@@ -69,6 +77,13 @@ class DeviceRunner(ABC):
     @abstractmethod
     def info(self) -> dict[str, Any]:
         """The evaluator's `info` output on this device."""
+
+    def check_config(self) -> None:
+        """Check the runner's local settings without reaching the device.
+
+        Raises `DeviceConfigError`; the default has nothing to check.
+        """
+        return None
 
 
 def evaluator_path() -> Path:
@@ -119,11 +134,19 @@ def check_inputs(artifact: Path, bundle: Path) -> tuple[int, int | None]:
 
 
 def failure_message(what: str, returncode: int, stderr: str) -> str:
-    """`what` failed with the exit code, its meaning where known, and the stderr tail."""
-    tail = "\n".join(stderr.strip().splitlines()[-STDERR_TAIL_LINES:]) or "(no stderr)"
+    """`what` failed with the exit code, its meaning where known, and the stderr tail.
+
+    The first line ends with the last line of stderr (the evaluator's one-line error), so
+    a one-line summary of the failure (a trial's fail reason) still says why.
+    """
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
     hint = EXIT_HINTS.get(returncode)
     meaning = f" ({hint})" if hint else ""
-    return f"{what} failed with exit code {returncode}{meaning}:\n{tail}"
+    first = f"{what} failed with exit code {returncode}{meaning}: "
+    first += " ".join(lines[-1].split()) if lines else "(no stderr)"
+    if len(lines) <= 1:
+        return first
+    return first + "\n" + "\n".join(lines[-STDERR_TAIL_LINES:])
 
 
 def remove_results(out_dir: Path) -> None:

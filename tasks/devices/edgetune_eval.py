@@ -190,7 +190,8 @@ class OnnxRuntimeBackend(Backend):
         ):
             raise EvalError(
                 f"model input {inputs[0].name} {shape} does not fit bundle images "
-                f"{height}x{width}x3 (NCHW expected)"
+                f"{height}x{width}x3 (NCHW expected); export the model at the bundle's size "
+                f"(data.image_size={height}) or rebuild the bundle at the model's input size"
             )
         fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         if fixed is not None and fixed != batch_size:
@@ -236,7 +237,8 @@ class HailoBackend(Backend):
         if expected != tuple(bundle.images.shape[1:]):
             raise EvalError(
                 f"HEF input shape {expected} (NHWC) does not fit bundle images "
-                f"{bundle.images.shape[1:]}"
+                f"{bundle.images.shape[1:]}; compile the HEF from an ONNX exported at the "
+                f"bundle's size (data.image_size) or rebuild the bundle at the HEF's input size"
             )
         self.output_shape = tuple(int(d) for d in infer_model.output().shape)
         self.configured = self._stack.enter_context(infer_model.configure())

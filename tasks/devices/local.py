@@ -102,8 +102,9 @@ class LocalRunner(DeviceRunner):
             )
         except OSError as exc:
             raise DeviceError(
-                f"cannot start the evaluator with {self.python!r} ({exc}); set device.python "
-                "to a Python with numpy and onnxruntime"
+                f"cannot start the evaluator with {self.python!r} ({exc}); the local runner's "
+                "python option must name a Python with numpy and onnxruntime (by default, the "
+                "one running edgetune)"
             ) from exc
         try:
             stdout, stderr = proc.communicate(timeout=self.timeout_s)

@@ -26,6 +26,7 @@ import math
 import os
 import posixpath
 import shlex
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ import asyncssh
 from tasks.devices.base import (
     PROBS_FILE,
     RESULT_FILE,
+    DeviceConfigError,
     DeviceError,
     DeviceResult,
     DeviceRunner,
@@ -55,6 +57,12 @@ from tasks.devices.edgetune_eval import sha256_file
 from tasks.devices.local import OUT_DIR
 
 _log = logging.getLogger(__name__)
+
+
+class SessionLostError(DeviceUnreachableError):
+    """The connection to the board dropped mid-session; the evaluation can be run again."""
+
+
 _T = TypeVar("_T")
 
 RUN_OUT = "out"  # inside runs/<run id>/
@@ -192,12 +200,28 @@ class SshRunner(DeviceRunner):
         out_dir = workdir / OUT_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_results(out_dir)
-        try:
-            self._run_sync(lambda: self._evaluate(artifact, bundle, out_dir))
-            return read_result(out_dir, n_expected, classes_expected)
-        except BaseException:
-            remove_results(out_dir)
-            raise
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                self._run_sync(lambda: self._evaluate(artifact, bundle, out_dir))
+                return read_result(out_dir, n_expected, classes_expected)
+            except SessionLostError as exc:
+                remove_results(out_dir)
+                if attempt == attempts:
+                    raise
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                _log.warning(
+                    "%s; evaluating again in %.3gs (attempt %d of %d)",
+                    exc,
+                    delay,
+                    attempt + 1,
+                    attempts,
+                )
+                time.sleep(delay)
+            except BaseException:
+                remove_results(out_dir)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def info(self) -> dict[str, Any]:
         stdout = self._run_sync(self._info)
@@ -209,6 +233,10 @@ class SshRunner(DeviceRunner):
             ) from exc
         report.update(host=self.host, work_dir=self.layout.work_dir)
         return report
+
+    def check_config(self) -> None:
+        """The key file and known_hosts file exist and load; nothing is sent to the board."""
+        self._connect_options()
 
     # ------------------------------------------------------------------ async core
 
@@ -228,7 +256,11 @@ class SshRunner(DeviceRunner):
             return await coro
         except DeviceError:
             raise
-        except (asyncssh.Error, OSError) as exc:
+        except (asyncssh.ConnectionLost, asyncssh.SFTPConnectionLost, OSError) as exc:
+            raise SessionLostError(
+                f"SSH session with {self.user}@{self.address} was lost: {_describe(exc)}"
+            ) from exc
+        except asyncssh.Error as exc:
             raise DeviceError(
                 f"SSH session with {self.user}@{self.address} failed: {_describe(exc)}"
             ) from exc
@@ -283,9 +315,9 @@ class SshRunner(DeviceRunner):
             try:
                 return await asyncssh.connect(self.host, self.port, **options)
             except asyncssh.HostKeyNotVerifiable as exc:
-                raise DeviceError(self._host_key_message(exc)) from exc
+                raise DeviceConfigError(self._host_key_message(exc)) from exc
             except asyncssh.PermissionDenied as exc:
-                raise DeviceError(
+                raise DeviceConfigError(
                     f"SSH authentication failed for {self.user}@{self.address} with key file "
                     f"{self.key_file or '(default keys and agent)'}: add its public key to "
                     f"~/.ssh/authorized_keys of {self.user} on the board, or set "
@@ -315,7 +347,7 @@ class SshRunner(DeviceRunner):
         elif self.known_hosts is not None:
             known_hosts = os.path.expanduser(self.known_hosts)
             if not os.path.isfile(known_hosts):
-                raise DeviceError(
+                raise DeviceConfigError(
                     f"known_hosts file {known_hosts} does not exist; create it with "
                     f"`ssh-keyscan -p {self.port} {self.host} >> {known_hosts}` "
                     "(check the key with the board's owner)"
@@ -331,11 +363,15 @@ class SshRunner(DeviceRunner):
         if self.key_file is not None:
             key_file = os.path.expanduser(self.key_file)
             if not os.path.isfile(key_file):
-                raise DeviceError(f"SSH key file {key_file} (device.ssh.key_file) does not exist")
+                raise DeviceConfigError(
+                    f"SSH key file {key_file} (device.ssh.key_file) does not exist; give the "
+                    "path of the private key the board accepts, or unset key_file to use "
+                    "ssh-agent"
+                )
             try:  # fail here, not as an unreachable board, on an unreadable or locked key
                 asyncssh.read_private_key(key_file)
             except (OSError, asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
-                raise DeviceError(
+                raise DeviceConfigError(
                     f"cannot load SSH key file {key_file} (device.ssh.key_file): {exc}; edgetune "
                     "needs a key without a passphrase, or unset key_file to use ssh-agent"
                 ) from exc
@@ -370,6 +406,7 @@ class SshRunner(DeviceRunner):
     async def _ensure_bundle(self, sftp: asyncssh.SFTPClient, bundle: Path, sha256: str) -> str:
         """The bundle on the board under its content hash, uploaded only when missing."""
         remote = self.layout.bundle(sha256)
+        await _sweep_partials(sftp, self.layout.bundles)
         with suppress(asyncssh.SFTPNoSuchFile):
             if (await sftp.stat(remote)).size == bundle.stat().st_size:
                 return remote
@@ -487,6 +524,15 @@ class SshRunner(DeviceRunner):
         proc.close()
         with suppress(asyncssh.Error, OSError, TimeoutError):
             await asyncio.wait_for(proc.wait_closed(), 10)
+
+
+async def _sweep_partials(sftp: asyncssh.SFTPClient, folder: str) -> None:
+    """Remove uploads a dropped session left half-written (the board is ours while locked)."""
+    with suppress(asyncssh.SFTPNoSuchFile):
+        for name in await sftp.listdir(folder):
+            if name.startswith(".") and name.endswith(".part"):
+                with suppress(asyncssh.SFTPError):
+                    await sftp.remove(posixpath.join(folder, name))
 
 
 async def _upload(sftp: asyncssh.SFTPClient, local: Path, remote: str) -> None:

@@ -1,0 +1,390 @@
+"""What keeps a long study whole: owners and heartbeats, stale trials, retries, resumes.
+
+Optuna's own heartbeat covers ``study.optimize`` only; edgetune drives ask/tell, so the
+parent flow marks each trial it holds with its owner (host, process, Prefect flow run)
+and a heartbeat it refreshes every ``study.heartbeat_s``. A RUNNING trial whose owner is
+known to be gone, or whose heartbeat is older than ``study.stale_after_s``, is stale: it
+is told FAIL with the reason, and its parameters are enqueued again while ``study.retries``
+allows. A study counts as done when ``study.n_trials`` trials have an outcome: COMPLETE,
+PRUNED, or FAIL with no retry left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tasks.config import EdgetuneConfig
+
+# Trial user attributes.
+ATTR_OWNER = "owner"
+# Study user attribute: the study process now running it, and its heartbeat.
+ATTR_PARENT = "parent"
+ATTR_HEARTBEAT = "heartbeat_at"
+ATTR_STAGE = "stage"
+ATTR_RETRY_OF = "retry_of"
+ATTR_ATTEMPT = "attempt"
+# Study user attribute: what a resumed study must still match.
+ATTR_FINGERPRINT = "fingerprint"
+
+
+# Owners and heartbeats ------------------------------------------------------------------------
+def current_owner() -> dict[str, Any]:
+    """This process as the owner of the trials it asks."""
+    owner: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            owner["flow_run"] = str(flow_run.id)
+    except Exception:  # pragma: no cover - outside Prefect there is no flow run
+        pass
+    return owner
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _flow_run_state(flow_run_id: str) -> str | None:
+    """The final state of a Prefect flow run (``CRASHED``…), or None if it may still run."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except Exception:
+        return None
+    if state is None or not state.is_final():
+        return None
+    return state.type.value
+
+
+@dataclass(frozen=True)
+class Stale:
+    trial: FrozenTrial
+    reason: str
+
+
+def gone_reason(
+    owner: Any, beat: float | None, me: dict[str, Any], stale_after_s: float, now: float
+) -> str | None:
+    """Why the holder ``owner`` (last heard of at ``beat``) is gone; None if it may live."""
+    if isinstance(owner, dict):
+        if owner.get("host") == me["host"] and owner.get("pid") == me["pid"]:
+            return None  # this process: it tracks its own
+        if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", 0))):
+            return f"its study process {owner.get('pid')} on {owner.get('host')} is gone"
+        run_id = owner.get("flow_run")
+        if run_id and run_id != me.get("flow_run"):
+            final = _flow_run_state(str(run_id))
+            if final is not None:
+                return f"its study flow run {run_id} ended {final}"
+    if beat is not None and now - beat > stale_after_s:
+        return f"no heartbeat for {now - beat:.0f} s (limit {stale_after_s:g} s)"
+    return None
+
+
+def stale_reason(
+    trial: FrozenTrial, me: dict[str, Any], stale_after_s: float, now: float | None = None
+) -> str | None:
+    """Why a RUNNING trial is stale, or None while its owner may still be working on it."""
+    beat = trial.user_attrs.get(ATTR_HEARTBEAT)
+    if beat is None and trial.datetime_start is not None:
+        beat = trial.datetime_start.timestamp()
+    return gone_reason(
+        trial.user_attrs.get(ATTR_OWNER),
+        None if beat is None else float(beat),
+        me,
+        stale_after_s,
+        time.time() if now is None else now,
+    )
+
+
+def find_stale(study: optuna.Study, me: dict[str, Any], stale_after_s: float) -> list[Stale]:
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    found = []
+    for trial in running:
+        reason = stale_reason(trial, me, stale_after_s)
+        if reason is not None:
+            found.append(Stale(trial, reason))
+    return found
+
+
+def foreign_running(study: optuna.Study, me: dict[str, Any]) -> list[FrozenTrial]:
+    """RUNNING trials held by another study process (alive, as far as we can tell)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    mine = (me["host"], me["pid"])
+    return [
+        t
+        for t in running
+        if not (
+            isinstance(t.user_attrs.get(ATTR_OWNER), dict)
+            and (t.user_attrs[ATTR_OWNER].get("host"), t.user_attrs[ATTR_OWNER].get("pid")) == mine
+        )
+    ]
+
+
+# Retries and counting --------------------------------------------------------------------------
+def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Numbers of trials that another trial retries."""
+    return {
+        int(t.user_attrs[ATTR_RETRY_OF])
+        for t in trials
+        if t.user_attrs.get(ATTR_RETRY_OF) is not None
+    }
+
+
+def enqueue_retry(
+    study: optuna.Study, trial: FrozenTrial, retries: int, *, charge: bool = True
+) -> bool:
+    """Enqueue the failed trial's parameters again if ``retries`` allows; True if enqueued.
+
+    The new trial carries ``retry_of`` (the failed trial's number) and ``attempt``. A retry
+    not charged (the board was paused, the study interrupted) keeps the attempt count.
+    """
+    attempt = int(trial.user_attrs.get(ATTR_ATTEMPT, 0))
+    if charge and attempt >= retries:
+        return False
+    trials = study.get_trials(deepcopy=False)
+    if trial.number in retried_numbers(trials):
+        return True  # already enqueued (a resumed study reconciling twice)
+    if not trial.params:
+        return False  # failed before its parameters were drawn: nothing to repeat
+    study.enqueue_trial(
+        dict(trial.params),
+        user_attrs={ATTR_RETRY_OF: trial.number, ATTR_ATTEMPT: attempt + (1 if charge else 0)},
+        skip_if_exists=False,
+    )
+    return True
+
+
+def outcome_count(trials: Iterable[FrozenTrial]) -> int:
+    """Trials with an outcome: COMPLETE, PRUNED, or FAIL with no retry enqueued for it."""
+    trials = list(trials)
+    retried = retried_numbers(trials)
+    return sum(
+        1
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and t.number not in retried)
+    )
+
+
+def still_to_ask(study: optuna.Study, n_trials: int) -> int:
+    """How many more trials to ask: ``n_trials`` minus outcomes minus trials RUNNING."""
+    trials = study.get_trials(deepcopy=False)
+    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    return max(n_trials - outcome_count(trials) - running, 0)
+
+
+# Resume: the study must still be the same study -------------------------------------------------
+def fingerprint(config: EdgetuneConfig) -> dict[str, Any]:
+    """What a resumed study must share with the one stored: space, objective, measurement."""
+    return {
+        "objective": "device_augrc",
+        "direction": "minimize",
+        "search_space": {
+            name: param.model_dump(mode="json", exclude_defaults=True)
+            for name, param in sorted(config.study.search_space.items())
+        },
+        "model": config.model.arch,
+        "compile": config.compile.backend,
+        "device": config.device.name,
+    }
+
+
+def _differences(stored: Any, current: Any, path: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(stored) | set(current)):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in current:
+                found.append(f"{where} removed")
+            elif key not in stored:
+                found.append(f"{where} added")
+            else:
+                found.extend(_differences(stored[key], current[key], where))
+        return found
+    if stored != current:
+        return [f"{path}: {json.dumps(stored)} -> {json.dumps(current)}"]
+    return []
+
+
+class StudyChangedError(RuntimeError):
+    """The stored study was run with another search space or objective."""
+
+
+def check_fingerprint(study: optuna.Study, config: EdgetuneConfig) -> None:
+    """Record the fingerprint on a new study; refuse to continue a study that differs."""
+    current = fingerprint(config)
+    stored = study.user_attrs.get(ATTR_FINGERPRINT)
+    if stored is None:
+        study.set_user_attr(ATTR_FINGERPRINT, current)
+        return
+    changes = _differences(stored, current)
+    if changes:
+        shown = "; ".join(changes[:4]) + ("; …" if len(changes) > 4 else "")
+        raise StudyChangedError(
+            f"study {config.study.name!r} was run with a different search space or objective "
+            f"({shown}); to continue it, restore those settings; to start afresh, run with "
+            f"--restart; to keep both, choose a new study.name"
+        )
+
+
+# Stage runs on work pools -----------------------------------------------------------------------
+ATTR_STAGE_BEAT = "stage_heartbeat"
+
+
+@contextmanager
+def stage_heartbeat(
+    storage_url: str, trial_id: int | None, interval_s: float
+) -> Iterator[threading.Event]:
+    """Mark the trial's stage run alive every ``interval_s`` while the block runs.
+
+    The parent reads the beat to tell a stage that is working from one whose worker died
+    (its flow run then stays RUNNING on the server). The event yielded is set once the
+    trial has been finished elsewhere (the parent gave up on it): the stage should stop.
+    """
+    gone = threading.Event()
+    if trial_id is None:
+        yield gone
+        return
+    from prefect.runtime import flow_run
+
+    from tasks.study import open_storage
+
+    run_id = str(flow_run.id or "")
+    storage = open_storage(storage_url)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.set_trial_user_attr(
+                    trial_id, ATTR_STAGE_BEAT, {"flow_run": run_id, "at": time.time()}
+                )
+            except optuna.exceptions.UpdateFinishedTrialError:
+                gone.set()
+                return
+            except Exception:  # the database is restarting: beat again next time
+                pass
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=beat, name="stage-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield gone
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def stage_beat_at(
+    storage: optuna.storages.BaseStorage, trial_id: int, flow_run_id: str
+) -> float | None:
+    """When the stage run ``flow_run_id`` of a trial last beat, or None if it never did."""
+    beat = storage.get_trial(trial_id).user_attrs.get(ATTR_STAGE_BEAT)
+    if isinstance(beat, dict) and beat.get("flow_run") == flow_run_id:
+        return float(beat["at"])
+    return None
+
+
+def cancel_stage_runs(study_name: str, trial_numbers: Iterable[int]) -> int:
+    """Cancel the stage flow runs of these trials that have not ended; returns how many."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Cancelling
+
+    final = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+    cancelled = 0
+    with get_client(sync_client=True) as client:
+        for number in trial_numbers:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=[f"study:{study_name}", f"trial:{number}"]),
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=final)),
+                )
+            )
+            for run in runs:
+                started = run.state is not None and run.state.is_running()
+                state: Any = Cancelling() if started else Cancelled()
+                client.set_flow_run_state(run.id, state, force=True)
+                cancelled += 1
+    return cancelled
+
+
+# Restart and reuse ------------------------------------------------------------------------------
+def forget_study(config: EdgetuneConfig) -> bool:
+    """Delete the stored study (``--restart``); True if there was one. MLflow runs stay."""
+    from tasks.study import open_storage
+
+    storage = open_storage(config.storage_url)
+    try:
+        optuna.delete_study(study_name=config.study.name, storage=storage)
+    except KeyError:
+        return False
+    return True
+
+
+class NothingToReuseError(RuntimeError):
+    """``--reuse-best`` on a study without a COMPLETE trial."""
+
+
+def reuse_best_config(config: EdgetuneConfig) -> tuple[EdgetuneConfig, FrozenTrial]:
+    """The config of a one-trial study that retrains the best parameters of ``config``'s study.
+
+    It is stored beside the search as ``<study>-best``, logs to the same experiment and
+    registers under the same model name, so its result becomes the champion.
+    """
+    from tasks.study import best_trial, open_study
+
+    try:
+        study = open_study(config.storage_url, config.study, config.seed, create=False)
+    except KeyError:
+        raise NothingToReuseError(
+            f"study {config.study.name!r} is not in its storage; run the search first "
+            f"(edgetune tune CONFIG) or check study.storage"
+        ) from None
+    best = best_trial(study)
+    if best is None:
+        raise NothingToReuseError(
+            f"study {config.study.name!r} has no COMPLETE trial to reuse; run the search first"
+        )
+    data = config.model_dump(mode="json")
+    data["study"].update(name=f"{config.study.name}-best", n_trials=1, parallel=1, max_pending=None)
+    data["tracking"].update(
+        experiment=config.experiment_name, registered_model=config.registered_model_name
+    )
+    data["run_dir"] = str(config.run_path)  # the same default storage and tracking files
+    return config.model_validate(data), best
+
+
+def enqueue_best(study: optuna.Study, best: FrozenTrial) -> None:
+    """Enqueue the reused parameters once (a resumed ``--reuse-best`` does not repeat them)."""
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial(dict(best.params), user_attrs={"reused_from": best.number})
