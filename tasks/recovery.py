@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -42,7 +42,12 @@ ATTR_FINGERPRINT = "fingerprint"
 # Owners and heartbeats ------------------------------------------------------------------------
 def current_owner() -> dict[str, Any]:
     """This process as the owner of the trials it asks."""
-    owner: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    # The token tells this study run from an earlier one in the same process.
+    owner: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "token": uuid4().hex[:12],
+    }
     try:
         from prefect.runtime import flow_run
 
@@ -88,8 +93,8 @@ def gone_reason(
 ) -> str | None:
     """Why the holder ``owner`` (last heard of at ``beat``) is gone; None if it may live."""
     if isinstance(owner, dict):
-        if owner.get("host") == me["host"] and owner.get("pid") == me["pid"]:
-            return None  # this process: it tracks its own
+        if owner.get("token") == me["token"]:
+            return None  # this study run: it tracks its own
         if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", 0))):
             return f"its study process {owner.get('pid')} on {owner.get('host')} is gone"
         run_id = owner.get("flow_run")
@@ -129,15 +134,14 @@ def find_stale(study: optuna.Study, me: dict[str, Any], stale_after_s: float) ->
 
 
 def foreign_running(study: optuna.Study, me: dict[str, Any]) -> list[FrozenTrial]:
-    """RUNNING trials held by another study process (alive, as far as we can tell)."""
+    """RUNNING trials held by another study run (alive, as far as we can tell)."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    mine = (me["host"], me["pid"])
     return [
         t
         for t in running
         if not (
             isinstance(t.user_attrs.get(ATTR_OWNER), dict)
-            and (t.user_attrs[ATTR_OWNER].get("host"), t.user_attrs[ATTR_OWNER].get("pid")) == mine
+            and t.user_attrs[ATTR_OWNER].get("token") == me["token"]
         )
     ]
 
