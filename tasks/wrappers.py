@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -23,9 +27,61 @@ class BoardBusyError(RuntimeError):
     """The board's slot stayed taken for longer than device.wait_timeout_s."""
 
 
+def embedded() -> bool:
+    """No Prefect server is configured: Prefect runs a temporary one inside this process."""
+    from prefect.settings import PREFECT_API_URL
+
+    return not PREFECT_API_URL.value()
+
+
+def board_lock_path(name: str) -> Path:
+    """The lock file of a board for the studies of one machine (embedded mode)."""
+    return Path(tempfile.gettempdir()) / f"edgetune-{os.getuid()}" / "boards" / f"{name}.lock"
+
+
+@contextmanager
+def _hold_board_file(config: EdgetuneConfig) -> Iterator[None]:
+    """Embedded mode: an OS file lock, released by the kernel when its holder dies.
+
+    Prefect's temporary server keeps leases in memory and does not expire them, so a
+    process killed on the board would keep a Prefect slot taken; a file lock cannot leak.
+    """
+    import fcntl
+
+    path = board_lock_path(config.device.concurrency_limit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + config.device.wait_timeout_s
+    with path.open("a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BoardBusyError(
+                        f"board {config.device.name!r} stayed busy for "
+                        f"{config.device.wait_timeout_s:g} s: another study on this machine "
+                        f"is evaluating on it (lock {path}); wait for it, or raise "
+                        f"device.wait_timeout_s"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @contextmanager
 def hold_board(config: EdgetuneConfig) -> Iterator[None]:
-    """Take the board's slot (limit 1, strict, leased) for the duration of the block."""
+    """Take the board's slot (limit 1, strict, leased) for the duration of the block.
+
+    With a Prefect server the slot is its global concurrency limit, shared by every host;
+    in embedded mode (one machine, no server) it is a file lock on this machine.
+    """
+    if embedded():
+        with _hold_board_file(config):
+            yield
+        return
     name = config.device.concurrency_limit
     try:
         with concurrency(

@@ -427,3 +427,48 @@ def test_the_board_link_dropping_mid_upload_is_survived(tmp_path: Path) -> None:
         assert [p.name for p in board.work_dir.rglob("*.part")] == []
         runs = board.work_dir / "runs"
         assert not runs.exists() or list(runs.iterdir()) == []
+
+
+# One machine, no Prefect server: the board's lock cannot leak ----------------------------------
+
+
+def test_a_killed_holder_of_the_board_frees_it_at_once_in_embedded_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.wrappers
+    from tasks.wrappers import BoardBusyError, board_lock_path, hold_board
+
+    monkeypatch.setattr(tasks.wrappers, "embedded", lambda: True)
+    raw = tiny_config(tmp_path, tmp_path / "lock")
+    raw["device"]["wait_timeout_s"] = 1
+    config = parse_config(raw)
+    path = board_lock_path(config.device.concurrency_limit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(  # another study process, evaluating on the board
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with (
+            pytest.raises(BoardBusyError, match=r"stayed busy for 1 s: another study"),
+            hold_board(config),
+        ):
+            pass
+        assert time.monotonic() - started >= 1
+        holder.kill()  # killed while evaluating: no release, no cleanup
+        holder.wait()
+        started = time.monotonic()
+        with hold_board(config):
+            assert time.monotonic() - started < 1
+    finally:
+        holder.kill()
+        holder.wait()
