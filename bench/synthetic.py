@@ -19,6 +19,7 @@ from prefect import flow
 from prefect.concurrency.sync import concurrency
 
 from tasks.config import parse_config
+from tasks.recovery import stage_heartbeat
 from tasks.stages import COMPILED_DIR, save_outcome
 from tasks.tracking import Tracker
 from tasks.wrappers import DEVICE_LEASE_S
@@ -39,25 +40,33 @@ def bench_train(
     parent_run_id: str,
     seconds: float = 10.0,
 ) -> dict[str, Any]:
+    cfg = parse_config(config)
     started = time.time()
-    time.sleep(seconds)
+    with stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s):
+        time.sleep(seconds)
     outcome = {
         "metrics": {"float_augrc": objective(params)},
         "started_at": started,
         "finished_at": time.time(),
     }
-    save_outcome(Tracker(parse_config(config).tracking_uri), run_id, "train", outcome)
+    save_outcome(Tracker(cfg.tracking_uri), run_id, "train", outcome)
     return outcome
 
 
 @flow(name="bench-compile", flow_run_name="bench-compile-{trial_number}", validate_parameters=False)
 def bench_compile(
-    config: dict[str, Any], trial_number: int, run_id: str, parent_run_id: str, seconds: float = 2.0
+    config: dict[str, Any],
+    trial_number: int,
+    run_id: str,
+    parent_run_id: str,
+    trial_id: int | None = None,
+    seconds: float = 2.0,
 ) -> dict[str, Any]:
     cfg = parse_config(config)
     tracker = Tracker(cfg.tracking_uri)
     started = time.time()
-    time.sleep(seconds)
+    with stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s):
+        time.sleep(seconds)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "model.synthetic"
         artifact.write_text(f"trial {trial_number}\n")
@@ -80,11 +89,15 @@ def bench_device(
     run_id: str,
     parent_run_id: str,
     artifact: str,
+    trial_id: int | None = None,
     seconds: float = 2.0,
 ) -> dict[str, Any]:
     cfg = parse_config(config)
-    with concurrency(
-        cfg.device.concurrency_limit, occupy=1, strict=True, lease_duration=DEVICE_LEASE_S
+    with (
+        stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s),
+        concurrency(
+            cfg.device.concurrency_limit, occupy=1, strict=True, lease_duration=DEVICE_LEASE_S
+        ),
     ):
         started = time.time()
         time.sleep(seconds)
