@@ -23,6 +23,11 @@ data_app = typer.Typer(help="Datasets: write the bundled example.", no_args_is_h
 app.add_typer(data_app, name="data")
 device_app = typer.Typer(help="Boards: check what a device has.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
+detect_app = typer.Typer(
+    help="Detectors (YOLO): train and measure on the board, crop, auto-annotate.",
+    no_args_is_help=True,
+)
+app.add_typer(detect_app, name="detect")
 
 EXIT_BAD_INPUT = 2
 
@@ -303,6 +308,201 @@ def data_digits(
         raise _fail(str(exc)) from None
     typer.echo(
         f"digits dataset in {directory}: {info.counts()} images, {len(info.classes)} classes"
+    )
+
+
+@data_app.command("shapes")
+def data_shapes(
+    directory: Annotated[
+        Path, typer.Argument(help="where to write the dataset", show_default=False)
+    ],
+    train: Annotated[int, typer.Option(help="train images")] = 48,
+    val: Annotated[int, typer.Option(help="val images")] = 16,
+    single_class: Annotated[
+        bool, typer.Option("--single-class", help="one class, insulator")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="drawing seed")] = 0,
+) -> None:
+    """Write a small synthetic YOLO dataset of insulator-like shapes (data.yaml + images)."""
+    from tasks.detection.synthetic import write_shapes_dataset
+
+    try:
+        data_yaml = write_shapes_dataset(
+            directory, train=train, val=val, single_class=single_class, seed=seed
+        )
+    except (FileExistsError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"shapes dataset in {directory}: {train} train, {val} val images; {data_yaml}")
+
+
+def _detector_errors() -> tuple[type[Exception], ...]:
+    from tasks.detection.dataset import DatasetError
+    from tasks.detection.predict import PredictError
+    from tasks.detection.ultra import DetectorError
+
+    return (*_user_errors(), DatasetError, DetectorError, PredictError)
+
+
+@detect_app.command("train")
+def detect_train_command(
+    config: Annotated[Path, typer.Argument(help="detector config (YAML)", show_default=False)],
+    overrides: Overrides = None,
+    tracking_uri: TrackingOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
+) -> None:
+    """Train a detector, export, compile, measure mAP on the board; register the best."""
+    _quiet_services(verbose)
+    from tasks.config import TRACKING_ENV
+    from tasks.detection.config import load_detector_config
+    from tasks.devices import DeviceError
+    from tasks.wrappers import BoardBusyError
+
+    extra = list(overrides or [])
+    if tracking_uri:
+        os.environ[TRACKING_ENV] = tracking_uri
+        extra.append("tracking.uri=null")
+    from tasks.detection.pipeline import check_detector
+    from tasks.devices import DeviceConfigError
+
+    try:
+        cfg = load_detector_config(config, extra)
+        check_detector(cfg)
+    except (*_detector_errors(), DeviceConfigError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"detector {cfg.name}: {cfg.model.arch}, imgsz {cfg.train.imgsz}, "
+        f"{cfg.train.epochs} epochs; device {cfg.device.name} ({cfg.compile.backend}); "
+        f"run dir {cfg.run_path}",
+        err=True,
+    )
+    from flows.detect import detect_train
+
+    try:
+        outcome = detect_train(cfg.model_dump(mode="json"))
+    except KeyboardInterrupt:
+        raise _fail("interrupted; the MLflow run was ended KILLED", 130) from None
+    except _detector_errors() as exc:
+        raise _fail(str(exc)) from None
+    except (DeviceError, BoardBusyError) as exc:
+        raise _fail(f"device {cfg.device.name}: {exc}", 1) from None
+    if as_json:
+        typer.echo(json.dumps(outcome, indent=2, default=float))
+        return
+    metrics = outcome["metrics"]
+    typer.echo(
+        "{}: mAP50-95 val {:.4f} | float ONNX {:.4f} | device {:.4f} ({:+.4f} vs float), "
+        "{:.2f} ms/batch on {}".format(
+            cfg.name,
+            metrics.get("val_map50_95", float("nan")),
+            metrics["float_map50_95"],
+            metrics["device_map50_95"],
+            -metrics["map50_95_gap"],
+            metrics["device_latency_ms"],
+            cfg.device.name,
+        )
+    )
+    champion = outcome["champion"]
+    if champion:
+        typer.echo(
+            f"champion: {champion['model']} version {champion['version']} (@champion), "
+            f"run {champion['run_id']}"
+        )
+
+
+def _detector_tracking(tracking_uri: str | None) -> str:
+    from tasks.config import TRACKING_ENV
+
+    if tracking_uri:
+        return tracking_uri
+    if os.environ.get(TRACKING_ENV):
+        return os.environ[TRACKING_ENV]
+    return f"sqlite:///{(Path('runs') / 'detectors' / 'mlflow.db').resolve()}"
+
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="detector: an .onnx file, or a registered name (s-ml, s-ml@champion, s-ml/3)",
+        show_default=False,
+    ),
+]
+ImagesArg = Annotated[Path, typer.Argument(help="folder of images", show_default=False)]
+OutArg = Annotated[Path, typer.Argument(help="output folder (new)", show_default=False)]
+ConfOpt = Annotated[float, typer.Option("--conf", help="minimum box score")]
+DetectTrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri", help="MLflow with the registered detectors (default: runs/detectors)"
+    ),
+]
+
+
+@detect_app.command("crops")
+def detect_crops(
+    model: ModelArg,
+    images: ImagesArg,
+    out: OutArg,
+    labeller: Annotated[
+        str | None,
+        typer.Option("--label-with", help="detector whose classes label the crops (l-ml)"),
+    ] = None,
+    conf: ConfOpt = 0.25,
+    margin: Annotated[float, typer.Option(help="box share added on each side")] = 0.1,
+    min_size: Annotated[int, typer.Option(help="smallest crop side in pixels")] = 16,
+    val_fraction: Annotated[float, typer.Option(help="share of images for val/")] = 0.2,
+    seed: Annotated[int, typer.Option(help="split seed")] = 0,
+    tracking_uri: DetectTrackingOpt = None,
+) -> None:
+    """Crop the detector's boxes into an image-folder dataset for the classifier study."""
+    _quiet_services(False)
+    import tempfile
+
+    from tasks.detection.predict import CropSettings, OnnxDetector, resolve_model, write_crops
+
+    uri = _detector_tracking(tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgetune-crops-") as tmp:
+            detector = OnnxDetector(resolve_model(model, uri, Path(tmp) / "model"), conf=conf)
+            labels = None
+            if labeller:
+                labels = OnnxDetector(resolve_model(labeller, uri, Path(tmp) / "labeller"), conf)
+            settings = CropSettings(
+                margin=margin, min_size=min_size, val_fraction=val_fraction, seed=seed
+            )
+            summary = write_crops(detector, images, out, settings, labels)
+    except _detector_errors() as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"{summary['crops']} crops from {summary['images']} images in {out}: "
+        + ", ".join(f"{k} {v}" for k, v in summary["folders"].items())
+    )
+
+
+@detect_app.command("annotate")
+def detect_annotate(
+    model: ModelArg,
+    images: ImagesArg,
+    out: OutArg,
+    conf: ConfOpt = 0.25,
+    tracking_uri: DetectTrackingOpt = None,
+) -> None:
+    """Write YOLO label files and a CVAT-for-images XML of the detector's boxes."""
+    _quiet_services(False)
+    import tempfile
+
+    from tasks.detection.predict import OnnxDetector, annotate_images, resolve_model
+
+    uri = _detector_tracking(tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgetune-annotate-") as tmp:
+            detector = OnnxDetector(resolve_model(model, uri, Path(tmp)), conf=conf)
+            summary = annotate_images(detector, images, out)
+    except _detector_errors() as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"{summary['boxes']} boxes on {summary['images']} images in {out}: labels/, "
+        f"annotations.xml (CVAT for images 1.1), classes.txt"
     )
 
 

@@ -58,7 +58,7 @@ from tasks.study import (
     summary,
 )
 from tasks.tracking import CHAMPION, Tracker, mask_uri
-from tasks.wrappers import BoardBusyError, compile_task, device_task
+from tasks.wrappers import BoardBusyError, compile_task, device_task, ensure_device_limit
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -193,14 +193,6 @@ class DeploymentStages(LocalStages):
         return self._run(
             self.config.orchestration.device_deployment, "device", slot, artifact=artifact
         )
-
-
-def ensure_device_limit(name: str) -> None:
-    """Create (or reset to 1) the board's global concurrency limit on the Prefect server."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, 1)
 
 
 def _in_context(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:

@@ -134,6 +134,9 @@ class ExportConfig(_Strict):
 class OnnxRuntimeOptions(_Strict):
     per_channel: bool = True
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    float_tail: bool = Field(
+        False, description="keep the nodes after the last Conv in float (detector decoding)"
+    )
 
 
 class HailoOptions(_Strict):
@@ -368,6 +371,15 @@ def _refuse_password(value: str | None, env: str, flag: str) -> str | None:
     return value
 
 
+def tracking_uri(tracking: TrackingConfig, default_dir: Path) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else `default_dir`/mlflow.db (SQLite)."""
+    if tracking.uri:
+        return _resolved(tracking.uri, "tracking.uri")
+    if os.environ.get(TRACKING_ENV):
+        return _resolved(os.environ[TRACKING_ENV], f"${TRACKING_ENV}")
+    return f"sqlite:///{(default_dir / 'mlflow.db').resolve()}"
+
+
 @functools.lru_cache(maxsize=16)
 def _resolved(value: str, key: str) -> str:
     """The URL itself, or the one in the Prefect Secret block it names (once per process)."""
@@ -424,11 +436,7 @@ class EdgetuneConfig(_Strict):
     @property
     def tracking_uri(self) -> str:
         """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."""
-        if self.tracking.uri:
-            return _resolved(self.tracking.uri, "tracking.uri")
-        if os.environ.get(TRACKING_ENV):
-            return _resolved(os.environ[TRACKING_ENV], f"${TRACKING_ENV}")
-        return f"sqlite:///{(self.run_path / 'mlflow.db').resolve()}"
+        return tracking_uri(self.tracking, self.run_path)
 
     @property
     def experiment_name(self) -> str:
@@ -447,13 +455,13 @@ def _suggest(word: str, choices: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
     """The pydantic model that owns the key at ``loc`` (for listing allowed keys).
 
     Follows ``Model``, ``Model | None`` and ``dict[str, Model]`` fields (in a dict, the
     next part of ``loc`` is an entry's name, e.g. ``study.search_space.lr``).
     """
-    model: Any = EdgetuneConfig
+    model: Any = root
     parts = list(loc)
     while parts:
         part = parts.pop(0)
@@ -476,12 +484,12 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, root: type[BaseModel]) -> str:
     loc = tuple(p for p in error["loc"] if p not in ("function-after",))
     path = ".".join(str(p) for p in loc) or "<root>"
     kind, value = error["type"], error.get("input")
     if kind == "extra_forbidden":
-        owner = _model_at(loc[:-1])
+        owner = _model_at(loc[:-1], root)
         allowed = sorted(owner.model_fields) if owner else []
         hint = _suggest(str(loc[-1]), allowed)
         return f"{path}: unknown key{hint}; allowed keys here: {', '.join(allowed)}"
@@ -496,8 +504,9 @@ def _describe(error: Any) -> str:
     return f"{path}: {message}, but got {value!r}"
 
 
-def _format(error: ValidationError) -> str:
-    return "; ".join(_describe(e) for e in error.errors())
+def format_errors(error: ValidationError, root: type[BaseModel]) -> str:
+    """Every validation error of a config rooted at `root`, each with its dotted key."""
+    return "; ".join(_describe(e, root) for e in error.errors())
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -560,7 +569,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "config") -> EdgetuneConf
     try:
         config = EdgetuneConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_format(exc)}") from None
+        raise ConfigError(f"{source}: {format_errors(exc, EdgetuneConfig)}") from None
     return _resolve_paths(config)
 
 
@@ -568,15 +577,18 @@ def parse_config(raw: dict[str, Any], *, source: str = "config") -> EdgetuneConf
 PATH_KEYS = (("data", "root"), ("model", "weights"), ("run_dir",))
 
 
-def _anchor_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+def anchor_paths(
+    raw: dict[str, Any], base: Path, keys: tuple[tuple[str, ...], ...] = PATH_KEYS
+) -> dict[str, Any]:
+    """Make the path-valued `keys` of a raw config absolute against `base`."""
     anchored = _deep_copy(raw)
-    for keys in PATH_KEYS:
+    for path in keys:
         node = anchored
-        for key in keys[:-1]:
+        for key in path[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
-        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        value = node.get(path[-1]) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(value, str) and value:
-            node[keys[-1]] = str((base / Path(value).expanduser()).resolve())
+            node[path[-1]] = str((base / Path(value).expanduser()).resolve())
     return anchored
 
 
@@ -587,7 +599,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Edgetun
     means the same wherever it is read (a worker runs in a temporary folder); paths given
     as overrides are relative to the current folder.
     """
-    raw = _anchor_paths(read_yaml(path), Path(path).resolve().parent)
+    raw = anchor_paths(read_yaml(path), Path(path).resolve().parent)
     return parse_config(apply_overrides(raw, overrides or []), source=str(path))
 
 

@@ -8,19 +8,26 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from tasks import stages
-from tasks.config import EdgetuneConfig
+from tasks.config import DeviceConfig, EdgetuneConfig
 from tasks.data import load_bundle
 from tasks.tracking import Tracker
 
 #: How long the board stays locked after its holder dies (the lease is renewed while it lives).
 DEVICE_LEASE_S = 60.0
+
+
+class UsesBoard(Protocol):
+    """A classifier study or a detector config: anything with a device section."""
+
+    @property
+    def device(self) -> DeviceConfig: ...
 
 
 class BoardBusyError(RuntimeError):
@@ -40,7 +47,7 @@ def board_lock_path(name: str) -> Path:
 
 
 @contextmanager
-def _hold_board_file(config: EdgetuneConfig) -> Iterator[None]:
+def _hold_board_file(config: UsesBoard) -> Iterator[None]:
     """Embedded mode: an OS file lock, released by the kernel when its holder dies.
 
     Prefect's temporary server keeps leases in memory and does not expire them, so a
@@ -72,7 +79,7 @@ def _hold_board_file(config: EdgetuneConfig) -> Iterator[None]:
 
 
 @contextmanager
-def hold_board(config: EdgetuneConfig) -> Iterator[None]:
+def hold_board(config: UsesBoard) -> Iterator[None]:
     """Take the board's slot (limit 1, strict, leased) for the duration of the block.
 
     With a Prefect server the slot is its global concurrency limit, shared by every host;
@@ -99,6 +106,14 @@ def hold_board(config: EdgetuneConfig) -> Iterator[None]:
             f"(limit {name}): another study holds it, or a run killed while evaluating left it "
             f"taken; if no study uses it, free it with: edgetune device release CONFIG"
         ) from None
+
+
+def ensure_device_limit(name: str) -> None:
+    """Create (or reset to 1) the board's global concurrency limit on the Prefect server."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
 
 
 def release_board(name: str) -> int:

@@ -158,7 +158,7 @@ class TestRunnerConformance:
 
         info = result.info
         assert set(info) >= RESULT_KEYS
-        assert info["evaluator_version"] == evaluator_version() == "0.1.0"
+        assert info["evaluator_version"] == evaluator_version() == "0.2.0"
         assert info["runtime"] == "onnxruntime"
         assert info["runtime_version"] == ort.__version__
         assert info["accelerator"] == "cpu"
@@ -359,7 +359,7 @@ class TestEvaluatorProgram:
         assert top_level - set(sys.stdlib_module_names) == {"numpy"}
         assert lazy - set(sys.stdlib_module_names) == {"onnxruntime", "hailo_platform"}
         assert evaluator_path().name == "edgetune_eval.py"
-        assert edgetune_eval.__version__ == "0.1.0"
+        assert edgetune_eval.__version__ == "0.2.0"
 
     def test_softmax_and_latency_stats(self) -> None:
         probs = edgetune_eval.softmax(np.array([[0.0, 0.0], [1000.0, 0.0]]))

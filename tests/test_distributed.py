@@ -10,6 +10,7 @@ evaluator. A study of 6 trials with 2 GPU slots is started with ``prefect deploy
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shlex
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -366,3 +368,55 @@ def test_cancelling_the_study_cancels_its_stage_runs_and_leaves_nothing_running(
     stages = _flow_runs(cluster, "cancelled")
     assert any(r.state.type.value == "CANCELLED" for r in stages)
     _no_mlflow_run_running(cluster, "cancelled")
+
+
+def test_a_detector_trains_on_the_gpu_pool_and_is_measured_on_the_board(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    from tasks.detection.synthetic import write_shapes_dataset
+
+    data_yaml = write_shapes_dataset(tmp_path / "shapes", train=16, val=8, single_class=True)
+    raw = yaml.safe_load((ROOT / "configs" / "detectors" / "s-ml.yaml").read_text())
+    raw["data"] = {"yaml": str(data_yaml)}
+    raw["run_dir"] = str(tmp_path / "runs")
+    raw["tracking"] = {"experiment": "detector-distributed"}
+    raw["train"].update(imgsz=64, epochs=1, batch=8, cache=False, workers=0, device="cpu")
+    raw["train"]["plots"] = False
+    raw["compile"] = {"calibration_samples": 8}
+    with start_board(tmp_path) as board:
+        ssh = {
+            k: v
+            for k, v in board.runner_options().items()
+            if k in {"host", "port", "user", "key_file", "known_hosts", "work_dir", "python"}
+        }
+        raw["device"] = {"name": "board", "runner": "ssh", "ssh": ssh, "warmup": 0}
+        config = tmp_path / "s-ml.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        output = _run(
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                "detect-train/gpu",
+                "--param",
+                f"config={config}",
+                "--watch",
+                "--watch-timeout",
+                "600",
+            ],
+            cluster,
+            timeout=700,
+        )
+    assert "Completed" in output, output[-2000:]
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("s-ml", "champion")
+    run = client.get_run(champion.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["edgetune.runtime"] == "onnxruntime"
+    assert {"device_map50_95", "float_map50_95", "map50_95_gap", "device_latency_ms"} <= set(
+        run.data.metrics
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        result = client.download_artifacts(champion.run_id, "device/device_result.json", tmp)
+        info = json.loads(Path(result).read_text())
+    assert info["task"] == "detect" and info["n"] == 8 and info["model"] == "model.int8.onnx"

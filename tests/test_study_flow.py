@@ -194,8 +194,7 @@ def test_a_board_left_taken_fails_clearly_and_release_frees_it(
     from typer.testing import CliRunner
 
     from edgetune.cli import app
-    from flows.tune import ensure_device_limit
-    from tasks.wrappers import BoardBusyError, hold_board
+    from tasks.wrappers import BoardBusyError, ensure_device_limit, hold_board
 
     raw = tiny_config(digits_root, tmp_path / "stuck")
     raw["device"]["wait_timeout_s"] = 2

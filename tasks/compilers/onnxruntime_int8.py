@@ -50,8 +50,10 @@ class OnnxRuntimeInt8Compiler(Compiler):
         calibrate_method: str = "minmax",
         activation_type: str = "quint8",
         max_calibration_samples: int | None = None,
+        float_tail: bool = False,
     ) -> None:
         self.per_channel = bool(per_channel)
+        self.float_tail = bool(float_tail)
         self.calibrate_method = _choice("calibrate_method", calibrate_method, CALIBRATE_METHODS)
         self.activation_type = _choice("activation_type", activation_type, ACTIVATION_TYPES)
         if max_calibration_samples is not None and max_calibration_samples < 1:
@@ -77,6 +79,7 @@ class OnnxRuntimeInt8Compiler(Compiler):
             "activation_type": self.activation_type,
             "weight_type": "qint8",
             "max_calibration_samples": self.max_calibration_samples,
+            "float_tail": self.float_tail,
         }
 
     def _build(
@@ -98,9 +101,14 @@ class OnnxRuntimeInt8Compiler(Compiler):
                 batch,
             )
             reader = NpzCalibrationReader(signature.input_name, calibration, batch, fixed)
+            excluded = tail_nodes(model) if self.float_tail else []
+            if excluded:
+                log.info(
+                    "kept in float (after the last Conv): %d nodes %s", len(excluded), excluded
+                )
             printed = io.StringIO()  # the Entropy/Percentile calibrators print() progress
             with contextlib.redirect_stdout(printed):
-                self._quantize(model, output, reader)
+                self._quantize(model, output, reader, excluded)
             if printed.getvalue().strip():
                 log.info("onnxruntime printed:\n%s", printed.getvalue().rstrip())
         counts = _check_quantized(output)
@@ -110,8 +118,10 @@ class OnnxRuntimeInt8Compiler(Compiler):
             "dequantize_linear_nodes": counts["DequantizeLinear"],
         }
 
-    def _quantize(self, model: Path, output: Path, reader: NpzCalibrationReader) -> None:
-        """Static QDQ quantization with signed INT8 weights."""
+    def _quantize(
+        self, model: Path, output: Path, reader: NpzCalibrationReader, excluded: list[str]
+    ) -> None:
+        """Static QDQ quantization with signed INT8 weights; `excluded` nodes stay float."""
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         quantize_static(
@@ -123,7 +133,42 @@ class OnnxRuntimeInt8Compiler(Compiler):
             activation_type=_quant_type(self.activation_type),
             weight_type=_quant_type("qint8"),
             calibrate_method=_calibration_method(self.calibrate_method),
+            nodes_to_exclude=excluded or None,
         )
+
+
+def tail_nodes(model: Path) -> list[str]:
+    """Names of the nodes downstream of the last convolutions that feed no convolution.
+
+    In a detector these decode boxes and class scores and join them into one output:
+    quantizing that join to 8 bits with a single scale (box pixels in the hundreds beside
+    scores in 0..1) rounds every score to zero, so they stay in float.
+    """
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    feeds_conv: dict[int, bool] = {}
+
+    def reaches_conv(node: Any) -> bool:
+        key = id(node)
+        if key not in feeds_conv:
+            feeds_conv[key] = False  # cycles cannot occur in ONNX; this guards recursion
+            feeds_conv[key] = any(
+                nxt.op_type == "Conv" or reaches_conv(nxt)
+                for out in node.output
+                for nxt in consumers.get(out, [])
+            )
+        return feeds_conv[key]
+
+    return [
+        node.name
+        for node in graph.node
+        if node.name and node.op_type != "Conv" and not reaches_conv(node)
+    ]
 
 
 class NpzCalibrationReader:

@@ -1,4 +1,7 @@
-"""The device-runner seam: compiled artifact + evaluation bundle → probabilities + latency.
+"""The device-runner seam: compiled artifact + evaluation bundle → outputs + latency.
+
+A classifier's bundle comes back as per-sample probabilities (`DeviceRunner.evaluate`),
+a detector's as boxes after NMS (`DeviceRunner.detect`).
 
 Every runner executes the same shipped program, `edgetune_eval.py`, on its device and
 reads back the same two files; the shared checks of those files live here so a local and
@@ -18,7 +21,11 @@ import numpy as np
 from tasks.devices import edgetune_eval
 
 PROBS_FILE = edgetune_eval.PROBS_FILE
+DETECTIONS_FILE = edgetune_eval.DETECTIONS_FILE
 RESULT_FILE = edgetune_eval.RESULT_FILE
+#: Everything the evaluator may leave in its output folder, result.json last.
+OUTPUT_FILES = (PROBS_FILE, DETECTIONS_FILE, RESULT_FILE)
+OUT_DIR = "device-result"
 STDERR_TAIL_LINES = 20
 EXIT_HINTS = {
     edgetune_eval.EXIT_RUNTIME_MISSING: "the runtime this artifact needs is missing on the device",
@@ -35,6 +42,43 @@ class DeviceResult:
     started_at: float  # time.time() on the device, before the model was loaded
     finished_at: float  # time.time() on the device, after the device was released
     info: dict[str, Any]  # the whole result.json
+
+
+@dataclass(frozen=True, eq=False)
+class DetectionResult:
+    """Boxes after NMS for every bundle image plus what the device measured."""
+
+    detections: np.ndarray  # float32 (K, 7): image_index, x1, y1, x2, y2, score, class_id
+    n_images: int
+    latency_ms: dict[str, float]  # per batch, inference only: mean, p50, p95, min, max
+    postprocess_ms: float  # mean per batch: decoding and NMS on the device's CPU
+    throughput_fps: float
+    started_at: float
+    finished_at: float
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One run of the evaluator: its command and the options beyond paths and batching."""
+
+    command: str  # "classify" | "detect"
+    options: tuple[str, ...] = ()
+
+
+CLASSIFY = EvalJob("classify")
+
+
+def detect_job(conf: float, iou: float, max_det: int) -> EvalJob:
+    """`edgetune_eval.py detect` with its NMS settings (checked again on the device)."""
+    if not 0 <= conf < 1 or not 0 < iou <= 1 or max_det < 1:
+        raise ValueError(
+            f"detect: conf={conf}, iou={iou}, max_det={max_det}; conf must be in [0, 1), "
+            "iou in (0, 1], max_det >= 1"
+        )
+    return EvalJob(
+        "detect", ("--conf", f"{conf:g}", "--iou", f"{iou:g}", "--max-det", str(max_det))
+    )
 
 
 class DeviceError(RuntimeError):
@@ -61,18 +105,25 @@ class DeviceRunner(ABC):
       `probs` are per-sample probabilities in bundle order (N = the bundle's label
       count, C = its class count) plus latency. `workdir` is a controller-side scratch
       directory the runner owns. Missing inputs on the controller raise
-      FileNotFoundError, a bundle without labels ValueError; any failure on the device (non-zero exit, timeout, missing or
-      inconsistent result files) raises `DeviceError`. No process is left running, and
-      no result files are left behind by a failed evaluation.
+      FileNotFoundError, a bundle without labels ValueError; any failure on the device
+      (non-zero exit, timeout, missing or inconsistent result files) raises
+      `DeviceError`. No process is left running, and no result files are left behind by
+      a failed evaluation.
+    - `detect(artifact, bundle, workdir, conf=, iou=, max_det=)` runs
+      ``edgetune_eval.py detect`` the same way and returns a `DetectionResult`: boxes
+      after NMS in the bundle's (letterboxed) pixel coordinates.
     - `info()` returns the evaluator's ``info`` JSON (runtimes, accelerators, host).
     - A runner does not take the device's concurrency slot; its callers do.
+
+    Implementations write `_run_job` (run one evaluator command so that its output files
+    land in a controller-side folder) and `info`; the checks are shared here.
     """
 
     name: ClassVar[str]
 
     @abstractmethod
-    def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:
-        """Evaluate `artifact` on every image of `bundle`."""
+    def _run_job(self, job: EvalJob, artifact: Path, bundle: Path, out_dir: Path) -> None:
+        """Run the evaluator for `job` on the device; its output files end in `out_dir`."""
 
     @abstractmethod
     def info(self) -> dict[str, Any]:
@@ -85,6 +136,50 @@ class DeviceRunner(ABC):
         """
         return None
 
+    def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:
+        """Evaluate the classifier `artifact` on every image of `bundle`."""
+        artifact, bundle = Path(artifact), Path(bundle)
+        n_expected, classes_expected = check_inputs(artifact, bundle)
+        out_dir = self._fresh_out(Path(workdir))
+        try:
+            self._run_job(CLASSIFY, artifact, bundle, out_dir)
+            return read_result(out_dir, n_expected, classes_expected)
+        except BaseException:
+            remove_results(out_dir)
+            raise
+
+    def detect(
+        self,
+        artifact: Path,
+        bundle: Path,
+        workdir: Path,
+        *,
+        conf: float = 0.001,
+        iou: float = 0.7,
+        max_det: int = 300,
+    ) -> DetectionResult:
+        """Run the detector `artifact` on every image of `bundle`; boxes after NMS."""
+        artifact, bundle = Path(artifact), Path(bundle)
+        job = detect_job(conf, iou, max_det)
+        for path, what in ((artifact, "compiled artifact"), (bundle, "evaluation bundle")):
+            if not path.is_file():
+                raise FileNotFoundError(f"{what} {path} does not exist")
+        n_images, n_classes = detection_bundle_expectations(bundle)
+        out_dir = self._fresh_out(Path(workdir))
+        try:
+            self._run_job(job, artifact, bundle, out_dir)
+            return read_detections(out_dir, n_images, n_classes)
+        except BaseException:
+            remove_results(out_dir)
+            raise
+
+    @staticmethod
+    def _fresh_out(workdir: Path) -> Path:
+        out_dir = workdir / OUT_DIR
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_results(out_dir)
+        return out_dir
+
 
 def evaluator_path() -> Path:
     """The device-side evaluator file that runners copy or upload to the device."""
@@ -96,7 +191,8 @@ def evaluator_version() -> str:
     return edgetune_eval.__version__
 
 
-def classify_argv(
+def job_argv(
+    job: EvalJob,
     artifact: str,
     bundle: str,
     out_dir: str,
@@ -104,12 +200,12 @@ def classify_argv(
     warmup: int,
     threads: int | None,
 ) -> list[str]:
-    """Arguments of `edgetune_eval.py classify` (paths as seen on the device)."""
-    argv = ["classify", "--model", artifact, "--bundle", bundle, "--out", out_dir]
+    """Arguments of `edgetune_eval.py <command>` (paths as seen on the device)."""
+    argv = [job.command, "--model", artifact, "--bundle", bundle, "--out", out_dir]
     argv += ["--batch-size", str(batch_size), "--warmup", str(warmup)]
     if threads is not None:
         argv += ["--threads", str(threads)]
-    return argv
+    return argv + list(job.options)
 
 
 def bundle_expectations(bundle: Path) -> tuple[int, int | None]:
@@ -149,9 +245,21 @@ def failure_message(what: str, returncode: int, stderr: str) -> str:
     return first + "\n" + "\n".join(lines[-STDERR_TAIL_LINES:])
 
 
+def detection_bundle_expectations(bundle: Path) -> tuple[int, int]:
+    """(image count, class count) of a detection bundle (images + classes + boxes)."""
+    with np.load(bundle, allow_pickle=False) as data:
+        missing = sorted({"images", "classes", "boxes"} - set(data.files))
+        if missing:
+            raise ValueError(
+                f"detection bundle {bundle} lacks {missing} (has {sorted(data.files)}); "
+                "rebuild it with `edgetune detect train` or tasks.detection.dataset"
+            )
+        return int(data["images"].shape[0]), len(data["classes"])
+
+
 def remove_results(out_dir: Path) -> None:
     """Delete result files (and half-written temp files) so none is read as this run's."""
-    for name in (RESULT_FILE, PROBS_FILE):
+    for name in OUTPUT_FILES:
         (out_dir / name).unlink(missing_ok=True)
         for partial in out_dir.glob(f".{name}.*"):  # temp files of a killed evaluator or fetch
             partial.unlink(missing_ok=True)
@@ -159,17 +267,7 @@ def remove_results(out_dir: Path) -> None:
 
 def read_result(out_dir: Path, n_expected: int, classes_expected: int | None) -> DeviceResult:
     """Load probs.npy + result.json written by the evaluator and check they fit the bundle."""
-    result_path, probs_path = out_dir / RESULT_FILE, out_dir / PROBS_FILE
-    if not result_path.is_file() or not probs_path.is_file():
-        raise DeviceError(
-            f"the evaluator exited 0 but {out_dir} lacks {RESULT_FILE} or {PROBS_FILE}; "
-            "rerun with --debug on the device to see why"
-        )
-    try:
-        info = json.loads(result_path.read_text(encoding="utf-8"))
-        probs = np.load(probs_path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DeviceError(f"cannot read the evaluator's results in {out_dir}: {exc}") from exc
+    info, probs = _load_outputs(out_dir, PROBS_FILE)
     _check_result(info, probs, n_expected, classes_expected)
     return DeviceResult(
         probs=probs,
@@ -181,15 +279,71 @@ def read_result(out_dir: Path, n_expected: int, classes_expected: int | None) ->
     )
 
 
-def _check_result(
-    info: dict[str, Any], probs: np.ndarray, n_expected: int, classes_expected: int | None
-) -> None:
-    """Refuse results that do not belong to this bundle or this evaluator."""
+def _load_outputs(out_dir: Path, array_file: str) -> tuple[dict[str, Any], np.ndarray]:
+    """result.json and the evaluator's output array, both required."""
+    result_path, array_path = out_dir / RESULT_FILE, out_dir / array_file
+    if not result_path.is_file() or not array_path.is_file():
+        raise DeviceError(
+            f"the evaluator exited 0 but {out_dir} lacks {RESULT_FILE} or {array_file}; "
+            "rerun with --debug on the device to see why"
+        )
+    try:
+        info = json.loads(result_path.read_text(encoding="utf-8"))
+        array = np.load(array_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"cannot read the evaluator's results in {out_dir}: {exc}") from exc
+    return info, array
+
+
+def _check_version(info: dict[str, Any]) -> None:
     if info.get("evaluator_version") != evaluator_version():
         raise DeviceError(
             f"the device ran evaluator {info.get('evaluator_version')!r} but this controller "
             f"ships {evaluator_version()!r}: reinstall edgetune_eval.py on the device"
         )
+
+
+def read_detections(out_dir: Path, n_images: int, n_classes: int) -> DetectionResult:
+    """Load detections.npy + result.json written by `edgetune_eval.py detect` and check them."""
+    info, detections = _load_outputs(out_dir, DETECTIONS_FILE)
+    _check_version(info)
+    if int(info.get("n", -1)) != n_images:
+        raise DeviceError(
+            f"the device evaluated {info.get('n')} images but the bundle has {n_images}: the "
+            "bundle on the device differs from the controller's; re-send it"
+        )
+    if detections.ndim != 2 or detections.shape[1] != 7 or not np.all(np.isfinite(detections)):
+        raise DeviceError(
+            f"the device returned detections of shape {detections.shape}; expected finite "
+            "(K, 7) rows image_index, x1, y1, x2, y2, score, class_id"
+        )
+    if len(detections) and (
+        detections[:, 0].min() < 0
+        or detections[:, 0].max() >= n_images
+        or detections[:, 6].min() < 0
+        or detections[:, 6].max() >= n_classes
+    ):
+        raise DeviceError(
+            f"the device returned detections outside the bundle's {n_images} images or "
+            f"{n_classes} classes: the artifact was trained for another class set"
+        )
+    return DetectionResult(
+        detections=detections.astype(np.float32),
+        n_images=n_images,
+        latency_ms={k: float(v) for k, v in info["latency_ms"].items()},
+        postprocess_ms=float(info.get("postprocess_ms", 0.0)),
+        throughput_fps=float(info["throughput_fps"]),
+        started_at=float(info["started_at"]),
+        finished_at=float(info["finished_at"]),
+        info=info,
+    )
+
+
+def _check_result(
+    info: dict[str, Any], probs: np.ndarray, n_expected: int, classes_expected: int | None
+) -> None:
+    """Refuse results that do not belong to this bundle or this evaluator."""
+    _check_version(info)
     if probs.ndim != 2 or probs.shape[0] != n_expected or int(info.get("n", -1)) != n_expected:
         raise DeviceError(
             f"the device returned probabilities of shape {probs.shape} (n={info.get('n')}) "

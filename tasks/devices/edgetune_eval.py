@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""edgetune device-side evaluator: run a compiled classifier on this device.
+"""edgetune device-side evaluator: run a compiled classifier or detector on this device.
 
 A standalone single file, copied to the board and run there. It imports only the
 standard library and numpy, plus the runtime the artifact needs (onnxruntime for
@@ -7,6 +7,9 @@ standard library and numpy, plus the runtime the artifact needs (onnxruntime for
 
     python edgetune_eval.py classify --model M --bundle B.npz --out DIR
         → DIR/probs.npy (float32 (N, C) softmax) and DIR/result.json (latency, versions…)
+    python edgetune_eval.py detect --model M --bundle B.npz --out DIR [--conf --iou --max-det]
+        → DIR/detections.npy (float32 (K, 7): image, x1, y1, x2, y2, score, class after
+          NMS, in the bundle's pixel coordinates) and DIR/result.json
     python edgetune_eval.py info
         → JSON: evaluator version, runtimes, accelerators, host
 
@@ -37,13 +40,16 @@ try:
 except ImportError:  # reported as a missing runtime by main(), exit code 3
     np = None  # type: ignore[assignment]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_RUNTIME_MISSING = 3
 
 PROBS_FILE = "probs.npy"
+DETECTIONS_FILE = "detections.npy"
+MAX_NMS_CANDIDATES = 30000  # boxes per image that enter NMS, best scores first
+MAX_BOX_SIDE = 7680.0  # class offset for class-aware NMS in one pass (pixels)
 RESULT_FILE = "result.json"
 RUNTIME_BY_SUFFIX = {".onnx": "onnxruntime", ".hef": "hailort"}
 
@@ -241,6 +247,7 @@ class HailoBackend(Backend):
                 f"bundle's size (data.image_size) or rebuild the bundle at the HEF's input size"
             )
         self.output_shape = tuple(int(d) for d in infer_model.output().shape)
+        self.nms_output = bool(getattr(infer_model.output(), "is_nms", False))
         self.configured = self._stack.enter_context(infer_model.configure())
         ids: list[str] = getattr(vdevice, "get_physical_devices_ids", list)()
         self.accelerator = "hailo:" + ",".join(str(i) for i in ids) if ids else "hailo"
@@ -257,7 +264,7 @@ class HailoBackend(Backend):
         start = time.perf_counter()
         self.configured.run(bindings, self.timeout_ms)
         seconds = time.perf_counter() - start
-        return np.stack(outputs).reshape(len(images), -1), seconds
+        return np.stack(outputs), seconds
 
     def close(self) -> None:
         self._stack.close()
@@ -376,8 +383,35 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def classify(args: argparse.Namespace) -> int:
-    """Evaluate every bundle image; write probs.npy then result.json."""
+def run_record(
+    args: argparse.Namespace,
+    backend: Backend,
+    model: Path,
+    bundle_path: Path,
+    n: int,
+    seconds: list[float],
+) -> dict[str, Any]:
+    """What every result.json holds: runtime, batching, latency, checksums, host."""
+    return {
+        "evaluator_version": __version__,
+        "task": args.command,
+        "runtime": backend.runtime,
+        "runtime_version": backend.version,
+        "accelerator": backend.accelerator,
+        "n": n,
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "latency_ms": latency_stats(seconds),
+        "throughput_fps": float(n / max(sum(seconds), 1e-12)),
+        "model": model.name,
+        "model_sha256": sha256_file(model),
+        "bundle_sha256": sha256_file(bundle_path),
+        "hostname": socket.gethostname(),
+    }
+
+
+def prepare_run(args: argparse.Namespace) -> tuple[Path, Path, Path, Bundle]:
+    """Check the common options, clear stale outputs, check the runtime, load the bundle."""
     if args.batch_size < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise EvalError(
             f"--batch-size {args.batch_size}, --warmup {args.warmup}, --threads {args.threads}: "
@@ -385,7 +419,7 @@ def classify(args: argparse.Namespace) -> int:
         )
     model, bundle_path, out = Path(args.model), Path(args.bundle), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / RESULT_FILE, out / PROBS_FILE):
+    for stale in (out / RESULT_FILE, out / PROBS_FILE, out / DETECTIONS_FILE):
         if stale.exists():
             stale.unlink()
     if not model.is_file():
@@ -394,7 +428,12 @@ def classify(args: argparse.Namespace) -> int:
         import_hailort()
     else:
         import_onnxruntime()
-    bundle = load_bundle(bundle_path)
+    return model, bundle_path, out, load_bundle(bundle_path)
+
+
+def classify(args: argparse.Namespace) -> int:
+    """Evaluate every bundle image; write probs.npy then result.json."""
+    model, bundle_path, out, bundle = prepare_run(args)
     started_at = time.time()
     backend = open_backend(model, bundle, args)
     try:
@@ -405,29 +444,176 @@ def classify(args: argparse.Namespace) -> int:
     if not np.all(np.isfinite(logits)):
         raise EvalError("the model produced non-finite logits")
     probs = softmax(logits)
-    result = {
-        "evaluator_version": __version__,
-        "runtime": backend.runtime,
-        "runtime_version": backend.version,
-        "accelerator": backend.accelerator,
-        "n": len(probs),
-        "num_classes": int(probs.shape[1]),
-        "batch_size": args.batch_size,
-        "warmup": args.warmup,
-        "latency_ms": latency_stats(seconds),
-        "throughput_fps": float(len(probs) / max(sum(seconds), 1e-12)),
-        "started_at": started_at,
-        "finished_at": finished_at,
-        "model": model.name,
-        "model_sha256": sha256_file(model),
-        "bundle_sha256": sha256_file(bundle_path),
-        "hostname": socket.gethostname(),
-    }
+    result = run_record(args, backend, model, bundle_path, len(probs), seconds)
+    result.update(num_classes=int(probs.shape[1]), started_at=started_at, finished_at=finished_at)
     atomic_write(out / PROBS_FILE, lambda f: np.save(f, probs))
     atomic_write(out / RESULT_FILE, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(
         "edgetune_eval: {} samples on {} {} ({}), mean batch latency {:.3f} ms -> {}".format(
             result["n"],
+            backend.runtime,
+            backend.version,
+            backend.accelerator,
+            result["latency_ms"]["mean"],
+            out,
+        )
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- detect
+
+
+def bundle_class_count(path: Path) -> int:
+    """A detection bundle lists its class names; the decoder needs their number."""
+    with np.load(str(path), allow_pickle=False) as data:
+        if "classes" not in data.files:
+            raise EvalError(f"bundle {path} has no `classes`; it is not a detection bundle")
+        return len(data["classes"])
+
+
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """Centre, width, height → corners."""
+    half = boxes[:, 2:4] / 2
+    return np.concatenate([boxes[:, :2] - half, boxes[:, :2] + half], axis=1)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy non-maximum suppression; indices of the kept boxes, best score first."""
+    order = np.argsort(-scores, kind="stable")
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(
+        boxes[:, 3] - boxes[:, 1], 0, None
+    )
+    keep = []
+    while order.size:
+        best, rest = order[0], order[1:]
+        keep.append(best)
+        top_left = np.maximum(boxes[best, :2], boxes[rest, :2])
+        bottom_right = np.minimum(boxes[best, 2:], boxes[rest, 2:])
+        inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
+        union = areas[best] + areas[rest] - inter
+        overlap = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+        order = rest[overlap <= iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def select(rows: np.ndarray, conf: float, iou: float, max_det: int) -> np.ndarray:
+    """(n, 6) x1 y1 x2 y2 score class → the boxes kept by class-aware NMS, at most max_det."""
+    rows = rows[rows[:, 4] > conf]
+    if len(rows) > MAX_NMS_CANDIDATES:
+        rows = rows[np.argsort(-rows[:, 4], kind="stable")[:MAX_NMS_CANDIDATES]]
+    if not len(rows):
+        return np.zeros((0, 6), dtype=np.float32)
+    shifted = rows[:, :4] + rows[:, 5:6] * MAX_BOX_SIDE  # boxes of two classes never overlap
+    kept = nms(shifted, rows[:, 4], iou)[:max_det]
+    return rows[kept].astype(np.float32)
+
+
+def decode_yolo(output: np.ndarray, n_classes: int) -> np.ndarray:
+    """One image's raw output → (n, 6) x1 y1 x2 y2 score class before NMS.
+
+    Understands the two layouts Ultralytics exports: (4 + C, anchors) with centre boxes
+    and per-class scores, and an end-to-end (max_det, 6) table of corner boxes.
+    """
+    if output.ndim == 2 and output.shape[0] == 4 + n_classes:
+        pred = output.T.astype(np.float32)
+        scores = pred[:, 4:]
+        classes = scores.argmax(axis=1)
+        best = scores[np.arange(len(scores)), classes]
+        return np.concatenate(
+            [xywh_to_xyxy(pred[:, :4]), best[:, None], classes[:, None].astype(np.float32)], axis=1
+        )
+    if output.ndim == 2 and output.shape[1] == 6:
+        return output.astype(np.float32)
+    raise EvalError(
+        f"detector output of shape {output.shape} per image is neither (4 + {n_classes} "
+        f"classes, anchors) nor (boxes, 6): export the detector with Ultralytics' ONNX "
+        "exporter for the bundle's class list"
+    )
+
+
+def decode_hailo_nms(output: np.ndarray, n_classes: int, height: int, width: int) -> np.ndarray:
+    """HailoRT's NMS-by-class FLOAT32 buffer → (n, 6) x1 y1 x2 y2 score class in pixels.
+
+    Per class: a box count, then room for the same number of boxes in every class, each
+    (y_min, x_min, y_max, x_max, score) normalised to the input size.
+    """
+    flat = output.reshape(-1).astype(np.float32)
+    per_class = len(flat) // n_classes if n_classes else 0
+    if not n_classes or per_class * n_classes != len(flat) or (per_class - 1) % 5:
+        raise EvalError(
+            f"HEF NMS output of {len(flat)} values does not fit {n_classes} classes; compile "
+            "the detector with the bundle's class list"
+        )
+    rows = []
+    for c in range(n_classes):
+        block = flat[c * per_class : (c + 1) * per_class]
+        count = min(int(block[0]), (per_class - 1) // 5)
+        boxes = block[1 : 1 + 5 * count].reshape(count, 5)
+        for y1, x1, y2, x2, score in boxes:
+            rows.append([x1 * width, y1 * height, x2 * width, y2 * height, score, c])
+    return np.asarray(rows, dtype=np.float32).reshape(-1, 6)
+
+
+def detect(args: argparse.Namespace) -> int:
+    """Detect on every bundle image; write detections.npy then result.json."""
+    if not 0 <= args.conf < 1 or not 0 < args.iou <= 1 or args.max_det < 1:
+        raise EvalError(
+            f"--conf {args.conf}, --iou {args.iou}, --max-det {args.max_det}: conf must be in "
+            "[0, 1), iou in (0, 1], max-det >= 1"
+        )
+    model, bundle_path, out, bundle = prepare_run(args)
+    n_classes = bundle_class_count(bundle_path)
+    height, width = bundle.images.shape[1:3]
+    started_at = time.time()
+    backend = open_backend(model, bundle, args)
+    hailo_nms = bool(getattr(backend, "nms_output", False))
+    images = bundle.images
+    rows, seconds, post_seconds = [], [], []
+    try:
+        for _ in range(args.warmup):
+            backend.infer(images[: args.batch_size])
+        for start in range(0, len(images), args.batch_size):
+            chunk = images[start : start + args.batch_size]
+            raw, elapsed = backend.infer(chunk)
+            seconds.append(elapsed)
+            began = time.perf_counter()
+            if len(raw) != len(chunk):
+                raise EvalError(f"runtime returned {len(raw)} outputs for {len(chunk)} images")
+            for offset, output in enumerate(raw):
+                candidates = (
+                    decode_hailo_nms(output, n_classes, height, width)
+                    if hailo_nms
+                    else decode_yolo(np.squeeze(output), n_classes)
+                )
+                kept = select(candidates, args.conf, args.iou, args.max_det)
+                index = np.full((len(kept), 1), start + offset, dtype=np.float32)
+                rows.append(np.concatenate([index, kept], axis=1))
+            post_seconds.append(time.perf_counter() - began)
+    finally:
+        backend.close()
+    finished_at = time.time()
+    detections = np.concatenate(rows) if rows else np.zeros((0, 7), dtype=np.float32)
+    if not np.all(np.isfinite(detections)):
+        raise EvalError("the model produced non-finite boxes or scores")
+    result = run_record(args, backend, model, bundle_path, len(images), seconds)
+    result.update(
+        num_classes=n_classes,
+        n_detections=len(detections),
+        conf=args.conf,
+        iou=args.iou,
+        max_det=args.max_det,
+        postprocess_ms=float(np.mean(post_seconds) * 1000.0),
+        started_at=started_at,
+        finished_at=finished_at,
+    )
+    atomic_write(out / DETECTIONS_FILE, lambda f: np.save(f, detections.astype(np.float32)))
+    atomic_write(out / RESULT_FILE, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(
+        "edgetune_eval: {} detections on {} images with {} {} ({}), mean batch latency "
+        "{:.3f} ms -> {}".format(
+            len(detections),
+            len(images),
             backend.runtime,
             backend.version,
             backend.accelerator,
@@ -501,19 +687,27 @@ def info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print full tracebacks")
+    running = argparse.ArgumentParser(add_help=False)  # model, bundle, batching, runtime
+    running.add_argument("--model", required=True, help="compiled artifact (.onnx or .hef)")
+    running.add_argument("--bundle", required=True, help="evaluation bundle (.npz)")
+    running.add_argument("--out", required=True, help="output directory")
+    running.add_argument("--batch-size", type=int, default=1)
+    running.add_argument("--warmup", type=int, default=5, help="untimed batches before timing")
+    running.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    running.add_argument("--providers", default=None, help="onnxruntime providers, comma-separated")
+    running.add_argument("--timeout-ms", type=int, default=10000, help="HailoRT per-batch timeout")
     parser = argparse.ArgumentParser(prog="edgetune_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("classify", parents=[common], help="evaluate a classifier")
-    run.add_argument("--model", required=True, help="compiled artifact (.onnx or .hef)")
-    run.add_argument("--bundle", required=True, help="evaluation bundle (.npz)")
-    run.add_argument("--out", required=True, help="output directory")
-    run.add_argument("--batch-size", type=int, default=1)
-    run.add_argument("--warmup", type=int, default=5, help="untimed batches before timing")
-    run.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    run.add_argument("--providers", default=None, help="onnxruntime providers, comma-separated")
-    run.add_argument("--timeout-ms", type=int, default=10000, help="HailoRT per-batch timeout")
+    run = sub.add_parser("classify", parents=[common, running], help="evaluate a classifier")
     run.set_defaults(func=classify)
+    find = sub.add_parser(
+        "detect", parents=[common, running], help="evaluate a detector (boxes after NMS)"
+    )
+    find.add_argument("--conf", type=float, default=0.001, help="minimum box score")
+    find.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
+    find.add_argument("--max-det", type=int, default=300, help="boxes kept per image")
+    find.set_defaults(func=detect)
     show = sub.add_parser("info", parents=[common], help="describe this device as JSON")
     show.set_defaults(func=info)
     return parser

@@ -20,17 +20,13 @@ from typing import Any, ClassVar
 
 from tasks.devices.base import (
     DeviceError,
-    DeviceResult,
     DeviceRunner,
-    check_inputs,
-    classify_argv,
+    EvalJob,
     evaluator_path,
     failure_message,
-    read_result,
-    remove_results,
+    job_argv,
 )
 
-OUT_DIR = "device-result"
 EVALUATOR_DIR = "evaluator"
 
 
@@ -59,13 +55,10 @@ class LocalRunner(DeviceRunner):
         self.warmup = warmup
         self.threads = threads
 
-    def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:
-        artifact, bundle, workdir = Path(artifact), Path(bundle), Path(workdir)
-        n_expected, classes_expected = check_inputs(artifact, bundle)
-        out_dir = workdir / OUT_DIR
-        remove_results(out_dir)
-        script = _install_evaluator(workdir / EVALUATOR_DIR)
-        argv = classify_argv(
+    def _run_job(self, job: EvalJob, artifact: Path, bundle: Path, out_dir: Path) -> None:
+        script = _install_evaluator(out_dir.parent / EVALUATOR_DIR)
+        argv = job_argv(
+            job,
             str(artifact.resolve()),
             str(bundle.resolve()),
             str(out_dir.resolve()),
@@ -73,12 +66,7 @@ class LocalRunner(DeviceRunner):
             self.warmup,
             self.threads,
         )
-        try:
-            self._run([self.python, str(script), *argv], f"evaluating {artifact.name}")
-            return read_result(out_dir, n_expected, classes_expected)
-        except DeviceError:
-            remove_results(out_dir)
-            raise
+        self._run([self.python, str(script), *argv], f"{job.command} {artifact.name}")
 
     def info(self) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="edgetune-eval-") as tmp:

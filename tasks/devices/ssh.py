@@ -38,23 +38,19 @@ from typing import Any, ClassVar, TypeVar
 import asyncssh
 
 from tasks.devices.base import (
-    PROBS_FILE,
-    RESULT_FILE,
+    OUTPUT_FILES,
     DeviceConfigError,
     DeviceError,
-    DeviceResult,
     DeviceRunner,
     DeviceUnreachableError,
-    check_inputs,
-    classify_argv,
+    EvalJob,
     evaluator_path,
     evaluator_version,
     failure_message,
-    read_result,
+    job_argv,
     remove_results,
 )
 from tasks.devices.edgetune_eval import sha256_file
-from tasks.devices.local import OUT_DIR
 
 _log = logging.getLogger(__name__)
 
@@ -194,17 +190,13 @@ class SshRunner(DeviceRunner):
 
     # ------------------------------------------------------------------ contract
 
-    def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:
-        artifact, bundle, workdir = Path(artifact), Path(bundle), Path(workdir)
-        n_expected, classes_expected = check_inputs(artifact, bundle)
-        out_dir = workdir / OUT_DIR
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_results(out_dir)
+    def _run_job(self, job: EvalJob, artifact: Path, bundle: Path, out_dir: Path) -> None:
+        """Run the job; a lost session is run again with exponential backoff."""
         attempts = self.retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                self._run_sync(lambda: self._evaluate(artifact, bundle, out_dir))
-                return read_result(out_dir, n_expected, classes_expected)
+                self._run_sync(lambda: self._evaluate(job, artifact, bundle, out_dir))
+                return
             except SessionLostError as exc:
                 remove_results(out_dir)
                 if attempt == attempts:
@@ -218,10 +210,6 @@ class SshRunner(DeviceRunner):
                     attempts,
                 )
                 time.sleep(delay)
-            except BaseException:
-                remove_results(out_dir)
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def info(self) -> dict[str, Any]:
         stdout = self._run_sync(self._info)
@@ -265,7 +253,7 @@ class SshRunner(DeviceRunner):
                 f"SSH session with {self.user}@{self.address} failed: {_describe(exc)}"
             ) from exc
 
-    async def _evaluate(self, artifact: Path, bundle: Path, out_dir: Path) -> None:
+    async def _evaluate(self, job: EvalJob, artifact: Path, bundle: Path, out_dir: Path) -> None:
         bundle_sha = sha256_file(bundle)
         run_dir = self.layout.run(uuid.uuid4().hex)
         async with await self._connect() as conn, conn.start_sftp_client() as sftp:
@@ -276,7 +264,8 @@ class SshRunner(DeviceRunner):
                 remote_artifact = posixpath.join(run_dir, artifact.name)
                 await sftp.put(str(artifact), remote_artifact)
                 remote_out = posixpath.join(run_dir, RUN_OUT)
-                argv = classify_argv(
+                argv = job_argv(
+                    job,
                     remote_artifact,
                     remote_bundle,
                     remote_out,
@@ -284,7 +273,8 @@ class SshRunner(DeviceRunner):
                     self.warmup,
                     self.threads,
                 )
-                await self._run_evaluator(conn, script, argv, f"evaluating {artifact.name}")
+                what = f"{job.command} {artifact.name}"
+                await self._run_evaluator(conn, script, argv, what)
                 await self._fetch_results(sftp, remote_out, out_dir)
             finally:
                 await self._remove_run(sftp, run_dir)
@@ -415,13 +405,13 @@ class SshRunner(DeviceRunner):
         return remote
 
     async def _fetch_results(self, sftp: asyncssh.SFTPClient, remote_out: str, out: Path) -> None:
-        """probs.npy then result.json, each to a temp name renamed into place."""
-        for name in (PROBS_FILE, RESULT_FILE):
+        """The output arrays then result.json, each to a temp name renamed into place."""
+        for name in OUTPUT_FILES:
             partial = out / f".{name}.{uuid.uuid4().hex}.part"
             try:
                 await sftp.get(posixpath.join(remote_out, name), str(partial))
             except asyncssh.SFTPNoSuchFile:
-                continue  # read_result reports the missing file
+                continue  # the reader reports a missing file
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise

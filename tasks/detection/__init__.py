@@ -1,0 +1,1 @@
+"""Object detectors (Ultralytics YOLO): data, metrics, prediction, crops and annotation."""

@@ -1,0 +1,224 @@
+"""Typed detector configuration (``configs/detectors/*.yaml``).
+
+A detector run trains one Ultralytics YOLO model, exports it to ONNX, compiles it with the
+classifier's compilers and measures it on the same board. The compile, device and
+tracking sections are the classifier's own, so one board serves both.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from tasks.config import (
+    CompileConfig,
+    ConfigError,
+    DeviceConfig,
+    OnnxRuntimeOptions,
+    TrackingConfig,
+    _Strict,
+    anchor_paths,
+    apply_overrides,
+    format_errors,
+    read_yaml,
+    tracking_uri,
+)
+
+
+class DetectorData(_Strict):
+    yaml: str = Field(description="YOLO data.yaml; its `path` is relative to the file's folder")
+    max_eval_images: int | None = Field(
+        None, gt=0, description="validation images sent to the board (default: all)"
+    )
+
+
+class DetectorModel(_Strict):
+    arch: str = Field(
+        "yolo11n.yaml",
+        description="architecture YAML shipped with Ultralytics (yolov8l.yaml) or a file",
+    )
+    weights: str | None = Field(None, description="local .pt file; never a hub download")
+
+    @field_validator("arch")
+    @classmethod
+    def _yaml_only(cls, value: str) -> str:
+        if not value.endswith((".yaml", ".yml")):
+            raise ValueError(
+                f"{value!r} is not an architecture YAML; name one (yolov8l.yaml, yolo11n.yaml) "
+                "and put a local .pt file in model.weights to start from trained weights"
+            )
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _pt_file(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith(".pt"):
+            raise ValueError(f"{value!r} is not a .pt weights file; give a local .pt path")
+        return value
+
+
+class DetectorTrain(_Strict):
+    """Ultralytics training settings (the names are Ultralytics' own)."""
+
+    imgsz: int = Field(1280, ge=32, le=8192)
+    epochs: int = Field(300, gt=0)
+    patience: int = Field(20, ge=0)
+    batch: int = Field(16, gt=0)
+    cache: bool | Literal["ram", "disk"] = True
+    device: str = Field("auto", description="auto, cpu, or CUDA ids such as 0 or 0,1")
+    workers: int = Field(8, ge=0)
+    optimizer: Literal["auto", "SGD", "Adam", "AdamW", "NAdam", "RAdam", "RMSProp"] = "auto"
+    lr0: float = Field(0.01, gt=0)
+    lrf: float = Field(0.01, gt=0, le=1)
+    momentum: float = Field(0.937, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: float = Field(3.0, ge=0)
+    box: float = Field(7.5, gt=0)
+    cls: float = Field(0.5, gt=0)
+    mosaic: float = Field(1.0, ge=0, le=1)
+    close_mosaic: int = Field(10, ge=0)
+    mixup: float = Field(0.0, ge=0, le=1)
+    fliplr: float = Field(0.5, ge=0, le=1)
+    degrees: float = Field(0.0, ge=0, le=180)
+    scale: float = Field(0.5, ge=0, le=1)
+    translate: float = Field(0.1, ge=0, le=1)
+    hsv_h: float = Field(0.015, ge=0, le=1)
+    hsv_s: float = Field(0.7, ge=0, le=1)
+    hsv_v: float = Field(0.4, ge=0, le=1)
+    single_cls: bool = Field(False, description="train every class as one")
+    single_cls_name: str = Field("object", min_length=1, description="that one class's name")
+    amp: bool = True
+    plots: bool = Field(True, description="Ultralytics' curves and sample plots")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="other Ultralytics train arguments, passed as given"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not re.fullmatch(r"\d+(,\d+)*", value):
+            raise ValueError(f"{value!r}: use auto, cpu, or CUDA device ids such as 0 or 0,1")
+        return value
+
+
+class DetectorExport(_Strict):
+    opset: int = Field(17, ge=13, le=21)
+    simplify: bool = Field(False, description="needs onnxslim installed")
+
+
+class DetectorEval(_Strict):
+    """Post-processing on the board and on the controller (boxes after NMS)."""
+
+    conf: float = Field(0.001, ge=0, lt=1)
+    iou: float = Field(0.7, gt=0, le=1)
+    max_det: int = Field(300, gt=0)
+
+
+class DetectorOnnxRuntimeOptions(OnnxRuntimeOptions):
+    float_tail: bool = Field(
+        True, description="box decoding stays float: INT8 would round every score to 0"
+    )
+
+
+class DetectorCompile(CompileConfig):
+    onnxruntime: DetectorOnnxRuntimeOptions = DetectorOnnxRuntimeOptions()
+    calibration_samples: int = Field(64, gt=0, description="train images used to calibrate")
+
+
+class DetectorConfig(_Strict):
+    """One detector: data, model, Ultralytics training, export, compiler, board, tracking."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="l-ml, s-ml, …")
+    seed: int = 0
+    run_dir: str | None = Field(None, description="default: runs/detectors/<name>")
+    data: DetectorData
+    model: DetectorModel = DetectorModel()
+    train: DetectorTrain = DetectorTrain()
+    export: DetectorExport = DetectorExport()
+    eval: DetectorEval = DetectorEval()
+    compile: DetectorCompile = DetectorCompile()
+    device: DeviceConfig = DeviceConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _stride_multiple(self) -> DetectorConfig:
+        if self.train.imgsz % 32:
+            raise ValueError(
+                f"train.imgsz: {self.train.imgsz} is not a multiple of 32 (the detectors' "
+                f"largest stride); use {max(32, round(self.train.imgsz / 32) * 32)}"
+            )
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or Path("runs") / "detectors" / self.name)
+
+    @property
+    def tracking_uri(self) -> str:
+        """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite file shared by detectors."""
+        return tracking_uri(self.tracking, self.run_path.parent)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"detector-{self.name}"
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model or self.name
+
+
+#: Path-valued keys, relative to the config file's folder when written in the file.
+DETECTOR_PATH_KEYS = (("data", "yaml"), ("model", "weights"), ("run_dir",))
+
+
+def parse_detector_config(raw: dict[str, Any], *, source: str = "config") -> DetectorConfig:
+    try:
+        config = DetectorConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_errors(exc, DetectorConfig)}") from None
+    return _resolve(config)
+
+
+def _resolve(config: DetectorConfig) -> DetectorConfig:
+    data = config.data.model_copy(update={"yaml": str(Path(config.data.yaml).resolve())})
+    model = config.model
+    if model.weights:
+        model = model.model_copy(update={"weights": str(Path(model.weights).resolve())})
+    return config.model_copy(
+        update={"data": data, "model": model, "run_dir": str(config.run_path.resolve())}
+    )
+
+
+def is_detector_config(raw: dict[str, Any]) -> bool:
+    """A detector config names a YOLO data.yaml; a classifier config has a study section."""
+    data = raw.get("data")
+    return isinstance(data, dict) and "yaml" in data and "study" not in raw
+
+
+def load_detector_config(path: str | Path, overrides: list[str] | None = None) -> DetectorConfig:
+    """Read, override and validate a detector config (paths relative to its folder)."""
+    raw = read_yaml(path)
+    if not is_detector_config(raw):
+        raise ConfigError(
+            f"{path}: not a detector config (it has no data.yaml key, or has a study section); "
+            "start from configs/detectors/s-ml.yaml"
+        )
+    raw = anchor_paths(raw, Path(path).resolve().parent, DETECTOR_PATH_KEYS)
+    return parse_detector_config(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def dump_detector_config(config: DetectorConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+__all__ = [
+    "DetectorConfig",
+    "dump_detector_config",
+    "is_detector_config",
+    "load_detector_config",
+    "parse_detector_config",
+]
