@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import ipaddress
+import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -425,3 +426,25 @@ def test_detect_train_refuses_a_missing_dataset_before_creating_anything(tmp_pat
     assert result.exit_code == 2
     assert f"data.yaml {tmp_path / 'missing' / 'data.yaml'} does not exist" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s-ml.yaml"]
+
+
+def test_a_run_left_running_by_a_dead_process_is_ended_killed(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    import socket
+    import subprocess
+
+    from tasks.detection.pipeline import HOST_TAG, PID_TAG, end_orphaned_runs
+    from tasks.tracking import Tracker
+
+    tracker = Tracker(trained["uri"])
+    experiment = tracker.experiment_id("orphans")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    orphan = tracker.start_run(experiment, "orphan", tags={HOST_TAG: host, PID_TAG: str(dead.pid)})
+    alive = tracker.start_run(experiment, "alive", tags={HOST_TAG: host, PID_TAG: str(os.getpid())})
+    assert end_orphaned_runs(tracker, experiment) == [orphan]
+    assert tracker.client.get_run(orphan).info.status == "KILLED"
+    assert tracker.client.get_run(alive).info.status == "RUNNING"
+    tracker.end_run(alive)

@@ -18,8 +18,11 @@ Stages, each recorded in one MLflow run of the detector's experiment:
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +39,12 @@ from tasks.detection.dataset import (
     write_resolved_yaml,
 )
 from tasks.detection.metrics import detection_metrics, gap_to_float
-from tasks.tracking import CHAMPION, Tracker
+from tasks.tracking import CHAMPION, Tracker, mask_text
 
 KIND_TAG = "edgetune.kind"
 DETECTOR_TAG = "edgetune.detector"
+HOST_TAG = "edgetune.host"
+PID_TAG = "edgetune.pid"
 SELECTION_METRIC = "device_map50_95"
 CURVE_SUFFIXES = (".png", ".jpg", ".csv", ".yaml")
 
@@ -102,9 +107,11 @@ def run_detector(
     experiment = tracker.experiment_id(
         config.experiment_name, artifact_location=local_artifact_location(config.tracking_uri)
     )
-    name = f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    end_orphaned_runs(tracker, experiment)
+    name = f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    owner = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     run_id = tracker.start_run(
-        experiment, name, tags={KIND_TAG: "detector", DETECTOR_TAG: config.name}
+        experiment, name, tags={KIND_TAG: "detector", DETECTOR_TAG: config.name, **owner}
     )
     work = run_root / name
     outcome = DetectorOutcome(name=config.name, run_id=run_id, run_dir=work)
@@ -133,13 +140,44 @@ def run_detector(
         status = "KILLED"
         raise
     except BaseException as exc:
-        tracker.set_tags(run_id, {"edgetune.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        tracker.set_tags(run_id, {"edgetune.error": mask_text(f"{type(exc).__name__}: {exc}")})
         raise
     finally:
         tracker.end_run(run_id, status)
     outcome.champion = stage("select", lambda: select_champion(config, tracker))
     (work / "outcome.json").write_text(json.dumps(outcome.as_dict(), indent=2, default=float))
     return outcome
+
+
+def end_orphaned_runs(tracker: Tracker, experiment_id: str) -> list[str]:
+    """End KILLED the RUNNING detector runs whose process on this host is gone.
+
+    A worker killed mid-training cannot end its run; the next run on the host does.
+    """
+    host = socket.gethostname()
+    ended = []
+    for run in tracker.client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+    ):
+        pid = int(run.data.tags.get(PID_TAG, "0") or 0)
+        if pid and not _alive(pid):
+            tracker.set_tags(
+                run.info.run_id, {"edgetune.error": f"its process {pid} on {host} died"}
+            )
+            tracker.end_run(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_detector(config: DetectorConfig) -> None:
