@@ -58,7 +58,8 @@ def current_owner() -> dict[str, Any]:
     return owner
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,7 +96,7 @@ def gone_reason(
     if isinstance(owner, dict):
         if owner.get("token") == me["token"]:
             return None  # this study run: it tracks its own
-        if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", 0))):
+        if owner.get("host") == me["host"] and not pid_alive(int(owner.get("pid", 0))):
             return f"its study process {owner.get('pid')} on {owner.get('host')} is gone"
         run_id = owner.get("flow_run")
         if run_id and run_id != me.get("flow_run"):

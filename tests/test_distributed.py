@@ -90,6 +90,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         subprocess.run([services, "down"], env=env, capture_output=True, timeout=120)
 
 
+def _ssh_options(board: Any) -> dict[str, Any]:
+    """The board's device.ssh section (its runner options minus the evaluation settings)."""
+    keys = {"host", "port", "user", "key_file", "known_hosts", "work_dir", "python"}
+    return {k: v for k, v in board.runner_options().items() if k in keys}
+
+
 def _overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
@@ -99,12 +105,7 @@ def test_a_study_runs_on_work_pools(
 ) -> None:
     with start_board(tmp_path) as board:
         raw = tiny_config(digits_root, tmp_path / "run")
-        ssh = board.runner_options()
-        ssh = {
-            k: v
-            for k, v in ssh.items()
-            if k in {"host", "port", "user", "key_file", "known_hosts", "work_dir", "python"}
-        }
+        ssh = _ssh_options(board)
         raw["device"] = {
             "name": "board",
             "runner": "ssh",
@@ -261,11 +262,7 @@ def _state(cluster: dict[str, str], flow_run_id: str) -> Any:
 
 def _board_config(board: Any, digits_root: Path, tmp_path: Path, name: str) -> Path:
     raw = tiny_config(digits_root, tmp_path / name)
-    ssh = {
-        k: v
-        for k, v in board.runner_options().items()
-        if k in {"host", "port", "user", "key_file", "known_hosts", "work_dir", "python"}
-    }
+    ssh = _ssh_options(board)
     raw["device"] = {"name": "board", "runner": "ssh", "ssh": ssh, "warmup": 0, "timeout_s": 120}
     raw["train"]["epochs"] = 4
     raw["study"].update(
@@ -384,11 +381,7 @@ def test_a_detector_trains_on_the_gpu_pool_and_is_measured_on_the_board(
     raw["train"]["plots"] = False
     raw["compile"] = {"calibration_samples": 8}
     with start_board(tmp_path) as board:
-        ssh = {
-            k: v
-            for k, v in board.runner_options().items()
-            if k in {"host", "port", "user", "key_file", "known_hosts", "work_dir", "python"}
-        }
+        ssh = _ssh_options(board)
         raw["device"] = {"name": "board", "runner": "ssh", "ssh": ssh, "warmup": 0}
         config = tmp_path / "s-ml.yaml"
         config.write_text(yaml.safe_dump(raw))

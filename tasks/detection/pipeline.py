@@ -154,6 +154,8 @@ def end_orphaned_runs(tracker: Tracker, experiment_id: str) -> list[str]:
 
     A worker killed mid-training cannot end its run; the next run on the host does.
     """
+    from tasks.recovery import pid_alive
+
     host = socket.gethostname()
     ended = []
     for run in tracker.client.search_runs(
@@ -161,23 +163,13 @@ def end_orphaned_runs(tracker: Tracker, experiment_id: str) -> list[str]:
         filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
     ):
         pid = int(run.data.tags.get(PID_TAG, "0") or 0)
-        if pid and not _alive(pid):
+        if pid and not pid_alive(pid):
             tracker.set_tags(
                 run.info.run_id, {"edgetune.error": f"its process {pid} on {host} died"}
             )
             tracker.end_run(run.info.run_id, "KILLED")
             ended.append(run.info.run_id)
     return ended
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_detector(config: DetectorConfig) -> None:
