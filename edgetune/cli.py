@@ -81,7 +81,8 @@ def _load(config: Path, overrides: list[str], storage: str | None, tracking_uri:
     The flags go into the environment (read where each URL is used), not into the config,
     so a password given on the command line is never saved, logged or passed to a stage.
     """
-    from tasks.config import STORAGE_ENV, TRACKING_ENV, load_config
+    from tasks.config import STORAGE_ENV, TRACKING_ENV
+    from tasks.workloads import load_study_config
 
     extra = list(overrides)
     if storage:
@@ -90,7 +91,7 @@ def _load(config: Path, overrides: list[str], storage: str | None, tracking_uri:
     if tracking_uri:
         os.environ[TRACKING_ENV] = tracking_uri
         extra.append("tracking.uri=null")
-    return load_config(config, extra)
+    return load_study_config(config, extra)
 
 
 ConfigArg = Annotated[Path, typer.Argument(help="study config (YAML)", show_default=False)]
@@ -135,7 +136,7 @@ def tune(
     _quiet_services(verbose)
     if restart and reuse_best:
         raise _fail("--restart and --reuse-best exclude each other; choose one")
-    from tasks.preflight import preflight
+    from tasks.workloads import objective_for, preflight
 
     try:
         cfg = _load(config, overrides or [], storage, tracking_uri)
@@ -146,8 +147,8 @@ def tune(
 
     typer.echo(
         f"study {cfg.study.name}: {cfg.study.n_trials} trials, {cfg.study.parallel} in parallel, "
-        f"{len(info.classes)} classes, device {cfg.device.name} ({cfg.compile.backend}); "
-        f"run dir {cfg.run_path}",
+        f"{len(info.classes)} classes, {objective_for(cfg).label}, device {cfg.device.name} "
+        f"({cfg.compile.backend}); run dir {cfg.run_path}",
         err=True,
     )
     from flows.tune import tune as tune_flow
@@ -209,14 +210,14 @@ def report(
 @app.command()
 def validate(config: ConfigArg, overrides: Overrides = None) -> None:
     """Check a config, its dataset, toolchain, storage and tracking without creating anything."""
-    from tasks.preflight import preflight
+    from tasks.workloads import preflight
 
     try:
         cfg = _load(config, overrides or [], None, None)
         info = preflight(cfg)
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"ok: {cfg.study.name}: classes {list(info.classes)}, images {info.counts()}")
+    typer.echo(f"ok: {cfg.study.name}: classes {list(info.classes)}, images {info.counts}")
 
 
 @app.command("deploy")

@@ -52,7 +52,9 @@ class Progress:
         import optuna
 
         from tasks.study import best_trial
+        from tasks.workloads import objective_for
 
+        label = objective_for(self.config).label
         study = None
         while not self._stop.wait(self.interval):
             try:
@@ -60,21 +62,19 @@ class Progress:
                     study = optuna.load_study(
                         study_name=self.config.study.name, storage=self.config.storage_url
                     )
-                line = status_line(study, self.config.study.n_trials, best_trial(study))
+                line = status_line(study, self.config.study.n_trials, best_trial(study), label)
             except Exception:  # the study may not exist yet while the flow starts
                 continue
             if self._live is not None:
                 self._live.update(Text(line))
 
 
-def status_line(study: Any, total: int, best: Any) -> str:
+def status_line(study: Any, total: int, best: Any, label: str = "device AUGRC") -> str:
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) + counts.get("FAIL", 0)
-    best_text = (
-        f"best device AUGRC {best.value:.5f} (trial {best.number})" if best else "no result yet"
-    )
+    best_text = f"best {label} {best.value:.5f} (trial {best.number})" if best else "no result yet"
     return (
         f"trials {done}/{total} done · {counts.get('RUNNING', 0)} running · "
         f"{counts.get('FAIL', 0)} failed · {counts.get('PRUNED', 0)} pruned · {best_text}"
@@ -89,25 +89,40 @@ def _fmt(value: Any, spec: str = ".5f") -> str:
     return str(value)
 
 
+def _objective(result: dict[str, Any]) -> Any:
+    from tasks.study import CLASSIFIER, OBJECTIVES
+
+    return OBJECTIVES.get(result.get("objective", ""), CLASSIFIER)
+
+
 def results_table(result: dict[str, Any]) -> Table:
+    objective = _objective(result)
     rows = result["trials"]
     names = sorted({name for row in rows for name in row["params"]})
-    table = Table(title=f"study {result['study']}: {result['objective']} (lower is better)")
+    better = "higher" if objective.maximize else "lower"
+    table = Table(title=f"study {result['study']}: {objective.metric} ({better} is better)")
     table.add_column("trial", justify="right")
     for name in names:
         table.add_column(name, justify="right")
-    for column in ("float AUGRC", "device AUGRC", "device acc", "latency ms", "state"):
-        table.add_column(column, justify="right")
+    float_label = objective.label.replace("device ", "float ")
+    columns = [
+        (objective.float_metric, float_label, ".5f"),
+        (objective.metric, objective.label, ".5f"),
+    ]
+    columns += [
+        ("latency_ms" if key == "device_latency_ms" else key, title, spec)
+        for key, title, spec in objective.columns
+    ]
+    for _, title, _ in columns:
+        table.add_column(title, justify="right")
+    table.add_column("state", justify="right")
     best = result["best"]["trial"] if result.get("best") else None
     for row in rows:
         state = row["state"] if not row["reason"] else f"{row['state']}: {row['reason'][:60]}"
         table.add_row(
             ("*" if row["trial"] == best else "") + str(row["trial"]),
             *[_fmt(row["params"].get(name), ".4g") for name in names],
-            _fmt(row["float_augrc"]),
-            _fmt(row["device_augrc"]),
-            _fmt(row["device_accuracy"], ".3f"),
-            _fmt(row["latency_ms"], ".3f"),
+            *[_fmt(row.get(key), spec) for key, _, spec in columns],
             state,
         )
     return table
@@ -123,10 +138,17 @@ def render_summary(result: dict[str, Any]) -> None:
         f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
         f"{counts['RUNNING']} running"
     )
+    objective = _objective(result)
     champion = result.get("champion")
     best = result.get("best")
-    if champion and best:
+    if champion and best and champion.get("trial") is not None:
         out.print(
-            f"champion: trial {champion['trial']} (device AUGRC {best['device_augrc']:.5f}) → "
-            f"models:/{champion['model']}@{champion['alias']} (version {champion['version']})"
+            f"champion: trial {champion['trial']} ({objective.label} "
+            f"{best[objective.metric]:.5f}) → models:/{champion['model']}@{champion['alias']} "
+            f"(version {champion['version']})"
+        )
+    elif champion:
+        out.print(
+            f"champion unchanged: models:/{champion['model']}@{champion['alias']} (version "
+            f"{champion['version']}) is better than this study's best trial"
         )

@@ -12,10 +12,10 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.config import parse_config
 from tasks.recovery import stage_heartbeat
 from tasks.stages import save_outcome
 from tasks.tracking import Tracker
+from tasks.workloads import parse_study_config
 from tasks.wrappers import compile_task, device_task
 
 
@@ -27,7 +27,7 @@ def compile_trial(
     parent_run_id: str,
     trial_id: int | None = None,
 ) -> dict[str, Any]:
-    cfg = parse_config(config, source="compile-trial parameter 'config'")
+    cfg = parse_study_config(config, source="compile-trial parameter 'config'")
     with stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s):
         outcome = compile_task(cfg, trial_number, run_id, parent_run_id)
     save_outcome(Tracker(cfg.tracking_uri), run_id, "compile", outcome)
@@ -45,7 +45,7 @@ def evaluate_trial(
     artifact: str,
     trial_id: int | None = None,
 ) -> dict[str, Any]:
-    cfg = parse_config(config, source="evaluate-trial parameter 'config'")
+    cfg = parse_study_config(config, source="evaluate-trial parameter 'config'")
     with stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s):
         outcome = device_task(cfg, trial_number, run_id, parent_run_id, artifact)
     save_outcome(Tracker(cfg.tracking_uri), run_id, "device", outcome)

@@ -8,8 +8,7 @@ from typing import Any
 import optuna
 from prefect import flow
 
-from tasks import stages
-from tasks.config import parse_config
+from tasks import stages, workloads
 from tasks.recovery import stage_heartbeat
 from tasks.study import epoch_reporter
 from tasks.tracking import Tracker
@@ -32,8 +31,8 @@ def train_trial(
     parent_run_id: str,
 ) -> dict[str, Any]:
     """Train, export and log one trial; a pruned trial returns ``{"pruned": reason}``."""
-    cfg = parse_config(config, source="train-trial parameter 'config'")
-    report = epoch_reporter(cfg.storage_url, cfg.study, trial_id)
+    cfg = workloads.parse_study_config(config, source="train-trial parameter 'config'")
+    report = epoch_reporter(cfg.storage_url, cfg.study, trial_id, workloads.objective_for(cfg))
     # On a work pool the parent watches this beat; in its own process it beats for us.
     remote = cfg.orchestration.mode == "deployments"
     beat_id = trial_id if remote else None
@@ -48,7 +47,9 @@ def train_trial(
 
         tracker = Tracker(cfg.tracking_uri)
         try:
-            outcome = stages.train(cfg, params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
+            outcome = workloads.train(
+                cfg, params, tracker, run_id, parent_run_id, on_epoch=on_epoch
+            )
         except optuna.TrialPruned as pruned:
             outcome = {"pruned": str(pruned)}
     stages.save_outcome(tracker, run_id, "train", outcome)

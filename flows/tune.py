@@ -26,7 +26,8 @@ from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 
 from flows.train import STOP, train_trial
-from tasks.config import EdgetuneConfig, apply_overrides, dump_config, load_config, parse_config
+from tasks import workloads
+from tasks.config import apply_overrides
 from tasks.devices.base import DeviceUnreachableError
 from tasks.preflight import check_shared_services
 from tasks.recovery import (
@@ -47,7 +48,6 @@ from tasks.recovery import (
     reuse_best_config,
     still_to_ask,
 )
-from tasks.stages import COMPILED_DIR, prepare_inputs
 from tasks.study import (
     ATTR_FAIL_REASON,
     ATTR_FAIL_STAGE,
@@ -58,6 +58,7 @@ from tasks.study import (
     summary,
 )
 from tasks.tracking import CHAMPION, Tracker, mask_uri
+from tasks.workloads import StudyTarget
 from tasks.wrappers import BoardBusyError, compile_task, device_task, ensure_device_limit
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -88,7 +89,7 @@ class LocalStages:
 
     def __init__(
         self,
-        config: EdgetuneConfig,
+        config: StudyTarget,
         config_dict: dict[str, Any],
         parent_run_id: str,
         storage: optuna.storages.BaseStorage,
@@ -219,8 +220,9 @@ def _reason(exc: BaseException) -> str:
 class StudyRunner:
     """Runs the ask/tell loop of one study; ``run()`` returns the study summary."""
 
-    def __init__(self, config: EdgetuneConfig, study: optuna.Study) -> None:
+    def __init__(self, config: StudyTarget, study: optuna.Study) -> None:
         self.config = config
+        self.objective = workloads.objective_for(config)
         self.config_dict = config.model_dump(mode="json")
         self.logger = get_run_logger()
         self.study = study
@@ -242,11 +244,8 @@ class StudyRunner:
         cfg = self.config
         check_shared_services(cfg)
         ensure_device_limit(cfg.device.concurrency_limit)
-        artifacts = (
-            (cfg.run_path / "mlartifacts").resolve().as_uri() if cfg.tracking.uri is None else None
-        )
         self.experiment_id = self.tracker.experiment_id(
-            cfg.experiment_name, artifact_location=artifacts
+            cfg.experiment_name, artifact_location=workloads.artifact_location(cfg)
         )
         self.parent_run_id = self.tracker.start_run(
             self.experiment_id,
@@ -260,7 +259,7 @@ class StudyRunner:
         self.tracker.log_params(self.parent_run_id, _flatten(self.config_dict))
         launcher = DeploymentStages if cfg.orchestration.mode == "deployments" else LocalStages
         self.stages = launcher(cfg, self.config_dict, self.parent_run_id, self.study._storage)
-        inputs = prepare_inputs(cfg, self.tracker, self.parent_run_id)
+        inputs = workloads.prepare(cfg, self.tracker, self.parent_run_id)
         self.logger.info(
             "study %s: %d classes, splits %s; storage %s; tracking %s",
             cfg.study.name,
@@ -403,7 +402,11 @@ class StudyRunner:
             self.experiment_id,
             f"trial-{trial.number}",
             parent_id=self.parent_run_id,
-            tags={"edgetune.study": self.config.study.name, "edgetune.trial": str(trial.number)},
+            tags={
+                "edgetune.study": self.config.study.name,
+                "edgetune.trial": str(trial.number),
+                **workloads.run_tags(self.config),
+            },
         )
         trial.set_user_attr(ATTR_RUN_ID, run_id)
         retry_of = trial.user_attrs.get(ATTR_RETRY_OF)
@@ -479,23 +482,23 @@ class StudyRunner:
 
     def _complete(self, slot: Slot, outcome: dict[str, Any]) -> None:
         device = outcome["device"]["metrics"]
+        objective = self.objective
         self._record(slot)
-        slot.trial.set_user_attr("device_accuracy", device["device_accuracy"])
-        slot.trial.set_user_attr("device_latency_ms", device["device_latency_ms"])
+        for key in objective.trial_attrs:
+            if key in device:
+                slot.trial.set_user_attr(key, device[key])
         slot.trial.set_user_attr("compiled_artifact", outcome["compile"]["artifact"])
-        for key in ("device_augrc_ci_low", "device_augrc_ci_high", "device_e_augrc"):
-            slot.trial.set_user_attr(key, device[key])
-        value = device["device_augrc"]
+        value = device[objective.metric]
         self.study.tell(slot.trial, value)
         self.board_failures.clear()
         self.tracker.set_tags(slot.run_id, {"edgetune.state": "COMPLETE"})
         self.tracker.end_run(slot.run_id, "FINISHED")
         self.logger.info(
-            "trial %d: device AUGRC %.5f (float %.5f), accuracy %.3f",
+            "trial %d: %s %.5f (float %.5f)",
             slot.trial.number,
+            objective.label,
             value,
-            slot.float_metrics.get("float_augrc", float("nan")),
-            device["device_accuracy"],
+            slot.float_metrics.get(objective.float_metric, float("nan")),
         )
 
     def _fail(self, slot: Slot, stage: str, exc: BaseException) -> None:
@@ -582,48 +585,78 @@ class StudyRunner:
         if best is not None:
             self.tracker.log_metrics(
                 self.parent_run_id,
-                {"best_device_augrc": float(best.value or 0.0), "best_trial": best.number},
+                {
+                    f"best_{self.objective.metric}": float(best.value or 0.0),
+                    "best_trial": best.number,
+                },
             )
         self.tracker.end_run(self.parent_run_id, status)
 
     def _register(self, best: optuna.trial.FrozenTrial) -> None:
         cfg = self.config
+        if isinstance(cfg, workloads.DetectorStudy):
+            self._register_detector(cfg, best)
+            return
         run_id = best.user_attrs[ATTR_RUN_ID]
         version = self.tracker.register(
             cfg.registered_model_name,
             run_id,
-            COMPILED_DIR,
+            workloads.registered_path(cfg),
             tags={
                 "study": cfg.study.name,
                 "trial": best.number,
-                "device_augrc": best.value,
+                self.objective.metric: best.value,
                 "compiler": cfg.compile.backend,
                 "device": cfg.device.name,
             },
-            description=f"Best trial of study {cfg.study.name} by device AUGRC ({cfg.device.name}).",
+            description=(
+                f"Best trial of study {cfg.study.name} by {self.objective.label} "
+                f"({cfg.device.name})."
+            ),
         )
+        self._champion(cfg.registered_model_name, version, best.number)
+
+    def _register_detector(
+        self, cfg: workloads.DetectorStudy, best: optuna.trial.FrozenTrial
+    ) -> None:
+        """The detector's champion is the best of all its runs (trainings and trials alike):
+        the best trial takes the alias only if it beats the current champion."""
+        from tasks.detection.pipeline import select_champion
+
+        chosen = select_champion(cfg, self.tracker)
+        if chosen is None:
+            return
+        won = chosen["run_id"] == best.user_attrs[ATTR_RUN_ID]
+        self._champion(chosen["model"], chosen["version"], best.number if won else None)
+        if not won:
+            self.logger.info(
+                "champion unchanged: %s version %s (run %s) is better than trial %d",
+                chosen["model"],
+                chosen["version"],
+                chosen["run_id"],
+                best.number,
+            )
+
+    def _champion(self, model: str, version: Any, trial: int | None) -> None:
         self.study.set_user_attr(
-            "champion",
-            {
-                "model": cfg.registered_model_name,
-                "version": version,
-                "alias": CHAMPION,
-                "trial": best.number,
-            },
+            "champion", {"model": model, "version": version, "alias": CHAMPION, "trial": trial}
         )
-        self.logger.info(
-            "champion: trial %d registered as %s version %s (@%s)",
-            best.number,
-            cfg.registered_model_name,
-            version,
-            CHAMPION,
-        )
+        if trial is not None:
+            self.logger.info(
+                "champion: trial %d registered as %s version %s (@%s)",
+                trial,
+                model,
+                version,
+                CHAMPION,
+            )
 
 
-def _resolve(config: dict[str, Any] | str, overrides: list[str] | None) -> EdgetuneConfig:
+def _resolve(config: dict[str, Any] | str, overrides: list[str] | None) -> StudyTarget:
     if isinstance(config, str):
-        return load_config(config, overrides)
-    return parse_config(apply_overrides(config, overrides or []), source="tune parameter 'config'")
+        return workloads.load_study_config(config, overrides)
+    return workloads.parse_study_config(
+        apply_overrides(config, overrides or []), source="tune parameter 'config'"
+    )
 
 
 def _run_name() -> str:
@@ -672,14 +705,14 @@ def tune(
         cfg, best = reuse_best_config(cfg)
     if restart and forget_study(cfg):
         get_run_logger().warning("study %s deleted: starting afresh", cfg.study.name)
-    study = open_study(cfg.storage_url, cfg.study, cfg.seed)
+    study = open_study(cfg.storage_url, cfg.study, cfg.seed, objective=workloads.objective_for(cfg))
     check_fingerprint(study, cfg)
     if best is not None:
         enqueue_best(study, best)
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     (
         cfg.run_path / f"{cfg.study.name}.yaml" if reuse_best else cfg.run_path / "config.yaml"
-    ).write_text(dump_config(cfg))
+    ).write_text(workloads.dump_study_config(cfg))
     started = time.time()
     result = StudyRunner(cfg, study).run()
     result["seconds"] = time.time() - started

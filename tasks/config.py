@@ -14,7 +14,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -299,6 +299,9 @@ def _original_space() -> dict[str, SearchParam]:
 
 
 class StudyConfig(_Strict):
+    #: The ``train.<name>`` settings a search space may name.
+    tunable: ClassVar[tuple[str, ...]] = TUNABLE
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     n_trials: int = Field(400, gt=0)
     parallel: int = Field(1, gt=0, description="trials training at once (GPU slots)")
@@ -333,10 +336,10 @@ class StudyConfig(_Strict):
     @model_validator(mode="after")
     def _known_params(self) -> StudyConfig:
         for name in self.search_space:
-            if name not in TUNABLE:
+            if name not in self.tunable:
                 raise ValueError(
                     f"search_space.{name}: not a tunable parameter; "
-                    f"choose from {', '.join(TUNABLE)}{_suggest(name, TUNABLE)}"
+                    f"choose from {', '.join(self.tunable)}{_suggest(name, self.tunable)}"
                 )
         return self
 
@@ -378,6 +381,18 @@ def tracking_uri(tracking: TrackingConfig, default_dir: Path) -> str:
     if os.environ.get(TRACKING_ENV):
         return _resolved(os.environ[TRACKING_ENV], f"${TRACKING_ENV}")
     return f"sqlite:///{(default_dir / 'mlflow.db').resolve()}"
+
+
+def storage_url(study: StudyConfig, run_path: Path) -> str:
+    """study.storage, else $EDGETUNE_STORAGE, else a SQLite file in the run directory.
+
+    Read where it is used, so a password can stay in the environment of each host.
+    """
+    if study.storage:
+        return _resolved(study.storage, "study.storage")
+    if os.environ.get(STORAGE_ENV):
+        return _resolved(os.environ[STORAGE_ENV], f"${STORAGE_ENV}")
+    return f"sqlite:///{(run_path / 'optuna.db').resolve()}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -423,15 +438,7 @@ class EdgetuneConfig(_Strict):
 
     @property
     def storage_url(self) -> str:
-        """study.storage, else $EDGETUNE_STORAGE, else a SQLite file in the run directory.
-
-        Read where it is used, so a password can stay in the environment of each host.
-        """
-        if self.study.storage:
-            return _resolved(self.study.storage, "study.storage")
-        if os.environ.get(STORAGE_ENV):
-            return _resolved(os.environ[STORAGE_ENV], f"${STORAGE_ENV}")
-        return f"sqlite:///{(self.run_path / 'optuna.db').resolve()}"
+        return storage_url(self.study, self.run_path)
 
     @property
     def tracking_uri(self) -> str:

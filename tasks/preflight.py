@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tasks.config import (
@@ -21,6 +22,9 @@ from tasks.config import (
     trial_train_config,
 )
 from tasks.data import DatasetInfo, inspect_dataset
+
+if TYPE_CHECKING:
+    from tasks.workloads import StudyTarget
 
 #: Longest wait for a storage or tracking server to answer, in seconds.
 CONNECT_TIMEOUT_S = 5.0
@@ -113,7 +117,7 @@ def check_device(config: EdgetuneConfig) -> None:
         raise ConfigError(f"{where}{message}") from None
 
 
-def check_shared_services(config: EdgetuneConfig) -> None:
+def check_shared_services(config: StudyTarget) -> None:
     """Stages on work pools run on other hosts: storage and tracking must be servers."""
     from tasks.tracking import mask_uri
 

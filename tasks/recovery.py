@@ -25,7 +25,7 @@ from uuid import UUID, uuid4
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tasks.config import EdgetuneConfig
+from tasks.workloads import StudyTarget, objective_for
 
 # Trial user attributes.
 ATTR_OWNER = "owner"
@@ -201,11 +201,12 @@ def still_to_ask(study: optuna.Study, n_trials: int) -> int:
 
 
 # Resume: the study must still be the same study -------------------------------------------------
-def fingerprint(config: EdgetuneConfig) -> dict[str, Any]:
+def fingerprint(config: StudyTarget) -> dict[str, Any]:
     """What a resumed study must share with the one stored: space, objective, measurement."""
+    objective = objective_for(config)
     return {
-        "objective": "device_augrc",
-        "direction": "minimize",
+        "objective": objective.metric,
+        "direction": objective.direction,
         "search_space": {
             name: param.model_dump(mode="json", exclude_defaults=True)
             for name, param in sorted(config.study.search_space.items())
@@ -237,7 +238,7 @@ class StudyChangedError(RuntimeError):
     """The stored study was run with another search space or objective."""
 
 
-def check_fingerprint(study: optuna.Study, config: EdgetuneConfig) -> None:
+def check_fingerprint(study: optuna.Study, config: StudyTarget) -> None:
     """Record the fingerprint on a new study; refuse to continue a study that differs."""
     current = fingerprint(config)
     stored = study.user_attrs.get(ATTR_FINGERPRINT)
@@ -344,7 +345,7 @@ def cancel_stage_runs(study_name: str, trial_numbers: Iterable[int]) -> int:
 
 
 # Restart and reuse ------------------------------------------------------------------------------
-def forget_study(config: EdgetuneConfig) -> bool:
+def forget_study(config: StudyTarget) -> bool:
     """Delete the stored study (``--restart``); True if there was one. MLflow runs stay."""
     from tasks.study import open_storage
 
@@ -360,7 +361,7 @@ class NothingToReuseError(RuntimeError):
     """``--reuse-best`` on a study without a COMPLETE trial."""
 
 
-def reuse_best_config(config: EdgetuneConfig) -> tuple[EdgetuneConfig, FrozenTrial]:
+def reuse_best_config(config: StudyTarget) -> tuple[StudyTarget, FrozenTrial]:
     """The config of a one-trial study that retrains the best parameters of ``config``'s study.
 
     It is stored beside the search as ``<study>-best``, logs to the same experiment and

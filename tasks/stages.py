@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from tasks.config import EdgetuneConfig, dump_config, trial_train_config
+from tasks.config import EdgetuneConfig, StudyConfig, dump_config, trial_train_config
 from tasks.data import calibration_items, inspect_dataset, load_bundle, make_bundle
 from tasks.metrics import classification_metrics
 from tasks.tracking import Tracker
@@ -38,8 +38,13 @@ CHECKPOINT = "model/checkpoint.pt"
 COMPILED_DIR = "compiled"
 
 
+class _HasStudy(Protocol):
+    @property
+    def study(self) -> StudyConfig: ...
+
+
 @contextmanager
-def scratch(config: EdgetuneConfig, label: str) -> Iterator[Path]:
+def scratch(config: _HasStudy, label: str) -> Iterator[Path]:
     """A private working folder on this host, removed when the stage ends.
 
     Stages may run on hosts that do not have the study's run directory: they keep

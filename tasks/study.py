@@ -9,15 +9,70 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.config import SearchParam, StudyConfig
 
-OBJECTIVE = "device_augrc"
+
+@dataclass(frozen=True)
+class Objective:
+    """What a study optimises: the board's metric, its direction, and its float twin.
+
+    ``epoch_metric`` is the float validation metric reported each epoch, on which the
+    pruner decides before a trial reaches the compiler or the board.
+    """
+
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    label: str
+    float_metric: str
+    epoch_metric: str
+    #: Device metrics shown in the results table: (key, column title, format).
+    columns: tuple[tuple[str, str, str], ...]
+    #: Further device metrics kept on each trial as user attributes.
+    kept: tuple[str, ...] = ()
+
+    @property
+    def trial_attrs(self) -> tuple[str, ...]:
+        return (*(key for key, _, _ in self.columns), *self.kept)
+
+    @property
+    def maximize(self) -> bool:
+        return self.direction == "maximize"
+
+
+CLASSIFIER = Objective(
+    metric="device_augrc",
+    direction="minimize",
+    label="device AUGRC",
+    float_metric="float_augrc",
+    epoch_metric="val_augrc",
+    columns=(("device_accuracy", "device acc", ".3f"), ("device_latency_ms", "latency ms", ".3f")),
+    kept=("device_augrc_ci_low", "device_augrc_ci_high", "device_e_augrc"),
+)
+DETECTOR = Objective(
+    metric="device_map50_95",
+    direction="maximize",
+    label="device mAP50-95",
+    float_metric="float_map50_95",
+    epoch_metric="metrics/mAP50-95",
+    columns=(
+        ("device_map50", "device mAP50", ".4f"),
+        ("map50_95_gap", "gap to float", ".4f"),
+        ("device_latency_ms", "latency ms", ".3f"),
+    ),
+    kept=("device_precision", "device_recall"),
+)
+OBJECTIVES = {o.metric: o for o in (CLASSIFIER, DETECTOR)}
+#: Kept for callers that name the classifier's objective.
+OBJECTIVE = CLASSIFIER.metric
+#: Study user attribute naming the objective (set when the study is created).
+ATTR_OBJECTIVE = "objective"
 
 # Trial user-attribute keys written by the stages and read by reports.
 ATTR_RUN_ID = "mlflow_run_id"
@@ -122,21 +177,48 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
-def open_study(url: str, config: StudyConfig, seed: int, *, create: bool = True) -> optuna.Study:
+def open_study(
+    url: str,
+    config: StudyConfig,
+    seed: int,
+    *,
+    create: bool = True,
+    objective: Objective = CLASSIFIER,
+) -> optuna.Study:
     storage = open_storage(url)
     sampler, pruner = make_sampler(config.sampler, seed), make_pruner(config.pruner)
-    if create:
-        return optuna.create_study(
-            storage=storage,
-            study_name=config.name,
-            direction="minimize",
-            sampler=sampler,
-            pruner=pruner,
-            load_if_exists=True,
+    if not create:
+        return optuna.load_study(
+            study_name=config.name, storage=storage, sampler=sampler, pruner=pruner
         )
-    return optuna.load_study(
-        study_name=config.name, storage=storage, sampler=sampler, pruner=pruner
+    study = optuna.create_study(
+        storage=storage,
+        study_name=config.name,
+        direction=objective.direction,
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
     )
+    stored = study.user_attrs.get(ATTR_OBJECTIVE)
+    if stored is None:
+        study.set_user_attr(ATTR_OBJECTIVE, objective.metric)
+    elif stored != objective.metric:
+        raise StudyError(
+            f"study {config.name!r} in {_masked(url)} optimises {stored}, not "
+            f"{objective.metric}; choose another study.name"
+        )
+    return study
+
+
+def _masked(url: str) -> str:
+    from tasks.tracking import mask_uri
+
+    return mask_uri(url)
+
+
+def objective_of(study: optuna.Study) -> Objective:
+    """The objective a stored study was created with (studies before this attribute: AUGRC)."""
+    return OBJECTIVES.get(str(study.user_attrs.get(ATTR_OBJECTIVE)), CLASSIFIER)
 
 
 def suggest(trial: optuna.Trial, space: Mapping[str, SearchParam]) -> dict[str, Any]:
@@ -157,51 +239,60 @@ def suggest(trial: optuna.Trial, space: Mapping[str, SearchParam]) -> dict[str, 
 
 
 def epoch_reporter(
-    storage_url: str, config: StudyConfig, trial_id: int
+    storage_url: str, config: StudyConfig, trial_id: int, objective: Objective = CLASSIFIER
 ) -> Callable[[int, dict[str, float]], None]:
-    """Report the float validation AUGRC to the trial each epoch; raise TrialPruned if told.
+    """Report the float validation metric to the trial each epoch; raise TrialPruned if told.
 
-    The pruning signal is the objective's own metric (AUGRC), measured on the float model,
-    and the decision is the configured pruner's (``load_study`` alone would use Optuna's
-    default median pruner).
+    The pruning signal is the objective's own metric (AUGRC, or mAP50-95 for a detector),
+    measured on the float model, and the decision is the configured pruner's
+    (``load_study`` alone would use Optuna's default median pruner).
     """
     study = optuna.load_study(
         study_name=config.name, storage=open_storage(storage_url), pruner=make_pruner(config.pruner)
     )
     trial = optuna.Trial(study, trial_id)
 
+    name = objective.label.replace("device ", "float ")
+
     def report(epoch: int, row: dict[str, float]) -> None:
-        value = row.get("val_augrc")
+        value = row.get(objective.epoch_metric)
         if value is None or not math.isfinite(value):
             return
         trial.report(value, epoch)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} with float AUGRC {value:.4f}")
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} with {name} {value:.4f}")
 
     return report
 
 
-def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+def trial_row(trial: FrozenTrial, objective: Objective = CLASSIFIER) -> dict[str, Any]:
+    """One line of the results table; the metric keys are the objective's own names."""
     attrs = trial.user_attrs
-    return {
+    row: dict[str, Any] = {
         "trial": trial.number,
         "state": trial.state.name,
         "params": dict(trial.params),
-        "float_augrc": attrs.get("float_augrc"),
-        "device_augrc": trial.value if trial.state == TrialState.COMPLETE else None,
-        "device_accuracy": attrs.get("device_accuracy"),
-        "latency_ms": attrs.get("device_latency_ms"),
-        "mlflow_run_id": attrs.get(ATTR_RUN_ID),
-        "reason": attrs.get(ATTR_FAIL_REASON),
+        objective.float_metric: attrs.get(objective.float_metric),
+        objective.metric: trial.value if trial.state == TrialState.COMPLETE else None,
     }
+    for key, _, _ in objective.columns:
+        row[key] = attrs.get(key)
+    row["latency_ms"] = row.pop("device_latency_ms", None)
+    row.update(mlflow_run_id=attrs.get(ATTR_RUN_ID), reason=attrs.get(ATTR_FAIL_REASON))
+    return row
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best COMPLETE trial in the study's direction; a tie goes to the earlier trial."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    return min(done, key=lambda t: (t.value, t.number)) if done else None
+    if not done:
+        return None
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return min(done, key=lambda t: (sign * float(t.value or 0.0), t.number))
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:
+    objective = objective_of(study)
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: 0 for state in TrialState}
     for trial in trials:
@@ -209,10 +300,12 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     best = best_trial(study)
     return {
         "study": study.study_name,
-        "objective": OBJECTIVE,
-        "direction": "minimize",
+        "objective": objective.metric,
+        "objective_label": objective.label,
+        "float_objective": objective.float_metric,
+        "direction": objective.direction,
         "counts": counts,
-        "best": trial_row(best) if best else None,
+        "best": trial_row(best, objective) if best else None,
         "champion": study.user_attrs.get("champion"),
-        "trials": [trial_row(t) for t in trials],
+        "trials": [trial_row(t, objective) for t in trials],
     }

@@ -398,6 +398,136 @@ def test_the_quantizer_keeps_the_box_decoding_in_float(trained: dict[str, Any]) 
     assert kept and int(kept.group(1)) > 0 and output_producer in kept.group(2)
 
 
+@pytest.fixture(scope="module")
+def tuned(trained: dict[str, Any], shapes: Path) -> dict[str, Any]:
+    """An S-ML study through the tune flow, in the tracking store of the trainings above."""
+    import optuna
+
+    from flows.tune import tune
+
+    tmp = trained["tmp"]
+    raw = detector_config("s-ml", shapes, tmp)
+    raw["study"] = {
+        "name": "s-ml-hpo",
+        "n_trials": 3,
+        "sampler": "random",
+        "search_space": {
+            "lr0": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+            "mosaic": {"type": "float", "low": 0.0, "high": 1.0},
+            "epochs": {"type": "categorical", "choices": [1, 2]},
+        },
+    }
+    cwd = tmp / "tune-cwd"
+    cwd.mkdir()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HOME", str(trained["home"]))
+    patch.chdir(cwd)
+    _WATCH.attempts.clear()
+    _WATCH.active = True
+    try:
+        result = tune(raw)
+    finally:
+        _WATCH.active = False
+        patch.undo()
+    storage = f"sqlite:///{tmp / 'runs' / 's-ml' / 'optuna.db'}"
+    study = optuna.load_study(study_name="s-ml-hpo", storage=storage)
+    return {"result": result, "study": study, "network": list(_WATCH.attempts), "cwd": cwd}
+
+
+def test_tune_searches_a_detector_with_device_map_as_the_objective(
+    trained: dict[str, Any], tuned: dict[str, Any]
+) -> None:
+    import optuna
+
+    result, study = tuned["result"], tuned["study"]
+    assert tuned["network"] == []
+    assert list(tuned["cwd"].iterdir()) == []
+    assert (result["objective"], result["direction"]) == ("device_map50_95", "maximize")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert result["counts"]["COMPLETE"] == 3
+    client = MlflowClient(trained["uri"])
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    for trial in trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["edgetune.detector"] == "s-ml"
+        assert trial.value == run.data.metrics["device_map50_95"]
+        assert trial.user_attrs["float_map50_95"] == run.data.metrics["float_map50_95"]
+        assert trial.user_attrs["map50_95_gap"] == run.data.metrics["map50_95_gap"]
+        assert {
+            "model/best.pt",
+            "model/model.onnx",
+            "model/model.int8.onnx",
+            "device/detections.npy",
+        } <= _artifacts(client, run.info.run_id)
+        # The trial's settings reached Ultralytics: its own record of the arguments.
+        args = yaml.safe_load(
+            Path(client.download_artifacts(run.info.run_id, "ultralytics/args.yaml")).read_text()
+        )
+        assert (args["lr0"], args["mosaic"], args["epochs"]) == (
+            trial.params["lr0"],
+            trial.params["mosaic"],
+            trial.params["epochs"],
+        )
+        assert run.data.metrics["epochs_run"] == trial.params["epochs"]
+    best = max(trials, key=lambda t: (t.value, -t.number))
+    assert result["best"]["trial"] == best.number
+
+
+def test_the_detector_champion_is_the_best_of_its_trainings_and_trials(
+    trained: dict[str, Any], tuned: dict[str, Any]
+) -> None:
+    client = MlflowClient(trained["uri"])
+    experiment = client.get_experiment_by_name("detector-s-ml")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="attributes.status = 'FINISHED' and tags.`edgetune.detector` = 's-ml'",
+    )
+    trial_runs = {r.info.run_id for r in runs if "edgetune.trial" in r.data.tags}
+    assert len(trial_runs) == 3 and len(runs) > 3  # the detect-train run is among them
+    top = max(r.data.metrics["device_map50_95"] for r in runs)
+    champion = client.get_model_version_by_alias("s-ml", "champion")
+    assert client.get_run(champion.run_id).data.metrics["device_map50_95"] == top
+    recorded = tuned["study"].user_attrs["champion"]
+    assert recorded["version"] == str(champion.version)
+    won = champion.run_id in trial_runs
+    assert (recorded["trial"] is not None) == won
+
+
+def test_tune_refuses_a_detector_config_it_cannot_run_in_one_line(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "configs" / "detectors" / "s-ml.yaml").read_text())
+    config = tmp_path / "s-ml.yaml"
+    cases = [
+        ({"study": None}, "a detector config needs a study section to be tuned"),
+        ({"study": {**raw["study"], "parallel": 2}}, "study.parallel: 2 trainings at once"),
+        (
+            {
+                "study": {
+                    **raw["study"],
+                    "search_space": {"imgsz": {"type": "int", "low": 320, "high": 640}},
+                }
+            },
+            "study.search_space.imgsz: not a tunable parameter",
+        ),
+        (
+            {
+                "study": {
+                    **raw["study"],
+                    "search_space": {"mosaic": {"type": "float", "low": 0, "high": 2}},
+                }
+            },
+            "study.search_space.mosaic: a trial could draw 2.0, which train.mosaic refuses",
+        ),
+    ]
+    for change, message in cases:
+        config.write_text(yaml.safe_dump({**raw, **change}))
+        result = CliRunner().invoke(app, ["tune", str(config)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-ml.yaml"]
+
+
 def test_detect_train_refuses_bad_configs_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     raw = yaml.safe_load((ROOT / "configs" / "detectors" / "s-ml.yaml").read_text())
@@ -448,3 +578,18 @@ def test_a_run_left_running_by_a_dead_process_is_ended_killed(
     assert tracker.client.get_run(orphan).info.status == "KILLED"
     assert tracker.client.get_run(alive).info.status == "RUNNING"
     tracker.end_run(alive)
+
+
+def test_a_corrupt_image_stays_a_pillow_error_once_ultralytics_is_imported(
+    tmp_path: Path,
+) -> None:
+    """Ultralytics' Image.open would try to install a HEIF plugin (offline: ImportError)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from tasks.detection.ultra import ultralytics
+
+    ultralytics(tmp_path / "run")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(bad)

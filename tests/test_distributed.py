@@ -367,30 +367,35 @@ def test_cancelling_the_study_cancels_its_stage_runs_and_leaves_nothing_running(
     _no_mlflow_run_running(cluster, "cancelled")
 
 
-def test_a_detector_trains_on_the_gpu_pool_and_is_measured_on_the_board(
-    cluster: dict[str, str], tmp_path: Path
-) -> None:
+def _tiny_s_ml(tmp_path: Path, tracking: dict[str, str]) -> dict[str, Any]:
+    """configs/detectors/s-ml.yaml on a one-class shapes dataset, one epoch at 64 px."""
     from tasks.detection.synthetic import write_shapes_dataset
 
     data_yaml = write_shapes_dataset(tmp_path / "shapes", train=16, val=8, single_class=True)
-    raw = yaml.safe_load((ROOT / "configs" / "detectors" / "s-ml.yaml").read_text())
+    raw: dict[str, Any] = yaml.safe_load((ROOT / "configs" / "detectors" / "s-ml.yaml").read_text())
     raw["data"] = {"yaml": str(data_yaml)}
     raw["run_dir"] = str(tmp_path / "runs")
-    raw["tracking"] = {"experiment": "detector-distributed"}
+    raw["tracking"] = tracking
     raw["train"].update(imgsz=64, epochs=1, batch=8, cache=False, workers=0, device="cpu")
     raw["train"]["plots"] = False
     raw["compile"] = {"calibration_samples": 8}
+    return raw
+
+
+def _run_on_board(
+    cluster: dict[str, str], tmp_path: Path, raw: dict[str, Any], deployment: str
+) -> str:
+    """Run `deployment` on `raw` with an SSH board on loopback; the watched run's output."""
     with start_board(tmp_path) as board:
-        ssh = _ssh_options(board)
-        raw["device"] = {"name": "board", "runner": "ssh", "ssh": ssh, "warmup": 0}
-        config = tmp_path / "s-ml.yaml"
+        raw["device"] = {"name": "board", "runner": "ssh", "ssh": _ssh_options(board), "warmup": 0}
+        config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump(raw))
-        output = _run(
+        return _run(
             [
                 str(BIN / "prefect"),
                 "deployment",
                 "run",
-                "detect-train/gpu",
+                deployment,
                 "--param",
                 f"config={config}",
                 "--watch",
@@ -400,6 +405,13 @@ def test_a_detector_trains_on_the_gpu_pool_and_is_measured_on_the_board(
             cluster,
             timeout=700,
         )
+
+
+def test_a_detector_trains_on_the_gpu_pool_and_is_measured_on_the_board(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    raw = _tiny_s_ml(tmp_path, {"experiment": "detector-distributed"})
+    output = _run_on_board(cluster, tmp_path, raw, "detect-train/gpu")
     assert "Completed" in output, output[-2000:]
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias("s-ml", "champion")
@@ -413,3 +425,37 @@ def test_a_detector_trains_on_the_gpu_pool_and_is_measured_on_the_board(
         result = client.download_artifacts(champion.run_id, "device/device_result.json", tmp)
         info = json.loads(Path(result).read_text())
     assert info["task"] == "detect" and info["n"] == 8 and info["model"] == "model.int8.onnx"
+
+
+def test_a_detector_study_runs_its_stages_on_the_pools(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    """`tune/detector`: each trial's training, compilation and board run is a stage flow run."""
+    raw = _tiny_s_ml(
+        tmp_path, {"experiment": "detector-study-distributed", "registered_model": "s-ml-pools"}
+    )
+    raw["study"].update(name="s-ml-pools", n_trials=2, pruner="none")
+    raw["study"]["search_space"] = {
+        "lr0": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}
+    }
+    raw["orchestration"] = {"mode": "deployments", "poll_interval_s": 1.0}
+    output = _run_on_board(cluster, tmp_path, raw, "tune/detector")
+    assert "Completed" in output, output[-2000:]
+    names = sorted(run.name for run in _flow_runs(cluster, "s-ml-pools"))
+    assert names == [
+        f"{stage}-trial-{n}" for stage in ("compile", "evaluate", "train") for n in (0, 1)
+    ]
+    import optuna
+
+    study = optuna.load_study(study_name="s-ml-pools", storage=cluster["EDGETUNE_STORAGE"])
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    for trial in complete:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.params["lr0"] == str(trial.params["lr0"])
+        assert trial.value == run.data.metrics["device_map50_95"]
+        assert run.data.tags["edgetune.runtime"] == "onnxruntime"
+    champion = client.get_model_version_by_alias("s-ml-pools", "champion")
+    assert champion.run_id in {t.user_attrs["mlflow_run_id"] for t in complete}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -19,12 +19,16 @@ from tasks.config import (
     ConfigError,
     DeviceConfig,
     OnnxRuntimeOptions,
+    OrchestrationConfig,
+    SearchParam,
+    StudyConfig,
     TrackingConfig,
     _Strict,
     anchor_paths,
     apply_overrides,
     format_errors,
     read_yaml,
+    storage_url,
     tracking_uri,
 )
 
@@ -129,8 +133,73 @@ class DetectorCompile(CompileConfig):
     calibration_samples: int = Field(64, gt=0, description="train images used to calibrate")
 
 
+#: Ultralytics training settings a detector study may search (``train.<name>``); imgsz is
+#: not among them: the board's evaluation bundle is made once per study at train.imgsz.
+DETECTOR_TUNABLE = (
+    "lr0",
+    "lrf",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "box",
+    "cls",
+    "mosaic",
+    "close_mosaic",
+    "mixup",
+    "fliplr",
+    "degrees",
+    "scale",
+    "translate",
+    "hsv_h",
+    "hsv_s",
+    "hsv_v",
+    "epochs",
+    "patience",
+    "batch",
+    "optimizer",
+)
+_INT_SETTINGS = ("epochs", "patience", "batch", "close_mosaic")
+
+
+def _detector_space() -> dict[str, SearchParam]:
+    """Optimiser and augmentation strengths: the settings that move a detector's mAP most."""
+    return {
+        "lr0": SearchParam(type="float", low=1e-4, high=1e-1, log=True),
+        "lrf": SearchParam(type="float", low=0.01, high=1.0, log=True),
+        "momentum": SearchParam(type="float", low=0.6, high=0.98),
+        "weight_decay": SearchParam(type="float", low=1e-5, high=1e-3, log=True),
+        "warmup_epochs": SearchParam(type="float", low=0.0, high=5.0),
+        "mosaic": SearchParam(type="float", low=0.0, high=1.0),
+        "scale": SearchParam(type="float", low=0.0, high=0.9),
+    }
+
+
+class DetectorStudyConfig(StudyConfig):
+    """A study over a detector's Ultralytics settings; the objective is device mAP50-95."""
+
+    tunable: ClassVar[tuple[str, ...]] = DETECTOR_TUNABLE
+
+    n_trials: int = Field(30, gt=0)
+    search_space: dict[str, SearchParam] = Field(default_factory=_detector_space)
+
+
+def trial_train_settings(train: DetectorTrain, params: dict[str, Any]) -> DetectorTrain:
+    """The training settings of one trial: the config's, overridden by the sampled params."""
+    unknown = sorted(set(params) - set(DETECTOR_TUNABLE))
+    if unknown:
+        raise ConfigError(f"trial params {unknown} are not tunable; use {DETECTOR_TUNABLE}")
+    merged = {**train.model_dump(), **params}
+    for name in _INT_SETTINGS:
+        merged[name] = int(merged[name])
+    return DetectorTrain.model_validate(merged)
+
+
 class DetectorConfig(_Strict):
-    """One detector: data, model, Ultralytics training, export, compiler, board, tracking."""
+    """One detector: data, model, Ultralytics training, export, compiler, board, tracking.
+
+    The optional ``study`` section is read by ``edgetune tune``, which searches the
+    training settings with device mAP50-95 as the objective; ``detect train`` ignores it.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="l-ml, s-ml, …")
     seed: int = 0
@@ -143,6 +212,31 @@ class DetectorConfig(_Strict):
     compile: DetectorCompile = DetectorCompile()
     device: DeviceConfig = DeviceConfig()
     tracking: TrackingConfig = TrackingConfig()
+    study: DetectorStudyConfig | None = None
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _space_inside_settings(self) -> DetectorConfig:
+        """Every end of every range (every choice) is a value ``train.<name>`` accepts."""
+        if self.study is None:
+            return self
+        for name, spec in self.study.search_space.items():
+            values = spec.choices if spec.type == "categorical" else [spec.low, spec.high]
+            for value in values or []:
+                try:
+                    trial_train_settings(self.train, {name: value})
+                except (ValidationError, TypeError, ValueError) as exc:
+                    reason = (
+                        str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+                        if isinstance(exc, ValidationError)
+                        else str(exc)
+                    )
+                    raise ValueError(
+                        f"study.search_space.{name}: a trial could draw {value!r}, which "
+                        f"train.{name} refuses ({reason}); keep the range inside what "
+                        f"train.{name} accepts"
+                    ) from None
+        return self
 
     @model_validator(mode="after")
     def _stride_multiple(self) -> DetectorConfig:
@@ -171,6 +265,28 @@ class DetectorConfig(_Strict):
         return self.tracking.registered_model or self.name
 
 
+class DetectorStudy(DetectorConfig):
+    """A detector config whose study section is present (what ``edgetune tune`` runs)."""
+
+    study: DetectorStudyConfig  # required here
+
+    @property
+    def storage_url(self) -> str:
+        """study.storage, else $EDGETUNE_STORAGE, else optuna.db in the detector's run dir."""
+        return storage_url(self.study, self.run_path)
+
+    @model_validator(mode="after")
+    def _one_training_per_process(self) -> DetectorStudy:
+        if self.orchestration.mode == "local" and self.study.parallel > 1:
+            raise ValueError(
+                f"study.parallel: {self.study.parallel} trainings at once in one process; "
+                f"Ultralytics keeps process-wide state, so set study.parallel: 1 (compilation "
+                f"and the board still overlap the next training) or run the stages on work "
+                f"pools (orchestration.mode: deployments)"
+            )
+        return self
+
+
 #: Path-valued keys, relative to the config file's folder when written in the file.
 DETECTOR_PATH_KEYS = (("data", "yaml"), ("model", "weights"), ("run_dir",))
 
@@ -183,7 +299,24 @@ def parse_detector_config(raw: dict[str, Any], *, source: str = "config") -> Det
     return _resolve(config)
 
 
-def _resolve(config: DetectorConfig) -> DetectorConfig:
+def parse_detector_study(raw: dict[str, Any], *, source: str = "config") -> DetectorStudy:
+    """A detector config for ``edgetune tune``: its study section is required."""
+    if not isinstance(raw.get("study"), dict):
+        raise ConfigError(
+            f"{source}: a detector config needs a study section to be tuned (study: {{name: "
+            f"..., search_space: ...}}); see configs/detectors/s-ml.yaml"
+        )
+    try:
+        config = DetectorStudy.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_errors(exc, DetectorStudy)}") from None
+    return _resolve(config)
+
+
+_C = TypeVar("_C", bound="DetectorConfig")
+
+
+def _resolve(config: _C) -> _C:
     data = config.data.model_copy(update={"yaml": str(Path(config.data.yaml).resolve())})
     model = config.model
     if model.weights:
@@ -194,21 +327,26 @@ def _resolve(config: DetectorConfig) -> DetectorConfig:
 
 
 def is_detector_config(raw: dict[str, Any]) -> bool:
-    """A detector config names a YOLO data.yaml; a classifier config has a study section."""
+    """A detector config names a YOLO data.yaml; a classifier config names a data.root."""
     data = raw.get("data")
-    return isinstance(data, dict) and "yaml" in data and "study" not in raw
+    return isinstance(data, dict) and "yaml" in data
+
+
+def read_detector_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of a detector config file, its paths anchored, overrides applied."""
+    raw = read_yaml(path)
+    if not is_detector_config(raw):
+        raise ConfigError(
+            f"{path}: not a detector config (it has no data.yaml key); "
+            "start from configs/detectors/s-ml.yaml"
+        )
+    raw = anchor_paths(raw, Path(path).resolve().parent, DETECTOR_PATH_KEYS)
+    return apply_overrides(raw, overrides or [])
 
 
 def load_detector_config(path: str | Path, overrides: list[str] | None = None) -> DetectorConfig:
     """Read, override and validate a detector config (paths relative to its folder)."""
-    raw = read_yaml(path)
-    if not is_detector_config(raw):
-        raise ConfigError(
-            f"{path}: not a detector config (it has no data.yaml key, or has a study section); "
-            "start from configs/detectors/s-ml.yaml"
-        )
-    raw = anchor_paths(raw, Path(path).resolve().parent, DETECTOR_PATH_KEYS)
-    return parse_detector_config(apply_overrides(raw, overrides or []), source=str(path))
+    return parse_detector_config(read_detector_config(path, overrides), source=str(path))
 
 
 def dump_detector_config(config: DetectorConfig) -> str:
@@ -217,8 +355,11 @@ def dump_detector_config(config: DetectorConfig) -> str:
 
 __all__ = [
     "DetectorConfig",
+    "DetectorStudy",
     "dump_detector_config",
     "is_detector_config",
     "load_detector_config",
     "parse_detector_config",
+    "parse_detector_study",
+    "trial_train_settings",
 ]

@@ -119,12 +119,14 @@ def run_detector(
     try:
         tracker.log_params(run_id, _flat_params(config))
         tracker.log_text(run_id, dump_detector_config(config), "config.yaml")
-        inputs = stage("prepare", lambda: _prepare(config, tracker, run_id, work))
-        trained = stage("train", lambda: _train(config, tracker, run_id, work, inputs["data"]))
+        inputs = stage("prepare", lambda: prepare_inputs(config, tracker, run_id, work))
+        trained = stage("train", lambda: train_stage(config, tracker, run_id, work, inputs["data"]))
         outcome.metrics.update(trained["metrics"])
-        onnx = stage("export", lambda: _export(config, tracker, run_id, work, trained))
+        onnx = stage("export", lambda: export_stage(config, tracker, run_id, work, trained))
         outcome.metrics.update(onnx["metrics"])
-        compiled = stage("compile", lambda: _compile(config, tracker, run_id, work, onnx, inputs))
+        compiled = stage(
+            "compile", lambda: compile_stage(config, tracker, run_id, work, onnx, inputs)
+        )
         outcome.metrics.update(compiled["metrics"])
         device = stage(
             "device", lambda: _on_device(config, tracker, run_id, work, compiled, inputs, onnx)
@@ -196,7 +198,11 @@ def local_artifact_location(uri: str) -> str | None:
     return None
 
 
-def _prepare(config: DetectorConfig, tracker: Tracker, run_id: str, work: Path) -> dict[str, Any]:
+def prepare_inputs(
+    config: DetectorConfig, tracker: Tracker, run_id: str, work: Path, *, calibration: bool = False
+) -> dict[str, Any]:
+    """The resolved data.yaml, the board's bundle and the calibration set, logged to `run_id`
+    (the calibration set too when `calibration`: a compile stage on another host needs it)."""
     dataset = read_data_yaml(Path(config.data.yaml))
     data_yaml = write_resolved_yaml(dataset, work / "data.yaml")
     bundle = make_detection_bundle(
@@ -207,7 +213,7 @@ def _prepare(config: DetectorConfig, tracker: Tracker, run_id: str, work: Path) 
         single_cls_name=config.train.single_cls_name,
         max_images=config.data.max_eval_images,
     )
-    calibration = make_calibration_set(
+    calib = make_calibration_set(
         dataset,
         config.train.imgsz,
         config.compile.calibration_samples,
@@ -216,6 +222,8 @@ def _prepare(config: DetectorConfig, tracker: Tracker, run_id: str, work: Path) 
     )
     tracker.log_artifact(run_id, bundle, "inputs")
     tracker.log_artifact(run_id, data_yaml, "inputs")
+    if calibration:
+        tracker.log_artifact(run_id, calib, "inputs")
     tracker.log_params(
         run_id,
         {
@@ -224,20 +232,30 @@ def _prepare(config: DetectorConfig, tracker: Tracker, run_id: str, work: Path) 
             "data.val_images": len(dataset.splits["val"]),
         },
     )
-    return {"data": data_yaml, "bundle": bundle, "calibration": calibration}
+    return {"data": data_yaml, "bundle": bundle, "calibration": calib}
 
 
-def _train(
-    config: DetectorConfig, tracker: Tracker, run_id: str, work: Path, data_yaml: Path
+def train_stage(
+    config: DetectorConfig,
+    tracker: Tracker,
+    run_id: str,
+    work: Path,
+    data_yaml: Path,
+    *,
+    root: Path | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
+    """Train into `root`/ultralytics/`work.name` (default: the detector's run dir); log the
+    weights, Ultralytics' curves and the final validation; `on_epoch` sees every epoch."""
     from tasks.detection.ultra import train_detector
 
+    def log_epoch(epoch: int, row: dict[str, float]) -> None:
+        tracker.log_metrics(run_id, row, step=epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+
     trained = train_detector(
-        config,
-        data_yaml,
-        config.run_path,
-        work.name,
-        on_epoch=lambda epoch, row: tracker.log_metrics(run_id, row, step=epoch),
+        config, data_yaml, root or config.run_path, work.name, on_epoch=log_epoch
     )
     model_dir = work / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -254,8 +272,14 @@ def _train(
     return {"weights": weights, "classes": trained.class_names, "metrics": metrics}
 
 
-def _export(
-    config: DetectorConfig, tracker: Tracker, run_id: str, work: Path, trained: dict[str, Any]
+def export_stage(
+    config: DetectorConfig,
+    tracker: Tracker,
+    run_id: str,
+    work: Path,
+    trained: dict[str, Any],
+    *,
+    root: Path | None = None,
 ) -> dict[str, Any]:
     from tasks.detection.ultra import export_onnx
 
@@ -265,7 +289,7 @@ def _export(
         config.export.opset,
         config.export.simplify,
         work / "model" / "model.onnx",
-        config.run_path,
+        root or config.run_path,
     )
     tracker.log_artifact(run_id, onnx, "model")
     metrics = {"onnx_size_mb": onnx.stat().st_size / 1e6}
@@ -273,7 +297,7 @@ def _export(
     return {"path": onnx, "metrics": metrics}
 
 
-def _compile(
+def compile_stage(
     config: DetectorConfig,
     tracker: Tracker,
     run_id: str,
@@ -310,6 +334,52 @@ def score_detections(
     return {f"{prefix}{k}": float(v) for k, v in metrics.items()}
 
 
+def float_reference(
+    config: DetectorConfig, onnx: Path, bundle_path: Path, work: Path
+) -> dict[str, float]:
+    """The float ONNX through the board's evaluator on this host: the reference for the gap."""
+    from tasks.devices import LocalRunner
+
+    host = LocalRunner(timeout_s=config.device.timeout_s, warmup=0)
+    result = host.detect(onnx, bundle_path, work / "float", **config.eval.model_dump())
+    return score_detections(result.detections, load_detection_bundle(bundle_path), "")
+
+
+def board_stage(
+    config: DetectorConfig,
+    tracker: Tracker,
+    run_id: str,
+    compiled: Path,
+    bundle_path: Path,
+    work: Path,
+    float_metrics: dict[str, float],
+) -> dict[str, float]:
+    """The compiled detector on the board (holding its slot); mAP scored here, with the gap
+    to `float_metrics`; the metrics and the board's raw detections are logged."""
+    from tasks.devices import create_runner
+    from tasks.wrappers import embedded, ensure_device_limit, hold_board
+
+    runner = create_runner(config.device.runner, **config.device.runner_options())
+    if not embedded():
+        ensure_device_limit(config.device.concurrency_limit)
+    device_dir = work / "device"
+    with hold_board(config):
+        result = runner.detect(compiled, bundle_path, device_dir, **config.eval.model_dump())
+    device_metrics = score_detections(result.detections, load_detection_bundle(bundle_path), "")
+    metrics = {f"device_{k}": v for k, v in device_metrics.items()}
+    metrics.update(gap_to_float(device_metrics, float_metrics))
+    metrics["device_latency_ms"] = result.latency_ms["mean"]
+    metrics["device_latency_p95_ms"] = result.latency_ms["p95"]
+    metrics["device_postprocess_ms"] = result.postprocess_ms
+    metrics["device_throughput_fps"] = result.throughput_fps
+    tracker.log_metrics(run_id, metrics)
+    np.save(device_dir / "detections.npy", result.detections)
+    (device_dir / "device_result.json").write_text(json.dumps(result.info, indent=2))
+    tracker.log_artifact(run_id, device_dir / "detections.npy", "device")
+    tracker.log_artifact(run_id, device_dir / "device_result.json", "device")
+    return metrics
+
+
 def _on_device(
     config: DetectorConfig,
     tracker: Tracker,
@@ -319,34 +389,12 @@ def _on_device(
     inputs: dict[str, Any],
     onnx: dict[str, Any],
 ) -> dict[str, Any]:
-    from tasks.devices import LocalRunner, create_runner
-    from tasks.wrappers import embedded, ensure_device_limit, hold_board
-
-    nms = config.eval.model_dump()
-    bundle = load_detection_bundle(inputs["bundle"])
-    # The float model through the same evaluator on this host: the reference for the gap.
-    host = LocalRunner(timeout_s=config.device.timeout_s, warmup=0)
-    float_result = host.detect(onnx["path"], inputs["bundle"], work / "float", **nms)
-    float_metrics = score_detections(float_result.detections, bundle, "")
-    runner = create_runner(config.device.runner, **config.device.runner_options())
-    if not embedded():
-        ensure_device_limit(config.device.concurrency_limit)
-    with hold_board(config):
-        result = runner.detect(compiled["path"], inputs["bundle"], work / "device", **nms)
-    device_metrics = score_detections(result.detections, bundle, "")
-    metrics = {f"float_{k}": v for k, v in float_metrics.items()}
-    metrics.update({f"device_{k}": v for k, v in device_metrics.items()})
-    metrics.update(gap_to_float(device_metrics, float_metrics))
-    metrics["device_latency_ms"] = result.latency_ms["mean"]
-    metrics["device_latency_p95_ms"] = result.latency_ms["p95"]
-    metrics["device_postprocess_ms"] = result.postprocess_ms
-    metrics["device_throughput_fps"] = result.throughput_fps
+    reference = float_reference(config, onnx["path"], inputs["bundle"], work)
+    metrics = {f"float_{k}": v for k, v in reference.items()}
     tracker.log_metrics(run_id, metrics)
-    device_dir = work / "device"
-    np.save(device_dir / "detections.npy", result.detections)
-    (device_dir / "device_result.json").write_text(json.dumps(result.info, indent=2))
-    tracker.log_artifact(run_id, device_dir / "detections.npy", "device")
-    tracker.log_artifact(run_id, device_dir / "device_result.json", "device")
+    metrics.update(
+        board_stage(config, tracker, run_id, compiled["path"], inputs["bundle"], work, reference)
+    )
     return {"metrics": metrics}
 
 

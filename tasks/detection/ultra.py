@@ -9,6 +9,9 @@ closed before it is first imported, and again before every use:
   third-party logger (MLflow included: edgetune logs by run id itself) turned off;
 - the plotting font: Ultralytics downloads ``Arial.ttf`` unless a file of that name is in
   its config folder; matplotlib's DejaVu Sans is copied there under that name;
+- Ultralytics replaces ``PIL.Image.open`` process-wide with one that, on an image it cannot
+  identify, installs a HEIF plugin from PyPI (or fails with ModuleNotFoundError offline):
+  Pillow's own is put back, so a corrupt image stays a plain error in every module;
 - the GPU AMP check downloads a model: it is replaced by a check that only refuses the
   GPUs known to break AMP;
 - named weights (``yolov8n.pt``) download: only architecture YAMLs and local ``.pt``
@@ -65,6 +68,9 @@ def ultralytics(run_dir: Path) -> Any:
     from ultralytics.engine import trainer as trainer_module
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
+    # The config folder is the first run dir of this process; a study's scratch folder
+    # may be gone by the next call, and the settings are saved there on every update.
+    Path(USER_CONFIG_DIR).mkdir(parents=True, exist_ok=True)
     if threads is None:  # Ultralytics sets 1 at import; training would crawl on a CPU
         os.environ.pop("OMP_NUM_THREADS", None)
     SETTINGS.update(
@@ -79,7 +85,17 @@ def ultralytics(run_dir: Path) -> Any:
     )
     _install_fonts(Path(USER_CONFIG_DIR))
     trainer_module.check_amp = offline_check_amp
+    _restore_pillow()
     return ultralytics
+
+
+def _restore_pillow() -> None:
+    from PIL import Image
+    from ultralytics.utils import patches
+
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is not original:
+        Image.open = original
 
 
 def _install_fonts(folder: Path) -> None:
