@@ -144,10 +144,11 @@ def tune(
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
     from edgetune.progress import Progress, render_summary
+    from tasks.study import study_budget
 
     typer.echo(
-        f"study {cfg.study.name}: {cfg.study.n_trials} trials, {cfg.study.parallel} in parallel, "
-        f"{len(info.classes)} classes, {objective_for(cfg).label}, device {cfg.device.name} "
+        f"study {cfg.study.name}: {study_budget(cfg.study)} trials, {cfg.study.parallel} in "
+        f"parallel, {len(info.classes)} classes, {objective_for(cfg).label}, device {cfg.device.name} "
         f"({cfg.compile.backend}); run dir {cfg.run_path}",
         err=True,
     )

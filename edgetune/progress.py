@@ -51,7 +51,7 @@ class Progress:
     def _poll(self) -> None:
         import optuna
 
-        from tasks.study import best_trial
+        from tasks.study import best_trial, study_budget
         from tasks.workloads import objective_for
 
         label = objective_for(self.config).label
@@ -62,7 +62,7 @@ class Progress:
                     study = optuna.load_study(
                         study_name=self.config.study.name, storage=self.config.storage_url
                     )
-                line = status_line(study, self.config.study.n_trials, best_trial(study), label)
+                line = status_line(study, study_budget(self.config.study), best_trial(study), label)
             except Exception:  # the study may not exist yet while the flow starts
                 continue
             if self._live is not None:

@@ -54,6 +54,7 @@ from tasks.study import (
     ATTR_RUN_ID,
     best_trial,
     open_study,
+    study_budget,
     suggest,
     summary,
 )
@@ -332,7 +333,7 @@ class StudyRunner:
         eval_pool = ThreadPoolExecutor(max_pending, thread_name_prefix="evaluate")
         try:
             while True:
-                to_ask = still_to_ask(self.study, cfg.n_trials)
+                to_ask = still_to_ask(self.study, study_budget(cfg))
                 while to_ask and self.in_train < cfg.parallel and self.in_eval < max_pending:
                     self._ask(train_pool)
                     to_ask -= 1
@@ -372,7 +373,7 @@ class StudyRunner:
             )
         if others:
             time.sleep(self.config.study.heartbeat_s)
-        return bool(others) or still_to_ask(self.study, self.config.study.n_trials) > 0
+        return bool(others) or still_to_ask(self.study, study_budget(self.config.study)) > 0
 
     def _beat(self, force: bool = False) -> None:
         """Refresh the heartbeat of every trial this process holds."""

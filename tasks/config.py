@@ -308,8 +308,10 @@ class StudyConfig(_Strict):
     max_pending: int | None = Field(
         None, gt=0, description="trained models waiting for compile/device (default: parallel)"
     )
-    sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["none", "median"] = "none"
+    sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2", "grid"] = "tpe"
+    pruner: Literal["none", "median", "asha", "hyperband"] = Field(
+        "none", description="decides on the float metric each epoch, before compile and board"
+    )
     storage: str | None = Field(None, description="Optuna RDB URL; default: a file in run_dir")
     search_space: dict[str, SearchParam] = Field(default_factory=_original_space)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUGRC interval")
@@ -331,6 +333,19 @@ class StudyConfig(_Strict):
                 f"stale_after_s: must be at least 3 x heartbeat_s ({3 * self.heartbeat_s:g}), "
                 f"got {self.stale_after_s:g}; raise stale_after_s or lower heartbeat_s"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _grid_is_finite(self) -> StudyConfig:
+        if self.sampler != "grid":
+            return self
+        for name, spec in self.search_space.items():
+            if spec.type == "float" and spec.step is None:
+                raise ValueError(
+                    f"search_space.{name}: the grid sampler needs a finite set of values, but "
+                    f"this float range has no step; give it a step, make it categorical, or "
+                    f"choose another sampler"
+                )
         return self
 
     @model_validator(mode="after")

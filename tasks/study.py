@@ -149,16 +149,66 @@ class StudyError(RuntimeError):
     """The study storage cannot be used; the message names the URL (masked) and the fix."""
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def grid_values(spec: SearchParam) -> list[Any]:
+    """Every value a parameter can take (categorical, int, or float with a step)."""
+    if spec.type == "categorical":
+        return list(spec.choices or [])
+    low, high = float(spec.low or 0), float(spec.high or 0)
+    step = float(spec.step or 1)
+    count = math.floor((high - low) / step + 1e-9) + 1
+    values = [low + i * step for i in range(count)]
+    if spec.type == "int":
+        return [round(v) for v in values]
+    return [round(v, 12) for v in values]
+
+
+def grid_size(space: Mapping[str, SearchParam]) -> int:
+    return math.prod(len(grid_values(spec)) for spec in space.values())
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()``, which only works in ``optimize``;
+    the ask/tell loop stops asking when the grid is covered (``study_budget``)."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
+def make_sampler(
+    name: str, seed: int, space: Mapping[str, SearchParam] | None = None
+) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded (the same seed asks the same first trials)."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        # CMA-ES models the numeric parameters jointly; categorical ones are drawn at random.
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "grid":
+        grid = {key: grid_values(spec) for key, spec in (space or {}).items()}
+        return AskTellGridSampler(grid, seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """The configured pruner; each decides on the float metric reported every epoch."""
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
+
+
+def study_budget(config: StudyConfig) -> int:
+    """Trials to run: study.n_trials, or the grid's size when the grid is smaller."""
+    if config.sampler == "grid":
+        return min(config.n_trials, grid_size(config.search_space))
+    return config.n_trials
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -186,7 +236,8 @@ def open_study(
     objective: Objective = CLASSIFIER,
 ) -> optuna.Study:
     storage = open_storage(url)
-    sampler, pruner = make_sampler(config.sampler, seed), make_pruner(config.pruner)
+    sampler = make_sampler(config.sampler, seed, config.search_space)
+    pruner = make_pruner(config.pruner)
     if not create:
         return optuna.load_study(
             study_name=config.name, storage=storage, sampler=sampler, pruner=pruner

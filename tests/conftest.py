@@ -16,15 +16,23 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+URL_VARIABLES = ("EDGETUNE_STORAGE", "MLFLOW_TRACKING_URI")
+
+
 @pytest.fixture(autouse=True)
-def _url_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts without the URL variables, and whatever it sets is undone after.
+def _url_environment() -> Iterator[None]:
+    """Each test starts without the URL variables, and whatever it sets is removed after.
 
     ``edgetune --storage/--tracking-uri`` set them in the process (so that a password
-    stays out of the config): without this, one CLI test would leak its URL into the next.
+    stays out of the config): without this, one CLI test would leak its URL into the next
+    test, or into a module fixture set up between two tests. (monkeypatch.delenv would
+    not do: it restores nothing for a variable that was absent, and restores a leaked one.)
     """
-    monkeypatch.delenv("EDGETUNE_STORAGE", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in URL_VARIABLES:
+        os.environ.pop(name, None)
+    yield
+    for name in URL_VARIABLES:
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")
