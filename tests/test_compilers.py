@@ -207,6 +207,48 @@ class TestOnnxRuntimeInt8:
         log = artifact.log_path.read_text()  # type: ignore[union-attr]
         assert f"using '{method}' algorithm" in log  # onnxruntime's print()s are captured
 
+    def test_parallel_compilations_leave_stdout_alone(
+        self,
+        onnx_model: Path,
+        calibration: Path,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A study compiles in threads; capturing onnxruntime's print()s swaps sys.stdout
+        process-wide, so two overlapping captures would leave it pointing at a buffer."""
+        import sys
+        import threading
+        import time
+
+        original = OnnxRuntimeInt8Compiler._quantize
+        windows: list[tuple[float, float]] = []
+
+        def timed(self: Any, *args: Any) -> None:
+            started = time.monotonic()
+            original(self, *args)
+            time.sleep(0.2)  # hold the capture open long enough for the threads to meet
+            windows.append((started, time.monotonic()))
+
+        monkeypatch.setattr(OnnxRuntimeInt8Compiler, "_quantize", timed)
+        stdout = sys.stdout
+        compiler = create_compiler("onnxruntime-int8", calibrate_method="entropy")
+        artifacts: dict[int, CompiledArtifact] = {}
+
+        def run(i: int) -> None:
+            artifacts[i] = compiler.compile(onnx_model, calibration, tmp_path / str(i))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sys.stdout is stdout
+        first, second = sorted(windows)
+        assert first[1] <= second[0]  # the captures took turns
+        for artifact in artifacts.values():
+            log = artifact.log_path.read_text()  # type: ignore[union-attr]
+            assert "using 'entropy' algorithm" in log  # each kept its own print()s
+
     def test_max_calibration_samples(
         self, onnx_model: Path, calibration: Path, tmp_path: Path
     ) -> None:

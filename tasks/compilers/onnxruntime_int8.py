@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +30,10 @@ from tasks.compilers.base import (
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_TYPES = ("quint8", "qint8", "quint16", "qint16")
 DYNAMIC_BATCH = 16
+#: ``redirect_stdout`` swaps the process-wide ``sys.stdout``: two compilations in two
+#: threads (the study compiles trials in parallel) would restore each other's buffer and
+#: leave stdout pointing at one of them, so the redirections take turns.
+_STDOUT_SWAP = threading.Lock()
 
 _INSTALL_HINT = (
     "compiler 'onnxruntime-int8' needs onnxruntime and onnx: "
@@ -107,7 +112,7 @@ class OnnxRuntimeInt8Compiler(Compiler):
                     "kept in float (after the last Conv): %d nodes %s", len(excluded), excluded
                 )
             printed = io.StringIO()  # the Entropy/Percentile calibrators print() progress
-            with contextlib.redirect_stdout(printed):
+            with _STDOUT_SWAP, contextlib.redirect_stdout(printed):
                 self._quantize(model, output, reader, excluded)
             if printed.getvalue().strip():
                 log.info("onnxruntime printed:\n%s", printed.getvalue().rstrip())
