@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import FlowRun
 
 from flows.train import STOP, train_trial
 from tasks import workloads
-from tasks.config import apply_overrides
+from tasks.config import apply_overrides, dump_config
 from tasks.devices.base import DeviceUnreachableError
 from tasks.preflight import check_shared_services
 from tasks.recovery import (
@@ -713,7 +713,7 @@ def tune(
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     (
         cfg.run_path / f"{cfg.study.name}.yaml" if reuse_best else cfg.run_path / "config.yaml"
-    ).write_text(workloads.dump_study_config(cfg))
+    ).write_text(dump_config(cfg))
     started = time.time()
     result = StudyRunner(cfg, study).run()
     result["seconds"] = time.time() - started

@@ -287,6 +287,38 @@ class SearchParam(_Strict):
         return self.low
 
 
+def space_refusal(
+    space: dict[str, SearchParam], settings_with: typing.Callable[[dict[str, Any]], object]
+) -> str | None:
+    """Why some end of some range (or some choice) is refused by the training settings.
+
+    ``settings_with({name: value})`` builds the trial's settings (and raises if it cannot);
+    the parser checks each range on its own, this checks it against the settings' rules
+    (``batch_size`` may not be 0), so that no trial of the study can draw such a value.
+    """
+    for name, spec in space.items():
+        if spec.type == "categorical":
+            values = list(spec.choices or [])
+        else:
+            values = [v for v in (spec.low, spec.high) if v is not None]
+        for value in values:
+            shown = int(value) if spec.type == "int" and isinstance(value, float) else value
+            try:
+                settings_with({name: value})
+            except ValidationError as exc:
+                reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+                return (
+                    f"study.search_space.{name}: a trial could draw {shown!r}, which train.{name} "
+                    f"refuses ({reason}); keep the range inside what train.{name} accepts"
+                )
+            except (TypeError, ValueError):
+                return (
+                    f"study.search_space.{name}: choice {shown!r} is not a number; "
+                    f"train.{name} takes numbers"
+                )
+    return None
+
+
 def _original_space() -> dict[str, SearchParam]:
     """The HI4Lines study's space (REFERENCE.md): used when a config names none."""
     return {
@@ -636,8 +668,8 @@ def _resolve_paths(config: EdgetuneConfig) -> EdgetuneConfig:
     )
 
 
-def dump_config(config: EdgetuneConfig) -> str:
-    """The fully resolved config as YAML: enough to re-run the study from this one file."""
+def dump_config(config: BaseModel) -> str:
+    """The fully resolved config as YAML: enough to re-run it from this one file."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 

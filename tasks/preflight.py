@@ -19,6 +19,7 @@ from tasks.config import (
     TRACKING_ENV,
     ConfigError,
     EdgetuneConfig,
+    space_refusal,
     trial_train_config,
 )
 from tasks.data import DatasetInfo, inspect_dataset
@@ -53,33 +54,12 @@ def preflight(config: EdgetuneConfig) -> DatasetInfo:
 
 
 def check_search_space(config: EdgetuneConfig) -> None:
-    """Every end of every range (every choice) is a value ``train.<name>`` accepts.
-
-    The parser checks each range on its own; whether ``batch_size`` may be 0 is the
-    training settings' rule, checked here so no trial of the study can draw such a value.
-    """
-    from pydantic import ValidationError
-
-    for name, spec in config.study.search_space.items():
-        if spec.type == "categorical":
-            values = list(spec.choices or [])
-        else:
-            values = [v for v in (spec.low, spec.high) if v is not None]
-        for value in values:
-            shown = int(value) if spec.type == "int" and isinstance(value, float) else value
-            try:
-                trial_train_config(config, {name: value})
-            except ValidationError as exc:
-                reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-                raise ConfigError(
-                    f"study.search_space.{name}: a trial could draw {shown!r}, which train.{name} "
-                    f"refuses ({reason}); keep the range inside what train.{name} accepts"
-                ) from None
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"study.search_space.{name}: choice {shown!r} is not a number; "
-                    f"train.{name} takes numbers"
-                ) from None
+    """Every end of every range (every choice) is a value ``train.<name>`` accepts."""
+    refusal = space_refusal(
+        config.study.search_space, lambda params: trial_train_config(config, params)
+    )
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def check_weights(config: EdgetuneConfig, num_classes: int) -> None:

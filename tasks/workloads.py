@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tasks.config import EdgetuneConfig, load_config, parse_config, read_yaml
 from tasks.detection.config import (
     DetectorStudy,
@@ -46,11 +44,6 @@ def parse_study_config(raw: dict[str, Any], *, source: str = "config") -> StudyT
     if is_detector_config(raw):
         return parse_detector_study(raw, source=source)
     return parse_config(raw, source=source)
-
-
-def dump_study_config(config: StudyTarget) -> str:
-    """The fully resolved config as YAML: enough to re-run the study from this one file."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def artifact_location(config: StudyTarget) -> str | None:

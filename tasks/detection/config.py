@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tasks.config import (
@@ -28,6 +27,7 @@ from tasks.config import (
     apply_overrides,
     format_errors,
     read_yaml,
+    space_refusal,
     storage_url,
     tracking_uri,
 )
@@ -220,22 +220,11 @@ class DetectorConfig(_Strict):
         """Every end of every range (every choice) is a value ``train.<name>`` accepts."""
         if self.study is None:
             return self
-        for name, spec in self.study.search_space.items():
-            values = spec.choices if spec.type == "categorical" else [spec.low, spec.high]
-            for value in values or []:
-                try:
-                    trial_train_settings(self.train, {name: value})
-                except (ValidationError, TypeError, ValueError) as exc:
-                    reason = (
-                        str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-                        if isinstance(exc, ValidationError)
-                        else str(exc)
-                    )
-                    raise ValueError(
-                        f"study.search_space.{name}: a trial could draw {value!r}, which "
-                        f"train.{name} refuses ({reason}); keep the range inside what "
-                        f"train.{name} accepts"
-                    ) from None
+        refusal = space_refusal(
+            self.study.search_space, lambda params: trial_train_settings(self.train, params)
+        )
+        if refusal:
+            raise ValueError(refusal)
         return self
 
     @model_validator(mode="after")
@@ -349,14 +338,9 @@ def load_detector_config(path: str | Path, overrides: list[str] | None = None) -
     return parse_detector_config(read_detector_config(path, overrides), source=str(path))
 
 
-def dump_detector_config(config: DetectorConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
 __all__ = [
     "DetectorConfig",
     "DetectorStudy",
-    "dump_detector_config",
     "is_detector_config",
     "load_detector_config",
     "parse_detector_config",

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from tasks.detection.config import DetectorConfig, dump_detector_config
+from tasks.config import dump_config
+from tasks.detection.config import DetectorConfig
 from tasks.detection.dataset import (
     load_detection_bundle,
     make_calibration_set,
@@ -118,7 +119,7 @@ def run_detector(
     status = "FAILED"
     try:
         tracker.log_params(run_id, _flat_params(config))
-        tracker.log_text(run_id, dump_detector_config(config), "config.yaml")
+        tracker.log_text(run_id, dump_config(config), "config.yaml")
         inputs = stage("prepare", lambda: prepare_inputs(config, tracker, run_id, work))
         trained = stage("train", lambda: train_stage(config, tracker, run_id, work, inputs["data"]))
         outcome.metrics.update(trained["metrics"])
