@@ -127,19 +127,37 @@ def tune(
             "--reuse-best", help="skip the search: retrain, compile and evaluate the best trial"
         ),
     ] = False,
+    time_budget: Annotated[
+        str | None,
+        typer.Option("--time-budget", help="ask no new trial after this long (6h, 90m, 1h30m)"),
+    ] = None,
+    hpo_time_ratio: Annotated[
+        float | None,
+        typer.Option("--hpo-time-ratio", help="ask no new trial after R times one full training"),
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option("--patience", help="stop after K finished trials without a new best"),
+    ] = None,
 ) -> None:
     """Run (or continue) a study: train, compile and evaluate each trial on the device.
 
     Running a study again continues it up to study.n_trials results, re-running trials
-    that a crash left behind.
+    that a crash left behind. The budgets stop asking new trials; trials in flight finish.
     """
     _quiet_services(verbose)
     if restart and reuse_best:
         raise _fail("--restart and --reuse-best exclude each other; choose one")
     from tasks.workloads import objective_for, preflight
 
+    budgets = {
+        "study.time_budget": time_budget,
+        "study.hpo_time_ratio": hpo_time_ratio,
+        "study.patience": patience,
+    }
+    given = [f"{key}={json.dumps(value)}" for key, value in budgets.items() if value is not None]
     try:
-        cfg = _load(config, overrides or [], storage, tracking_uri)
+        cfg = _load(config, [*(overrides or []), *given], storage, tracking_uri)
         info = preflight(cfg)
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
@@ -155,7 +173,7 @@ def tune(
     from flows.tune import tune as tune_flow
 
     progress = Progress(cfg, enabled=not (as_json or reuse_best) and sys.stderr.isatty())
-    from flows.tune import BoardPaused
+    from flows.tune import BoardPaused, SampleRejected
     from tasks.recovery import NothingToReuseError, StudyChangedError
 
     try:
@@ -167,7 +185,7 @@ def tune(
         ) from None
     except (*_user_errors(), StudyChangedError, NothingToReuseError) as exc:
         raise _fail(str(exc)) from None
-    except BoardPaused as exc:
+    except (BoardPaused, SampleRejected) as exc:
         raise _fail(str(exc), 1) from None
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
@@ -206,6 +224,61 @@ def report(
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
         render_summary(result)
+
+
+@app.command()
+def dashboard(
+    study: Annotated[
+        Path, typer.Argument(help="run directory or study config", show_default=False)
+    ],
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8080,
+) -> None:
+    """Serve optuna-dashboard on a study's Optuna storage until Ctrl-C."""
+    _quiet_services(False)
+    from tasks.reports import dashboard_server
+    from tasks.study import open_storage, open_study
+    from tasks.tracking import mask_uri, one_line
+
+    if not study.exists():
+        raise _fail(f"{study} not found; pass a study's run directory or its config")
+    source = study / "config.yaml" if study.is_dir() else study
+    if not source.is_file():
+        raise _fail(f"{study} has no config.yaml; pass a run directory made by edgetune tune")
+    try:
+        cfg = _load(source, [], storage, None)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from None
+    url = cfg.storage_url
+    missing = (
+        f"no study named {cfg.study.name!r} in {mask_uri(url)}; run 'edgetune tune {source}' "
+        f"first, or pass the study's storage with --storage URL"
+    )
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise _fail(missing)  # opening it would create an empty database
+    try:
+        open_study(url, cfg.study, cfg.seed, create=False)  # KeyError: no such study
+        server = dashboard_server(open_storage(url), host, port)
+    except KeyError:
+        raise _fail(missing) from None
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(
+            f"cannot listen on {host}:{port}: {one_line(exc)}; choose another --port"
+        ) from None
+    typer.echo(
+        f"optuna-dashboard for study {cfg.study.name} ({mask_uri(url)}) on "
+        f"http://{host}:{port}/dashboard; Ctrl-C stops it",
+        err=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command()

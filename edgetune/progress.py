@@ -70,11 +70,17 @@ class Progress:
 
 
 def status_line(study: Any, total: int, best: Any, label: str = "device AUGRC") -> str:
+    from tasks.study import state_name
+
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+        counts[state_name(trial)] = counts.get(state_name(trial), 0) + 1
     done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) + counts.get("FAIL", 0)
-    best_text = f"best {label} {best.value:.5f} (trial {best.number})" if best else "no result yet"
+    best_text = (
+        f"best {label} {float(best.values[0]):.5f} (trial {best.number})"
+        if best
+        else "no result yet"
+    )
     return (
         f"trials {done}/{total} done · {counts.get('RUNNING', 0)} running · "
         f"{counts.get('FAIL', 0)} failed · {counts.get('PRUNED', 0)} pruned · {best_text}"
@@ -97,7 +103,8 @@ def _objective(result: dict[str, Any]) -> Any:
 
 def results_table(result: dict[str, Any]) -> Table:
     objective = _objective(result)
-    rows = result["trials"]
+    # Samples the constraints rejected ran nothing: the line below the table counts them.
+    rows = [row for row in result["trials"] if row["state"] != "REJECTED"]
     names = sorted({name for row in rows for name in row["params"]})
     better = "higher" if objective.maximize else "lower"
     table = Table(title=f"study {result['study']}: {objective.metric} ({better} is better)")
@@ -113,19 +120,63 @@ def results_table(result: dict[str, Any]) -> Table:
         ("latency_ms" if key == "device_latency_ms" else key, title, spec)
         for key, title, spec in objective.columns
     ]
+    goals = result.get("goals") or {}
+    if "compiled_size_mb" in goals.get("metrics", ()) or goals.get("max_size_mb") is not None:
+        columns.append(("compiled_size_mb", "size MB", ".3f"))
     for _, title, _ in columns:
         table.add_column(title, justify="right")
     table.add_column("state", justify="right")
     best = result["best"]["trial"] if result.get("best") else None
+    front = set(result.get("pareto_front") or ())
     for row in rows:
         state = row["state"] if not row["reason"] else f"{row['state']}: {row['reason'][:60]}"
+        if row.get("infeasible"):
+            state = f"{state} (infeasible: {row['infeasible'][:60]})"
+        mark = "*" if row["trial"] == best else "+" if row["trial"] in front else ""
         table.add_row(
-            ("*" if row["trial"] == best else "") + str(row["trial"]),
+            mark + str(row["trial"]),
             *[_fmt(row["params"].get(name), ".4g") for name in names],
             *[_fmt(row.get(key), spec) for key, _, spec in columns],
             state,
         )
     return table
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def pruning_line(saved: dict[str, Any]) -> str:
+    """What pruning saved: GPU epochs, compilations and board evaluations not spent."""
+    n = saved["trials"]
+    s = "" if n == 1 else "s"
+    parts = [f"{saved['epochs']} training epochs ({_duration(saved['train_s'])})"]
+    if saved.get("compile_s") is not None:
+        parts.append(f"{n} compilation{s} ({_duration(saved['compile_s'])})")
+    if saved.get("board_s") is not None:
+        parts.append(f"{n} board evaluation{s} ({_duration(saved['board_s'])})")
+    return f"pruning stopped {n} trial{s} early, saving ~" + ", ~".join(parts)
+
+
+def retrained_line(retrained: dict[str, Any], label: str, metric: str) -> str:
+    """The final model trained again from the best trial's parameters."""
+    best = retrained.get("best")
+    where = "train and val, measured on test" if retrained["data"] == "train+val" else "train"
+    head = (
+        f"final model: trial {retrained['from_trial']}'s parameters trained again on {where} "
+        f"(seed {retrained['seed']}, study {retrained['study']})"
+    )
+    if not best:
+        return f"{head}: no result; the search's champion stands"
+    champion = retrained.get("champion") or {}
+    registered = (
+        f" → models:/{champion['model']}@{champion['alias']} (version {champion['version']})"
+        if champion.get("trial") is not None
+        else ""
+    )
+    return f"{head}: {label} {best[metric]:.5f}{registered}"
 
 
 def render_summary(result: dict[str, Any]) -> None:
@@ -134,10 +185,36 @@ def render_summary(result: dict[str, Any]) -> None:
         out = Console(width=200)  # a log file or pipe: do not squeeze the table to 80 columns
     out.print(results_table(result))
     counts = result["counts"]
+    rejected = counts.get("REJECTED", 0)
     out.print(
         f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
         f"{counts['RUNNING']} running"
+        + (f"; {rejected} samples rejected by the constraints" if rejected else "")
     )
+    saved = result.get("pruning_saved")
+    if saved:
+        out.print(pruning_line(saved))
+    if result.get("stopped_by"):
+        out.print(f"stopped early: {result['stopped_by']}")
+    goals = result.get("goals") or {}
+    if result.get("pareto_front") is not None:
+        out.print(
+            f"Pareto front of {', '.join(goals.get('metrics', []))} (feasible trials, + and *): "
+            f"{', '.join(str(n) for n in result['pareto_front']) or 'none'}; champion rule: "
+            f"{goals.get('champion', 'primary')}"
+        )
+    if result.get("infeasible"):
+        limits = [
+            f"{key} <= {goals[key]:g}"
+            for key in ("max_latency_ms", "max_size_mb")
+            if goals.get(key) is not None
+        ]
+        out.print(
+            f"{result['infeasible']} complete trials broke the limits ({', '.join(limits)}) and "
+            f"cannot be the champion"
+        )
+        if not result.get("best"):
+            out.print("no complete trial met the limits: no champion was registered")
     objective = _objective(result)
     champion = result.get("champion")
     best = result.get("best")
@@ -152,3 +229,5 @@ def render_summary(result: dict[str, Any]) -> None:
             f"champion unchanged: models:/{champion['model']}@{champion['alias']} (version "
             f"{champion['version']}) is better than this study's best trial"
         )
+    if result.get("retrained"):
+        out.print(retrained_line(result["retrained"], objective.label, objective.metric))

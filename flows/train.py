@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import optuna
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from tasks import stages, workloads
 from tasks.recovery import stage_heartbeat
@@ -36,9 +37,12 @@ def train_trial(
     # On a work pool the parent watches this beat; in its own process it beats for us.
     remote = cfg.orchestration.mode == "deployments"
     beat_id = trial_id if remote else None
+    epochs_run = 0
     with stage_heartbeat(cfg.storage_url, beat_id, cfg.study.heartbeat_s) as gone:
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            nonlocal epochs_run
+            epochs_run = epoch + 1
             if STOP.is_set():
                 raise Interrupted(f"study interrupted during epoch {epoch}")
             if gone.is_set():
@@ -46,11 +50,21 @@ def train_trial(
             report(epoch, row)
 
         tracker = Tracker(cfg.tracking_uri)
+        started = time.time()
         try:
             outcome = workloads.train(
                 cfg, params, tracker, run_id, parent_run_id, on_epoch=on_epoch
             )
+            if "auto" in outcome:  # train.optimizer / train.batch_size: auto
+                get_run_logger().info("trial %d: %s", trial_number, outcome["auto"]["summary"])
         except optuna.TrialPruned as pruned:
-            outcome = {"pruned": str(pruned)}
+            # What the pruned trial spent, and what it would have: for the time saved.
+            outcome = {
+                "pruned": str(pruned),
+                "epochs_run": epochs_run,
+                "epochs": workloads.planned_epochs(cfg, params),
+                "started_at": started,
+                "finished_at": time.time(),
+            }
     stages.save_outcome(tracker, run_id, "train", outcome)
     return outcome

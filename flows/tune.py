@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 
 from flows.train import STOP, train_trial
-from tasks import workloads
+from tasks import reports, workloads
 from tasks.config import apply_overrides, dump_config
 from tasks.devices.base import DeviceUnreachableError
 from tasks.preflight import check_shared_services
@@ -48,12 +48,17 @@ from tasks.recovery import (
     reuse_best_config,
     still_to_ask,
 )
+from tasks.space import EmptyRange, violated
 from tasks.study import (
     ATTR_FAIL_REASON,
     ATTR_FAIL_STAGE,
+    ATTR_REJECTED,
     ATTR_RUN_ID,
     best_trial,
+    budget_stop,
+    goals_for,
     open_study,
+    primary_value,
     study_budget,
     suggest,
     summary,
@@ -79,6 +84,14 @@ class Slot:
 
 class StageFailed(RuntimeError):
     """A stage's flow run on a work pool did not complete."""
+
+
+class SampleRejected(RuntimeError):
+    """The sampler kept drawing parameters that break the study's constraints."""
+
+
+#: Samples in a row that may break the constraints before the study gives up.
+MAX_REJECTED = 100
 
 
 class BoardPaused(RuntimeError):
@@ -224,6 +237,7 @@ class StudyRunner:
     def __init__(self, config: StudyTarget, study: optuna.Study) -> None:
         self.config = config
         self.objective = workloads.objective_for(config)
+        self.goals = goals_for(config.study, self.objective)
         self.config_dict = config.model_dump(mode="json")
         self.logger = get_run_logger()
         self.study = study
@@ -239,6 +253,8 @@ class StudyRunner:
         self.last_reconcile = time.time()
         self.board_failures: list[str] = []
         self.waiting_logged = False
+        self.started = time.time()
+        self.stopped_by: str | None = None
 
     # Setup --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -325,6 +341,7 @@ class StudyRunner:
 
     # The loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        self.started = time.time()
         self.start()
         cfg = self.config.study
         max_pending = cfg.max_pending or cfg.parallel
@@ -333,7 +350,7 @@ class StudyRunner:
         eval_pool = ThreadPoolExecutor(max_pending, thread_name_prefix="evaluate")
         try:
             while True:
-                to_ask = still_to_ask(self.study, study_budget(cfg))
+                to_ask = self._to_ask()
                 while to_ask and self.in_train < cfg.parallel and self.in_eval < max_pending:
                     self._ask(train_pool)
                     to_ask -= 1
@@ -356,7 +373,29 @@ class StudyRunner:
             eval_pool.shutdown(wait=True, cancel_futures=True)
             STOP.clear()
             self._finish(status)
-        return summary(self.study)
+        return {**summary(self.study), "stopped_by": self.stopped_by}
+
+    def _to_ask(self) -> int:
+        """Trials still to ask: none once a budget (time, ratio, patience) has run out."""
+        if self.stopped_by is None:
+            self.stopped_by = budget_stop(
+                self.config.study,
+                self.study.get_trials(deepcopy=False),
+                self.started,
+                time.time(),
+                self.objective.maximize,
+            )
+            if self.stopped_by is not None:
+                self.logger.warning(
+                    "study %s: %s; no new trial is asked, the %d in flight finish",
+                    self.config.study.name,
+                    self.stopped_by,
+                    len(self.slots),
+                )
+                self.tracker.set_tags(self.parent_run_id, {"edgetune.stopped_by": self.stopped_by})
+        if self.stopped_by is not None:
+            return 0
+        return still_to_ask(self.study, study_budget(self.config.study))
 
     def _others_running(self) -> bool:
         """Whether trials of this study run elsewhere; reconciles the stale ones first."""
@@ -373,7 +412,7 @@ class StudyRunner:
             )
         if others:
             time.sleep(self.config.study.heartbeat_s)
-        return bool(others) or still_to_ask(self.study, study_budget(self.config.study)) > 0
+        return bool(others) or self._to_ask() > 0
 
     def _beat(self, force: bool = False) -> None:
         """Refresh the heartbeat of every trial this process holds."""
@@ -393,12 +432,38 @@ class StudyRunner:
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # told meanwhile
 
+    def _sample(self) -> tuple[optuna.Trial, dict[str, Any]]:
+        """Ask for a trial whose parameters meet the study's constraints.
+
+        A sample that breaks a constraint (or whose range is empty for it) is told FAIL
+        with the reason and marked rejected: it ran nothing and does not count as a trial.
+        """
+        study = self.config.study
+        base = self.config.train.model_dump()
+        for _ in range(MAX_REJECTED):
+            trial = self.study.ask()
+            trial.set_user_attr(ATTR_OWNER, self.me)
+            trial.set_user_attr(ATTR_HEARTBEAT, time.time())
+            trial.set_user_attr(ATTR_STAGE, "train")
+            try:
+                params = suggest(trial, study.search_space, base)
+                reason = violated(study.constraints, {**base, **params})
+            except EmptyRange as exc:
+                reason = f"empty range: {exc}"
+            if reason is None:
+                return trial, params
+            trial.set_user_attr(ATTR_REJECTED, True)
+            trial.set_user_attr(ATTR_FAIL_STAGE, "sample")
+            trial.set_user_attr(ATTR_FAIL_REASON, reason)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.logger.info("trial %d: sample rejected: %s", trial.number, reason)
+        raise SampleRejected(
+            f"study {study.name}: {MAX_REJECTED} samples in a row broke the constraints (last: "
+            f"{reason}); loosen study.constraints or narrow the ranges to where they hold"
+        )
+
     def _ask(self, pool: ThreadPoolExecutor) -> None:
-        trial = self.study.ask()
-        trial.set_user_attr(ATTR_OWNER, self.me)
-        trial.set_user_attr(ATTR_HEARTBEAT, time.time())
-        trial.set_user_attr(ATTR_STAGE, "train")
-        params = suggest(trial, self.config.study.search_space)
+        trial, params = self._sample()
         run_id = self.tracker.start_run(
             self.experiment_id,
             f"trial-{trial.number}",
@@ -449,6 +514,13 @@ class StudyRunner:
             if "pruned" in outcome:
                 if not pipelined:
                     self.in_train -= 1
+                if "started_at" in outcome:  # what it spent and would have: the time saved
+                    slot.times.update(
+                        train_started=outcome["started_at"], train_finished=outcome["finished_at"]
+                    )
+                    slot.trial.set_user_attr("epochs_run", outcome["epochs_run"])
+                    slot.trial.set_user_attr("epochs_planned", outcome["epochs"])
+                self._record(slot)
                 self._prune(slot, outcome["pruned"])
                 return
             slot.float_metrics = outcome["metrics"]
@@ -485,22 +557,31 @@ class StudyRunner:
         device = outcome["device"]["metrics"]
         objective = self.objective
         self._record(slot)
-        for key in objective.trial_attrs:
-            if key in device:
-                slot.trial.set_user_attr(key, device[key])
+        measured = {**outcome["compile"].get("metrics", {}), **device}
+        for key in (*objective.trial_attrs, "device_latency_ms", "compiled_size_mb"):
+            if key in measured:
+                slot.trial.set_user_attr(key, measured[key])
         slot.trial.set_user_attr("compiled_artifact", outcome["compile"]["artifact"])
+        missing = [m for m in self.goals.metrics if m not in measured]
+        if missing:
+            self._fail(slot, "evaluate", RuntimeError(f"the stages measured no {missing[0]}"))
+            return
         value = device[objective.metric]
-        self.study.tell(slot.trial, value)
+        broken = self.goals.constrain(slot.trial, measured)
+        values = [float(measured[m]) for m in self.goals.metrics]
+        self.study.tell(slot.trial, values if self.goals.multi else value)
         self.board_failures.clear()
         self.tracker.set_tags(slot.run_id, {"edgetune.state": "COMPLETE"})
         self.tracker.end_run(slot.run_id, "FINISHED")
         self.logger.info(
-            "trial %d: %s %.5f (float %.5f)",
+            "trial %d: %s %.5f (float %.5f)%s",
             slot.trial.number,
             objective.label,
             value,
             slot.float_metrics.get(objective.float_metric, float("nan")),
+            f"; infeasible: {'; '.join(broken)}" if broken else "",
         )
+        reports.on_trial_outcome(self, slot.trial)
 
     def _fail(self, slot: Slot, stage: str, exc: BaseException) -> None:
         reason = _reason(exc)
@@ -526,6 +607,7 @@ class StudyRunner:
             reason,
             "its parameters are enqueued again" if retried else "no retry left",
         )
+        reports.on_trial_outcome(self, slot.trial)
         if where == "device":
             self._board_failed(reason)
 
@@ -545,6 +627,7 @@ class StudyRunner:
         self.tracker.set_tags(slot.run_id, {"edgetune.state": "PRUNED"})
         self.tracker.end_run(slot.run_id, "FINISHED")
         self.logger.info("trial %d: %s", slot.trial.number, reason)
+        reports.on_trial_outcome(self, slot.trial)
 
     def _abandon(self, reason: str) -> None:
         """Tell every trial still in flight FAIL, and enqueue it again, so none is lost."""
@@ -587,10 +670,11 @@ class StudyRunner:
             self.tracker.log_metrics(
                 self.parent_run_id,
                 {
-                    f"best_{self.objective.metric}": float(best.value or 0.0),
+                    f"best_{self.objective.metric}": primary_value(best),
                     "best_trial": best.number,
                 },
             )
+        reports.on_study_end(self, status)
         self.tracker.end_run(self.parent_run_id, status)
 
     def _register(self, best: optuna.trial.FrozenTrial) -> None:
@@ -606,7 +690,7 @@ class StudyRunner:
             tags={
                 "study": cfg.study.name,
                 "trial": best.number,
-                self.objective.metric: best.value,
+                self.objective.metric: primary_value(best),
                 "compiler": cfg.compile.backend,
                 "device": cfg.device.name,
             },
@@ -716,5 +800,41 @@ def tune(
     ).write_text(dump_config(cfg))
     started = time.time()
     result = StudyRunner(cfg, study).run()
+    if cfg.study.retrain != "none" and not reuse_best and result.get("best"):
+        result["retrained"] = retrain_best(cfg)
     result["seconds"] = time.time() - started
     return result
+
+
+def retrain_best(cfg: StudyTarget) -> dict[str, Any]:
+    """After the search: train the best parameters again as ``<study>-final`` (on train, or
+    on train and val), compile, evaluate on the board and register; returns its summary.
+
+    Running the study again after the search ended resumes (or reuses) this one trial.
+    """
+    logger = get_run_logger()
+    final_cfg, best = reuse_best_config(cfg, retrain=cfg.study.retrain)
+    final = open_study(
+        final_cfg.storage_url,
+        final_cfg.study,
+        final_cfg.seed,
+        objective=workloads.objective_for(cfg),
+    )
+    enqueue_best(final, best)
+    logger.info(
+        "retraining trial %d's parameters as study %s (%s, seed %d)",
+        best.number,
+        final_cfg.study.name,
+        cfg.study.retrain,
+        final_cfg.seed,
+    )
+    outcome = StudyRunner(final_cfg, final).run()
+    return {
+        "study": final_cfg.study.name,
+        "from_trial": best.number,
+        "data": cfg.study.retrain,
+        "seed": final_cfg.seed,
+        "best": outcome.get("best"),
+        "counts": outcome["counts"],
+        "champion": outcome.get("champion"),
+    }

@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 #: The names of ``tasks.models.ARCHITECTURES`` (a test keeps them equal): parsing a config
 #: must not import torch, which compile and device stages never need.
@@ -46,7 +47,22 @@ STORAGE_ENV = "EDGETUNE_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
 #: Trial parameters a search space may tune: they override ``train.<name>``.
-TUNABLE = ("lr", "momentum", "weight_decay", "rho", "swa_start", "swa_lr", "epochs", "batch_size")
+TUNABLE = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "rho",
+    "swa_start",
+    "swa_lr",
+    "epochs",
+    "batch_size",
+    "optimizer",
+)
+
+#: SAM's base optimizers (``train.optimizer``, ``train.optimizer_candidates``).
+OPTIMIZERS = ("sgd", "adamw")
+#: ``train.optimizer`` / ``train.batch_size`` value that leaves the choice to the trial.
+AUTO = "auto"
 
 
 class _Loader(yaml.SafeLoader):
@@ -88,11 +104,34 @@ class AugmentConfig(_Strict):
     hflip: bool = False
 
 
+def _train_only() -> list[Literal["train", "val"]]:
+    return ["train"]
+
+
 class DataConfig(_Strict):
     root: str = Field(description="image-folder dataset: train/, val/, optional test/")
     image_size: int = Field(32, gt=0, le=4096)
     augment: AugmentConfig = AugmentConfig()
     num_workers: int = Field(0, ge=0)
+    train_splits: list[Literal["train", "val"]] = Field(
+        default_factory=_train_only, description="the splits a model trains on"
+    )
+    eval_split: Literal["val", "test"] = Field(
+        "val", description="the split measured each epoch and on the board"
+    )
+
+    @model_validator(mode="after")
+    def _held_out(self) -> DataConfig:
+        if not self.train_splits or len(set(self.train_splits)) != len(self.train_splits):
+            raise ValueError(
+                f"train_splits: {self.train_splits} must list train (and val) once each"
+            )
+        if self.eval_split in self.train_splits:
+            raise ValueError(
+                f"eval_split: {self.eval_split} is also a training split, so its scores would "
+                f"be optimistic; evaluate on test (eval_split: test) or train on train only"
+            )
+        return self
 
 
 class ModelConfig(_Strict):
@@ -111,12 +150,29 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """FMFP: SAM around SGD, cosine to ``swa_start``, then SWA with SWALR."""
+    """FMFP: SAM around SGD (or AdamW), cosine to ``swa_start``, then SWA with SWALR.
+
+    ``batch_size: auto`` and ``optimizer: auto`` are decided by each trial on its training
+    host (``tasks.training.auto``).
+    """
 
     epochs: int = Field(200, gt=0)
-    batch_size: int = Field(16, gt=0)
+    batch_size: int | Literal["auto"] = Field(
+        16, description="auto: the largest power of two that fits on the GPU"
+    )
     lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: Literal["sgd", "adamw", "auto"] = Field(
+        "sgd", description="SAM's base optimizer (FMFP: sgd); auto: the best short run"
+    )
+    optimizer_candidates: list[str] = Field(
+        default_factory=lambda: list(OPTIMIZERS),
+        description="the optimizers optimizer: auto tries",
+    )
+    auto_epochs: int = Field(2, gt=0, description="epochs each candidate of optimizer: auto trains")
+    auto_batch_min: int = Field(8, gt=0, description="smallest batch size auto probes")
+    auto_batch_max: int = Field(512, gt=0, description="largest batch size auto probes")
+    cpu_batch_size: int = Field(32, gt=0, description="batch_size: auto on a CPU")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     weight_decay: float = Field(5e-4, ge=0)
     rho: float = Field(0.05, gt=0, description="SAM neighbourhood size")
     swa_start: int = Field(120, ge=0)
@@ -124,6 +180,50 @@ class TrainConfig(_Strict):
     eta_min: float = Field(1e-5, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast when training on CUDA")
+
+    @field_validator("batch_size", mode="plain", json_schema_input_type=int | Literal["auto"])
+    @classmethod
+    def _size_or_auto(cls, value: Any) -> int | str:
+        if value == AUTO:
+            return AUTO
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PydanticCustomError("int_type", "Input should be a valid integer or 'auto'")
+        if value <= 0:
+            raise PydanticCustomError(
+                "greater_than", "Input should be greater than {gt}", {"gt": 0}
+            )
+        return value
+
+    @field_validator("optimizer_candidates")
+    @classmethod
+    def _known_optimizers(cls, value: list[str]) -> list[str]:
+        choose = f"list some of {', '.join(OPTIMIZERS)}"
+        if not value:
+            raise ValueError(f"needs at least one optimizer; {choose}")
+        for name in value:
+            if name not in OPTIMIZERS:
+                raise ValueError(
+                    f"unknown optimizer {name!r}{_suggest(name, OPTIMIZERS)}; {choose}"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value} names an optimizer twice; list each once")
+        return value
+
+    @model_validator(mode="after")
+    def _auto_batch_range(self) -> TrainConfig:
+        for name in ("auto_batch_min", "auto_batch_max"):
+            size = getattr(self, name)
+            if size & (size - 1):
+                lower = 1 << (size.bit_length() - 1)
+                raise ValueError(
+                    f"{name}: {size} is not a power of two; use {lower} or {2 * lower}"
+                )
+        if self.auto_batch_min > self.auto_batch_max:
+            raise ValueError(
+                f"auto_batch_max: {self.auto_batch_max} is below auto_batch_min "
+                f"{self.auto_batch_min}; raise auto_batch_max or lower auto_batch_min"
+            )
+        return self
 
 
 class ExportConfig(_Strict):
@@ -228,13 +328,52 @@ class OrchestrationConfig(_Strict):
     poll_interval_s: float = Field(2.0, gt=0)
 
 
+Scalar = float | int | str | bool
+
+
 class SearchParam(_Strict):
+    """One searched setting: a float or int range, or a list of choices.
+
+    ``low``/``high`` may be expressions of parameters listed before this one, or of
+    training settings (``"3 * epochs / 4"``); ``log`` with ``step`` draws on a log scale
+    and rounds to the step (``qloguniform``); ``when`` draws the parameter only when
+    earlier parameters take the given values (otherwise the training setting applies).
+    """
+
     type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
+    low: float | str | None = None
+    high: float | str | None = None
     log: bool = False
     step: float | None = None
-    choices: list[float | int | str | bool] | None = None
+    choices: list[Scalar] | None = None
+    when: dict[str, list[Scalar]] | None = Field(
+        None, description="draw only when earlier parameters take one of these values"
+    )
+
+    @field_validator("low", "high", mode="after")
+    @classmethod
+    def _expression(cls, value: float | str | None) -> float | str | None:
+        from tasks.space import ExpressionError, parse_expr
+
+        if not isinstance(value, str):
+            return value
+        try:
+            expr = parse_expr(value)
+        except ExpressionError as exc:
+            raise ValueError(str(exc)) from None
+        if expr.names:
+            return value
+        try:
+            return float(expr({}))  # a constant: the number it spells
+        except (ArithmeticError, TypeError, ExpressionError) as exc:
+            raise ValueError(f"cannot compute {value!r}: {exc}") from None
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, list) else [v] for k, v in value.items()}
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> SearchParam:
@@ -248,75 +387,212 @@ class SearchParam(_Strict):
             raise ValueError(f"{self.type} takes 'low' and 'high', not 'choices'")
         if self.low is None or self.high is None:
             raise ValueError(f"{self.type} needs both 'low' and 'high'")
-        if not (math.isfinite(self.low) and math.isfinite(self.high)):
-            raise ValueError(
-                f"low and high must be finite, but got low={self.low}, high={self.high}; "
-                f"give finite bounds"
-            )
-        if self.low > self.high:
-            raise ValueError(
-                f"low <= high must hold, but got low={self.low}, high={self.high}; swap them"
-            )
-        if self.log and self.low <= 0:
-            raise ValueError(
-                f"log scale needs low > 0, but got low={self.low}; raise low or set log: false"
-            )
-        if self.log and self.step is not None:
-            raise ValueError("'step' cannot be combined with log=true")
         if self.step is not None and self.step <= 0:
             raise ValueError(f"step must be > 0, but got {self.step}")
-        if self.type == "int" and not (
-            float(self.low).is_integer() and float(self.high).is_integer()
-        ):
-            raise ValueError(f"int bounds must be whole numbers, but got {self.low}..{self.high}")
+        if self.type == "int" and self.step is not None and not float(self.step).is_integer():
+            raise ValueError(f"an int range needs a whole step, but got {self.step}")
+        low, high = self.low, self.high
+        if isinstance(low, str) or isinstance(high, str):
+            if self.log and isinstance(low, float) and low <= 0:
+                raise ValueError(f"log scale needs low > 0, but got low={low}; raise low")
+            return self  # the rest is checked where the expressions have values
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(
+                f"low and high must be finite, but got low={low}, high={high}; give finite bounds"
+            )
+        if low > high:
+            raise ValueError(f"low <= high must hold, but got low={low}, high={high}; swap them")
+        if self.log and low <= 0:
+            raise ValueError(
+                f"log scale needs low > 0, but got low={low}; raise low or set log: false"
+            )
+        if self.type == "int" and not (float(low).is_integer() and float(high).is_integer()):
+            raise ValueError(f"int bounds must be whole numbers, but got {low}..{high}")
         return self
 
     @property
+    def depends_on(self) -> frozenset[str]:
+        """The parameters and settings this one's range or condition reads."""
+        from tasks.space import parse_expr
+
+        names = set(self.when or {})
+        for end in (self.low, self.high):
+            if isinstance(end, str):
+                names |= parse_expr(end).names
+        return frozenset(names)
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether a range end is an expression (its values differ from trial to trial)."""
+        return isinstance(self.low, str) or isinstance(self.high, str)
+
+    @property
     def upper(self) -> float | None:
-        """The largest value this parameter can take, for cross-field checks."""
+        """The largest value this parameter can take (None: an expression decides)."""
         if self.type == "categorical":
             numbers = [c for c in self.choices or [] if isinstance(c, int | float)]
             return max(numbers) if numbers else None
-        return self.high
+        return self.high if isinstance(self.high, float | int) else None
 
     @property
     def lower(self) -> float | None:
         if self.type == "categorical":
             numbers = [c for c in self.choices or [] if isinstance(c, int | float)]
             return min(numbers) if numbers else None
-        return self.low
+        return self.low if isinstance(self.low, float | int) else None
+
+
+def check_space(
+    space: dict[str, SearchParam], tunable: tuple[str, ...], constraints: list[str]
+) -> str | None:
+    """Why a space's names, order, conditions or constraints cannot work (None: they can).
+
+    A range end or condition may read parameters listed before it, or training settings;
+    a constraint may read any parameter or setting.
+    """
+    from tasks.space import ExpressionError, parse_expr
+
+    seen: list[str] = []
+    for name, spec in space.items():
+        if name not in tunable:
+            return (
+                f"search_space.{name}: not a tunable parameter; "
+                f"choose from {', '.join(tunable)}{_suggest(name, tunable)}"
+            )
+        for where, names in (
+            ("when", set(spec.when or {})),
+            ("low", parse_expr(spec.low).names if isinstance(spec.low, str) else set()),
+            ("high", parse_expr(spec.high).names if isinstance(spec.high, str) else set()),
+        ):
+            for used in sorted(names):
+                if used == name:
+                    return f"search_space.{name}.{where}: a parameter cannot depend on itself"
+                if used not in tunable:
+                    return (
+                        f"search_space.{name}.{where}: {used!r} is not a parameter or training "
+                        f"setting; use one of {', '.join(tunable)}{_suggest(used, tunable)}"
+                    )
+                if used in space and used not in seen:
+                    return (
+                        f"search_space.{name}.{where}: reads {used}, which is drawn after "
+                        f"{name}; list {used} before {name}"
+                    )
+        seen.append(name)
+    for index, text in enumerate(constraints):
+        try:
+            expr = parse_expr(text)
+        except ExpressionError as exc:
+            return f"constraints[{index}]: {exc}"
+        unknown = sorted(expr.names - set(tunable))
+        if unknown:
+            return (
+                f"constraints[{index}]: {unknown[0]!r} is not a parameter or training setting; "
+                f"use one of {', '.join(tunable)}{_suggest(unknown[0], tunable)}"
+            )
+    return None
 
 
 def space_refusal(
-    space: dict[str, SearchParam], settings_with: typing.Callable[[dict[str, Any]], object]
+    space: dict[str, SearchParam],
+    settings_with: typing.Callable[[dict[str, Any]], object],
+    base: dict[str, Any] | None = None,
 ) -> str | None:
-    """Why some end of some range (or some choice) is refused by the training settings.
+    """Why some value a trial could draw is refused by the training settings (None: none is).
 
-    ``settings_with({name: value})`` builds the trial's settings (and raises if it cannot);
-    the parser checks each range on its own, this checks it against the settings' rules
-    (``batch_size`` may not be 0), so that no trial of the study can draw such a value.
+    ``settings_with(params)`` builds a trial's settings (and raises if it cannot); ``base``
+    holds the settings that ranges written as expressions may read. The parser checks each
+    range on its own; this checks each end of each range and each choice against the
+    settings' rules (``batch_size`` may not be 0), then every corner of the space together
+    (ranges whose ends read other parameters), so that no trial can draw such values.
     """
+    from tasks.space import EmptyRange, limited_corners
+
     for name, spec in space.items():
+        if spec.dynamic:
+            continue
         if spec.type == "categorical":
             values = list(spec.choices or [])
         else:
             values = [v for v in (spec.low, spec.high) if v is not None]
         for value in values:
-            shown = int(value) if spec.type == "int" and isinstance(value, float) else value
-            try:
-                settings_with({name: value})
-            except ValidationError as exc:
-                reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-                return (
-                    f"study.search_space.{name}: a trial could draw {shown!r}, which train.{name} "
-                    f"refuses ({reason}); keep the range inside what train.{name} accepts"
-                )
-            except (TypeError, ValueError):
-                return (
-                    f"study.search_space.{name}: choice {shown!r} is not a number; "
-                    f"train.{name} takes numbers"
-                )
+            refusal = _refused(settings_with, {name: value}, spec)
+            if refusal:
+                return refusal
+    try:
+        for corner in limited_corners(space, base or {}):
+            refusal = _refused(settings_with, corner, None)
+            if refusal:
+                return refusal
+    except EmptyRange as exc:
+        return f"study.search_space.{exc}; widen the range or change what it reads"
     return None
+
+
+def _refused(
+    settings_with: typing.Callable[[dict[str, Any]], object],
+    params: dict[str, Any],
+    spec: SearchParam | None,
+) -> str | None:
+    """Why ``settings_with(params)`` refuses these values, naming the parameter at fault."""
+
+    def shown(name: str) -> Any:
+        value = params[name]
+        kind = spec.type if spec is not None else None
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    try:
+        settings_with(params)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = field if field in params else next(iter(params))
+        others = [f"{k}={shown(k)!r}" for k in params if k != name]
+        alongside = f" (with {', '.join(others)})" if others else ""
+        return (
+            f"study.search_space.{name}: a trial could draw {shown(name)!r}{alongside}, which "
+            f"train.{field or name} refuses ({reason}); keep the range inside what "
+            f"train.{field or name} accepts"
+        )
+    except (TypeError, ValueError):
+        name = next(iter(params))
+        return (
+            f"study.search_space.{name}: choice {shown(name)!r} is not a number; "
+            f"train.{name} takes numbers"
+        )
+    return None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)")
+_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in ``6h``, ``90m``, ``1h30m``, ``45s``, ``2d`` (a bare number: seconds)."""
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        spaced = str(text).strip().lower()
+        parts = _DURATION.findall(spaced)
+        joined = "".join(f"{n}{u}" for n, u in parts)
+        if re.fullmatch(r"\d+(?:\.\d+)?", spaced):
+            seconds = float(spaced)
+        elif parts and joined == spaced.replace(" ", ""):
+            seconds = sum(float(n) * _SECONDS[u] for n, u in parts)
+        else:
+            raise ValueError(f"{text!r} is not a duration; write e.g. 6h, 90m, 1h30m, 45s or 2d")
+    if not seconds > 0:
+        raise ValueError(f"a time budget must be positive, but got {text!r}")
+    return seconds
+
+
+#: Objectives a study may add to its metric, all minimised: name -> what it measures.
+SECONDARY = {
+    "device_latency_ms": "mean latency on the board (ms)",
+    "compiled_size_mb": "size of the compiled model (MB)",
+}
 
 
 def _original_space() -> dict[str, SearchParam]:
@@ -333,6 +609,8 @@ def _original_space() -> dict[str, SearchParam]:
 class StudyConfig(_Strict):
     #: The ``train.<name>`` settings a search space may name.
     tunable: ClassVar[tuple[str, ...]] = TUNABLE
+    #: The study's own metric: the first objective.
+    metric: ClassVar[str] = "device_augrc"
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     n_trials: int = Field(400, gt=0)
@@ -346,6 +624,46 @@ class StudyConfig(_Strict):
     )
     storage: str | None = Field(None, description="Optuna RDB URL; default: a file in run_dir")
     search_space: dict[str, SearchParam] = Field(default_factory=_original_space)
+    constraints: list[str] = Field(
+        default_factory=list,
+        description="conditions every trial's parameters must meet, e.g. 'swa_lr <= lr'",
+    )
+    search_space_file: str | None = Field(
+        None, description="the file search_space was read from (set when it names a file)"
+    )
+    time_budget: str | float | None = Field(
+        None, description="stop asking new trials after this long, e.g. 6h, 90m, 1h30m"
+    )
+    hpo_time_ratio: float | None = Field(
+        None, gt=0, description="stop asking after R times the length of one full training"
+    )
+    patience: int | None = Field(
+        None, gt=0, description="stop after this many finished trials without a new best"
+    )
+    objectives: list[str] | None = Field(
+        None,
+        description="the study's metric, then device_latency_ms and/or compiled_size_mb: "
+        "a Pareto front (default: the metric alone)",
+    )
+    max_latency_ms: float | None = Field(
+        None, gt=0, description="a trial slower on the board is infeasible"
+    )
+    max_size_mb: float | None = Field(
+        None, gt=0, description="a trial whose compiled model is larger is infeasible"
+    )
+    champion: Literal["primary", "utopia", "weighted"] = Field(
+        "primary",
+        description="which feasible Pareto-optimal trial is the champion: the best on the "
+        "study's metric, the nearest to the ideal point, or the best weighted sum",
+    )
+    champion_weights: dict[str, float] = Field(
+        default_factory=dict, description="objective -> weight, for champion: weighted"
+    )
+    retrain: Literal["none", "train", "train+val"] = Field(
+        "none",
+        description="after the search, train the best parameters again (seed + 1) on train, "
+        "or on train and val measured on test, then compile, evaluate and register",
+    )
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUGRC interval")
     retries: int = Field(1, ge=0, description="times a failed trial's parameters are run again")
     heartbeat_s: float = Field(10.0, gt=0, description="how often a running trial is marked alive")
@@ -357,6 +675,17 @@ class StudyConfig(_Strict):
     @classmethod
     def _no_password(cls, value: str | None) -> str | None:
         return _refuse_password(value, STORAGE_ENV, "--storage")
+
+    @field_validator("time_budget")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @property
+    def time_budget_s(self) -> float | None:
+        return None if self.time_budget is None else parse_duration(self.time_budget)
 
     @model_validator(mode="after")
     def _heartbeat_window(self) -> StudyConfig:
@@ -378,16 +707,75 @@ class StudyConfig(_Strict):
                     f"this float range has no step; give it a step, make it categorical, or "
                     f"choose another sampler"
                 )
+            if spec.dynamic or spec.when:
+                raise ValueError(
+                    f"search_space.{name}: the grid sampler needs fixed ranges, but this one "
+                    f"{'has a condition' if spec.when else 'has an expression for an end'}; "
+                    f"write fixed values or choose another sampler"
+                )
+        if self.constraints:
+            raise ValueError(
+                "constraints: the grid sampler runs every point of a fixed grid; remove the "
+                "constraints (leave such points out of the grid) or choose another sampler"
+            )
+        return self
+
+    @property
+    def objective_names(self) -> list[str]:
+        return list(self.objectives or [self.metric])
+
+    @model_validator(mode="after")
+    def _objectives(self) -> StudyConfig:
+        names = self.objective_names
+        if names[0] != self.metric:
+            raise ValueError(
+                f"objectives: the first objective must be {self.metric} (the study's metric), "
+                f"got {names[0]!r}; list {self.metric} first, then {' and/or '.join(SECONDARY)}"
+            )
+        for name in names[1:]:
+            if name not in SECONDARY:
+                raise ValueError(
+                    f"objectives: {name!r} cannot be optimised alongside {self.metric}; use "
+                    f"{' and/or '.join(SECONDARY)}{_suggest(name, SECONDARY)}"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: {names} names an objective twice; list each once")
+        if len(names) > 1 and self.pruner != "none":
+            raise ValueError(
+                f"pruner: {self.pruner!r} decides on one metric, and this study has "
+                f"{len(names)} objectives; set pruner: none, or keep one objective"
+            )
+        if len(names) > 1 and self.sampler == "cmaes":
+            raise ValueError(
+                "sampler: cmaes optimises one objective; choose nsga2, tpe, gp or random for "
+                "several objectives"
+            )
+        if self.champion == "weighted":
+            if not self.champion_weights:
+                raise ValueError(
+                    "champion_weights: champion: weighted needs a weight per objective, e.g. "
+                    f"{{{names[0]}: 1.0, device_latency_ms: 0.5}}"
+                )
+            unknown = sorted(set(self.champion_weights) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"champion_weights: {unknown[0]!r} is not one of the study's objectives "
+                    f"({', '.join(names)}); weigh only those"
+                )
+            if any(w < 0 for w in self.champion_weights.values()) or not any(
+                self.champion_weights.values()
+            ):
+                raise ValueError(
+                    "champion_weights: weights must be >= 0 and not all 0; give the objectives "
+                    "that matter a positive weight"
+                )
         return self
 
     @model_validator(mode="after")
     def _known_params(self) -> StudyConfig:
-        for name in self.search_space:
-            if name not in self.tunable:
-                raise ValueError(
-                    f"search_space.{name}: not a tunable parameter; "
-                    f"choose from {', '.join(self.tunable)}{_suggest(name, self.tunable)}"
-                )
+        refusal = check_space(self.search_space, self.tunable, self.constraints)
+        if refusal:
+            raise ValueError(refusal)
         return self
 
 
@@ -467,15 +855,25 @@ class EdgetuneConfig(_Strict):
 
     @model_validator(mode="after")
     def _swa_inside_epochs(self) -> EdgetuneConfig:
-        space = self.study.search_space
-        max_swa = space["swa_start"].upper if "swa_start" in space else self.train.swa_start
-        min_epochs = space["epochs"].lower if "epochs" in space else self.train.epochs
-        if max_swa is not None and min_epochs is not None and max_swa >= min_epochs:
+        """In every trial, SWA starts before the last epoch (checked at the space's corners)."""
+        from tasks.space import EmptyRange, limited_corners
+
+        base = self.train.model_dump()
+        try:
+            for corner in limited_corners(self.study.search_space, base):
+                swa = corner.get("swa_start", self.train.swa_start)
+                epochs = corner.get("epochs", self.train.epochs)
+                numbers = isinstance(swa, int | float) and isinstance(epochs, int | float)
+                if numbers and swa >= epochs:
+                    raise ValueError(
+                        f"train.swa_start: SWA must start before the last epoch, but "
+                        f"swa_start can be {swa:g} with epochs={epochs:g}; lower swa_start "
+                        f"(or its search range) below epochs"
+                    )
+        except EmptyRange as exc:
             raise ValueError(
-                f"train.swa_start: SWA must start before the last epoch, but swa_start can be "
-                f"{max_swa:g} with epochs={min_epochs:g}; lower swa_start (or its search range) "
-                f"below epochs"
-            )
+                f"study.search_space.{exc}; widen the range or change what it reads"
+            ) from None
         return self
 
     # Derived locations -------------------------------------------------------------------
@@ -620,15 +1018,78 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_config(raw: dict[str, Any], *, source: str = "config") -> EdgetuneConfig:
+    raw = inline_search_space(raw, TUNABLE)
     try:
         config = EdgetuneConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {format_errors(exc, EdgetuneConfig)}") from None
+        message = in_space_file(format_errors(exc, EdgetuneConfig), raw)
+        raise ConfigError(f"{source}: {message}") from None
     return _resolve_paths(config)
 
 
 #: Path-valued keys; in a file they are relative to the file's folder (like docker compose).
-PATH_KEYS = (("data", "root"), ("model", "weights"), ("run_dir",))
+PATH_KEYS = (("data", "root"), ("model", "weights"), ("run_dir",), ("study", "search_space"))
+
+
+class SpaceFile(_Strict):
+    """A search-space file (``configs/search_spaces/*.yaml``): ``params`` and ``constraints``."""
+
+    params: dict[str, SearchParam]
+    constraints: list[str] = Field(default_factory=list)
+
+
+def read_space_file(path: str | Path, tunable: tuple[str, ...]) -> SpaceFile:
+    """Read and check a search-space file; errors name the file and the key in it."""
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(
+            f"study.search_space: file {str(source)!r} not found; give the path of a search-"
+            f"space file (relative to the config's folder), or write the space inline"
+        )
+    raw = read_yaml(source)
+    try:
+        space = SpaceFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_errors(exc, SpaceFile)}") from None
+    refusal = check_space(space.params, tunable, space.constraints)
+    if refusal:
+        raise ConfigError(f"{source}: {refusal.replace('search_space.', 'params.', 1)}")
+    return space
+
+
+def inline_search_space(raw: dict[str, Any], tunable: tuple[str, ...]) -> dict[str, Any]:
+    """A raw config whose ``study.search_space`` names a file, with that file's space in it.
+
+    The file's constraints come before the config's own ``study.constraints``; the file's
+    path is kept in ``study.search_space_file`` for errors and for the record.
+    """
+    study = raw.get("study")
+    if not isinstance(study, dict) or not isinstance(study.get("search_space"), str):
+        return raw
+    path = study["search_space"]
+    space = read_space_file(path, tunable)
+    own = study.get("constraints") or []
+    dumped = space.model_dump(mode="json", exclude_defaults=True)
+    merged = {
+        **study,
+        "search_space": dumped["params"],
+        "constraints": [*space.constraints, *(own if isinstance(own, list) else [own])],
+        "search_space_file": path,
+    }
+    return {**raw, "study": merged}
+
+
+def in_space_file(message: str, raw: dict[str, Any]) -> str:
+    """Point errors about a space read from a file at the file and its key."""
+    study = raw.get("study")
+    path = study.get("search_space_file") if isinstance(study, dict) else None
+    return at_space_file(message, path if isinstance(path, str) else None)
+
+
+def at_space_file(message: str, path: str | None) -> str:
+    if not path:
+        return message
+    return re.sub(r"\bstudy\.search_space\.", f"{path}: params.", message)
 
 
 def anchor_paths(
@@ -680,7 +1141,8 @@ def trial_train_config(config: EdgetuneConfig, params: dict[str, Any]) -> TrainC
         raise ConfigError(f"trial params {sorted(unknown)} are not tunable; use {TUNABLE}")
     merged = {**config.train.model_dump(), **params}
     for name in ("epochs", "batch_size", "swa_start"):
-        merged[name] = int(merged[name])
+        if not (name == "batch_size" and merged[name] == AUTO):
+            merged[name] = int(merged[name])
     for name in ("lr", "momentum", "weight_decay", "rho", "swa_lr"):
         merged[name] = float(merged[name])
     return TrainConfig.model_validate(merged)

@@ -109,6 +109,16 @@ def inspect_dataset(root: str | Path, *, verify_images: bool = True) -> DatasetI
     return DatasetInfo(root=base, classes=tuple(reference), files=files)
 
 
+def split_items(info: DatasetInfo, split: str, root: str | Path) -> list[tuple[Path, int]]:
+    """The images of one split, or a DataError naming the missing folder."""
+    if split not in info.files:
+        raise DataError(
+            f"data.eval_split: {split}/ not found in {root}; add a {split}/ split (one folder "
+            f"per class, like train/) or evaluate on val"
+        )
+    return info.files[split]
+
+
 def load_rgb(path: Path, size: int) -> Image.Image:
     """Three channels at the model's input size: the one resize both float and device use."""
     with Image.open(path) as image:

@@ -19,10 +19,11 @@ from tasks.config import (
     TRACKING_ENV,
     ConfigError,
     EdgetuneConfig,
+    at_space_file,
     space_refusal,
     trial_train_config,
 )
-from tasks.data import DatasetInfo, inspect_dataset
+from tasks.data import DataError, DatasetInfo, inspect_dataset, split_items
 
 if TYPE_CHECKING:
     from tasks.workloads import StudyTarget
@@ -43,6 +44,12 @@ def preflight(config: EdgetuneConfig) -> DatasetInfo:
     from tasks.compilers import COMPILERS
 
     info = inspect_dataset(config.data.root)
+    split_items(info, config.data.eval_split, config.data.root)
+    if config.study.retrain == "train+val" and "test" not in info.files:
+        raise DataError(
+            f"study.retrain: train+val measures the final model on test/, which "
+            f"{config.data.root} lacks; add a test/ split or use retrain: train"
+        )
     check_search_space(config)
     check_weights(config, len(info.classes))
     COMPILERS[config.compile.backend].check_available()
@@ -56,10 +63,12 @@ def preflight(config: EdgetuneConfig) -> DatasetInfo:
 def check_search_space(config: EdgetuneConfig) -> None:
     """Every end of every range (every choice) is a value ``train.<name>`` accepts."""
     refusal = space_refusal(
-        config.study.search_space, lambda params: trial_train_config(config, params)
+        config.study.search_space,
+        lambda params: trial_train_config(config, params),
+        config.train.model_dump(),
     )
     if refusal:
-        raise ConfigError(refusal)
+        raise ConfigError(at_space_file(refusal, config.study.search_space_file))
 
 
 def check_weights(config: EdgetuneConfig, num_classes: int) -> None:

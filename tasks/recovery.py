@@ -182,14 +182,23 @@ def enqueue_retry(
 
 
 def outcome_count(trials: Iterable[FrozenTrial]) -> int:
-    """Trials with an outcome: COMPLETE, PRUNED, or FAIL with no retry enqueued for it."""
+    """Trials with an outcome: COMPLETE, PRUNED, or FAIL with no retry enqueued for it.
+
+    A sample rejected by the study's constraints ran nothing and is not counted.
+    """
+    from tasks.study import ATTR_REJECTED
+
     trials = list(trials)
     retried = retried_numbers(trials)
     return sum(
         1
         for t in trials
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        or (t.state == TrialState.FAIL and t.number not in retried)
+        or (
+            t.state == TrialState.FAIL
+            and t.number not in retried
+            and not t.user_attrs.get(ATTR_REJECTED)
+        )
     )
 
 
@@ -361,11 +370,15 @@ class NothingToReuseError(RuntimeError):
     """``--reuse-best`` on a study without a COMPLETE trial."""
 
 
-def reuse_best_config(config: StudyTarget) -> tuple[StudyTarget, FrozenTrial]:
+def reuse_best_config(
+    config: StudyTarget, retrain: str | None = None
+) -> tuple[StudyTarget, FrozenTrial]:
     """The config of a one-trial study that retrains the best parameters of ``config``'s study.
 
-    It is stored beside the search as ``<study>-best``, logs to the same experiment and
-    registers under the same model name, so its result becomes the champion.
+    It is stored beside the search as ``<study>-best`` (``--reuse-best``: the same seed and
+    data), or as ``<study>-final`` after a search with ``study.retrain`` (seed + 1, so a fresh
+    model; ``train+val``: trained on train and val, measured on test). It logs to the same
+    experiment and registers under the same model name, so its result becomes the champion.
     """
     from tasks.study import best_trial, open_study
 
@@ -382,7 +395,21 @@ def reuse_best_config(config: StudyTarget) -> tuple[StudyTarget, FrozenTrial]:
             f"study {config.study.name!r} has no COMPLETE trial to reuse; run the search first"
         )
     data = config.model_dump(mode="json")
-    data["study"].update(name=f"{config.study.name}-best", n_trials=1, parallel=1, max_pending=None)
+    data["study"].update(
+        name=f"{config.study.name}-{'final' if retrain else 'best'}",
+        n_trials=1,
+        parallel=1,
+        max_pending=None,
+        pruner="none",  # the one trial runs to the end
+        retrain="none",
+        time_budget=None,
+        hpo_time_ratio=None,
+        patience=None,
+    )
+    if retrain:
+        data["seed"] = config.seed + 1
+    if retrain == "train+val":
+        data["data"].update(train_splits=["train", "val"], eval_split="test")
     data["tracking"].update(
         experiment=config.experiment_name, registered_model=config.registered_model_name
     )

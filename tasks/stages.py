@@ -27,7 +27,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from tasks.config import EdgetuneConfig, StudyConfig, dump_config, trial_train_config
-from tasks.data import calibration_items, inspect_dataset, load_bundle, make_bundle
+from tasks.data import (
+    calibration_items,
+    inspect_dataset,
+    load_bundle,
+    make_bundle,
+    split_items,
+)
 from tasks.metrics import classification_metrics
 from tasks.tracking import Tracker
 
@@ -81,8 +87,9 @@ class StudyInputs:
 def prepare_inputs(config: EdgetuneConfig, tracker: Tracker, parent_run_id: str) -> StudyInputs:
     info = inspect_dataset(config.data.root)
     with scratch(config, "inputs") as work:
+        evaluated = split_items(info, config.data.eval_split, config.data.root)
         bundle = make_bundle(
-            info.files["val"], info.classes, config.data.image_size, work / "val_bundle.npz"
+            evaluated, info.classes, config.data.image_size, work / "val_bundle.npz"
         )
         calib = make_bundle(
             calibration_items(info.files["train"], config.compile.calibration_samples, config.seed),
@@ -115,6 +122,7 @@ def train(
 
     from tasks.export import export_checked
     from tasks.models import create_model
+    from tasks.training.auto import resolve_auto
     from tasks.training.fmfp import seed_everything, train_fmfp
     from tasks.training.loaders import bundle_tensors, train_loader
 
@@ -124,21 +132,50 @@ def train(
     with scratch(config, "train") as work:
         bundle = load_bundle(tracker.download(parent_run_id, BUNDLE, work))
         val_x, val_y = bundle_tensors(bundle)
+        items = [item for split in config.data.train_splits for item in info.files[split]]
+
+        def make_model() -> Any:
+            seed_everything(config.seed)  # the initial weights are part of the trial
+            return create_model(
+                config.model.arch,
+                len(info.classes),
+                weights=config.model.weights,
+                finetune=config.model.finetune,
+            )
+
+        # optimizer: auto is decided on train and val, never on test.
+        select_x, select_y = val_x, val_y
+        if settings.optimizer == "auto" and config.data.eval_split != "val":
+            select = make_bundle(
+                info.files["val"], info.classes, config.data.image_size, work / "select.npz"
+            )
+            select_x, select_y = bundle_tensors(load_bundle(select))
+        choices = resolve_auto(
+            settings,
+            make_model=make_model,
+            train_items=info.files["train"],
+            val_images=select_x,
+            val_labels=select_y,
+            image_size=config.data.image_size,
+            augment=config.data.augment,
+            num_classes=len(info.classes),
+            seed=config.seed,
+            num_workers=config.data.num_workers,
+        )
+        if choices.chosen:
+            tracker.log_params(run_id, choices.params())
+            tracker.log_metrics(run_id, choices.metrics())
+        settings = choices.settings
+        assert isinstance(settings.batch_size, int)
         loader = train_loader(
-            info.files["train"],
+            items,
             config.data.image_size,
             config.data.augment,
             settings.batch_size,
             seed=config.seed,
             num_workers=config.data.num_workers,
         )
-        seed_everything(config.seed)  # the initial weights are part of the trial
-        model = create_model(
-            config.model.arch,
-            len(info.classes),
-            weights=config.model.weights,
-            finetune=config.model.finetune,
-        )
+        model = make_model()
 
         def log_epoch(epoch: int, row: dict[str, float]) -> None:
             tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
@@ -163,13 +200,18 @@ def train(
     metrics = {f"float_{k}": v for k, v in result.metrics.items()}
     metrics["onnx_max_abs_diff"] = exported.max_abs_diff
     metrics["train_seconds"] = result.seconds
+    metrics["train_images"] = float(len(items))
     tracker.log_metrics(run_id, metrics)
-    return {
+    metrics.update({k: v for k, v in choices.metrics().items() if np.isfinite(v)})
+    outcome: dict[str, Any] = {
         "metrics": metrics,
         "device": result.device,
         "started_at": started,
         "finished_at": time.time(),
     }
+    if choices.chosen:
+        outcome["auto"] = choices.record()
+    return outcome
 
 
 # Compilation ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,16 @@ ATTR_OBJECTIVE = "objective"
 ATTR_RUN_ID = "mlflow_run_id"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_FAIL_STAGE = "fail_stage"
+#: The values a trial trained with, where they differ from its sampled params (a range
+#: with log and step is drawn on the log scale, then rounded to the step).
+ATTR_APPLIED = "applied_params"
+#: Set on a trial whose sample broke a constraint: it ran nothing and counts as no trial.
+ATTR_REJECTED = "rejected"
+#: Study user attribute: the objectives, limits and champion rule (``Goals.record``).
+ATTR_GOALS = "goals"
+#: Trial user attributes: whether a complete trial met the limits, and which it broke.
+ATTR_FEASIBLE = "feasible"
+ATTR_INFEASIBLE = "infeasible_reason"
 
 _T = TypeVar("_T")
 
@@ -177,7 +188,11 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 def make_sampler(
     name: str, seed: int, space: Mapping[str, SearchParam] | None = None
 ) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded (the same seed asks the same first trials)."""
+    """The configured sampler, seeded (the same seed asks the same first trials).
+
+    tpe, gp and nsga2 also read each trial's constraint values (``Goals.constrain``) and
+    steer away from trials that broke the study's limits.
+    """
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
@@ -211,6 +226,72 @@ def study_budget(config: StudyConfig) -> int:
     return config.n_trials
 
 
+def full_training_s(trials: list[FrozenTrial]) -> float | None:
+    """The median training time of the trials that trained to the end (None: none yet)."""
+    spans = sorted(
+        float(t.user_attrs["train_finished"]) - float(t.user_attrs["train_started"])
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and "train_started" in t.user_attrs
+        and "train_finished" in t.user_attrs
+    )
+    if not spans:
+        return None
+    middle = len(spans) // 2
+    return spans[middle] if len(spans) % 2 else (spans[middle - 1] + spans[middle]) / 2
+
+
+def trials_since_best(trials: list[FrozenTrial], maximize: bool) -> tuple[int, int | None]:
+    """Finished trials (complete or pruned) since the best one finished, and its number."""
+    finished = sorted(
+        (t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+        key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number),
+    )
+    sign = -1.0 if maximize else 1.0
+    best: FrozenTrial | None = None
+    since = 0
+    for trial in finished:
+        if trial.state == TrialState.COMPLETE and (
+            best is None or sign * primary_value(trial) < sign * primary_value(best)
+        ):
+            best, since = trial, 0
+        elif best is not None:
+            since += 1
+    return since, None if best is None else best.number
+
+
+def budget_stop(
+    config: StudyConfig,
+    trials: list[FrozenTrial],
+    started: float,
+    now: float,
+    maximize: bool = False,
+) -> str | None:
+    """Why the study asks no more trials (None: it goes on); trials in flight still finish.
+
+    ``time_budget`` and ``hpo_time_ratio`` count from ``started`` (this run of the study);
+    ``hpo_time_ratio`` R allows R times one full training (the median training time of
+    the trials that trained to the end, known once the first one has); ``patience`` K
+    stops after K finished trials without a new best.
+    """
+    elapsed = now - started
+    budget = config.time_budget_s
+    if budget is not None and elapsed >= budget:
+        return f"time budget {config.time_budget} reached after {elapsed:.0f} s"
+    if config.hpo_time_ratio is not None:
+        full = full_training_s(trials)
+        if full is not None and elapsed >= config.hpo_time_ratio * full:
+            return (
+                f"HPO time ratio {config.hpo_time_ratio:g} reached: {elapsed:.0f} s is "
+                f"{elapsed / full:.1f} x one full training ({full:.1f} s)"
+            )
+    if config.patience is not None:
+        since, best = trials_since_best(trials, maximize)
+        if best is not None and since >= config.patience:
+            return f"no improvement in the {since} trials finished since the best (trial {best})"
+    return None
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     from tasks.tracking import mask_uri
 
@@ -236,6 +317,7 @@ def open_study(
     objective: Objective = CLASSIFIER,
 ) -> optuna.Study:
     storage = open_storage(url)
+    goals = goals_for(config, objective)
     sampler = make_sampler(config.sampler, seed, config.search_space)
     pruner = make_pruner(config.pruner)
     if not create:
@@ -245,7 +327,7 @@ def open_study(
     study = optuna.create_study(
         storage=storage,
         study_name=config.name,
-        direction=objective.direction,
+        directions=[optuna.study.StudyDirection[d.upper()] for d in goals.directions],
         sampler=sampler,
         pruner=pruner,
         load_if_exists=True,
@@ -258,6 +340,17 @@ def open_study(
             f"study {config.name!r} in {_masked(url)} optimises {stored}, not "
             f"{objective.metric}; choose another study.name"
         )
+    known = ATTR_GOALS in study.user_attrs or study.get_trials(deepcopy=False)
+    had = study_goals(study).metrics if known else goals.metrics
+    if had != goals.metrics:
+        raise StudyError(
+            f"study {config.name!r} in {_masked(url)} has the objectives {list(had)}, not "
+            f"{list(goals.metrics)}; keep study.objectives or choose another study.name"
+        )
+    study.set_user_attr(ATTR_GOALS, goals.record())  # limits and rule may change on resume
+    with warnings.catch_warnings():  # experimental in Optuna 5, read by the dashboard
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(goals.metrics))
     return study
 
 
@@ -272,20 +365,44 @@ def objective_of(study: optuna.Study) -> Objective:
     return OBJECTIVES.get(str(study.user_attrs.get(ATTR_OBJECTIVE)), CLASSIFIER)
 
 
-def suggest(trial: optuna.Trial, space: Mapping[str, SearchParam]) -> dict[str, Any]:
+def suggest(
+    trial: optuna.Trial, space: Mapping[str, SearchParam], base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Draw the trial's parameters in space order; returns the values to train with.
+
+    A range end written as an expression is computed from the values drawn before it (or
+    from ``base``, the training settings); a parameter whose ``when`` does not hold is not
+    drawn (its training setting applies). Raises ``tasks.space.EmptyRange`` when a range
+    leaves nothing to draw for this trial.
+    """
+    from tasks.space import bounds, condition_holds, snap
+
+    values: dict[str, Any] = dict(base or {})
     params: dict[str, Any] = {}
+    snapped = False
     for name, spec in space.items():
+        if not condition_holds(spec, values):
+            continue
+        value: Any
         if spec.type == "categorical":
-            params[name] = trial.suggest_categorical(name, list(spec.choices or []))
-        elif spec.type == "int":
-            step = int(spec.step) if spec.step else 1
-            params[name] = trial.suggest_int(
-                name, int(spec.low or 0), int(spec.high or 0), step=step, log=spec.log
-            )
+            value = trial.suggest_categorical(name, list(spec.choices or []))
         else:
-            params[name] = trial.suggest_float(
-                name, float(spec.low or 0), float(spec.high or 0), step=spec.step, log=spec.log
-            )
+            low, high = bounds(name, spec, values)
+            quantized_log = spec.log and spec.step is not None
+            if spec.type == "int":
+                step = 1 if quantized_log or not spec.step else int(spec.step)
+                value = trial.suggest_int(name, int(low), int(high), step=step, log=spec.log)
+            else:
+                step_arg = None if quantized_log else spec.step
+                value = trial.suggest_float(name, low, high, step=step_arg, log=spec.log)
+            if quantized_log:
+                rounded = snap(float(value), low, high, float(spec.step or 1))
+                value = int(rounded) if spec.type == "int" else rounded
+                snapped = True
+        params[name] = value
+        values[name] = value
+    if snapped:
+        trial.set_user_attr(ATTR_APPLIED, params)
     return params
 
 
@@ -302,12 +419,13 @@ def epoch_reporter(
         study_name=config.name, storage=open_storage(storage_url), pruner=make_pruner(config.pruner)
     )
     trial = optuna.Trial(study, trial_id)
+    several = len(study.directions) > 1  # Optuna prunes single-objective studies only
 
     name = objective.label.replace("device ", "float ")
 
     def report(epoch: int, row: dict[str, float]) -> None:
         value = row.get(objective.epoch_metric)
-        if value is None or not math.isfinite(value):
+        if several or value is None or not math.isfinite(value):
             return
         trial.report(value, epoch)
         if trial.should_prune():
@@ -321,42 +439,271 @@ def trial_row(trial: FrozenTrial, objective: Objective = CLASSIFIER) -> dict[str
     attrs = trial.user_attrs
     row: dict[str, Any] = {
         "trial": trial.number,
-        "state": trial.state.name,
-        "params": dict(trial.params),
+        "state": state_name(trial),
+        "params": dict(attrs.get(ATTR_APPLIED) or trial.params),
         objective.float_metric: attrs.get(objective.float_metric),
-        objective.metric: trial.value if trial.state == TrialState.COMPLETE else None,
+        objective.metric: primary_value(trial) if trial.state == TrialState.COMPLETE else None,
     }
+    row["compiled_size_mb"] = attrs.get("compiled_size_mb")
+    if attrs.get(ATTR_FEASIBLE) is False:
+        row["infeasible"] = attrs.get(ATTR_INFEASIBLE)
     for key, _, _ in objective.columns:
         row[key] = attrs.get(key)
     row["latency_ms"] = row.pop("device_latency_ms", None)
-    row.update(mlflow_run_id=attrs.get(ATTR_RUN_ID), reason=attrs.get(ATTR_FAIL_REASON))
+    row.update(
+        epochs_run=attrs.get("epochs_run"),
+        epochs_planned=attrs.get("epochs_planned"),
+        mlflow_run_id=attrs.get(ATTR_RUN_ID),
+        reason=attrs.get(ATTR_FAIL_REASON),
+    )
     return row
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best COMPLETE trial in the study's direction; a tie goes to the earlier trial."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    if not done:
+def state_name(trial: FrozenTrial) -> str:
+    """The trial's state; a sample rejected by the constraints is REJECTED, not FAIL."""
+    if trial.state == TrialState.FAIL and trial.user_attrs.get(ATTR_REJECTED):
+        return "REJECTED"
+    return trial.state.name
+
+
+@dataclass(frozen=True)
+class Goals:
+    """What a study optimises as a whole: its objectives, the limits that make a trial
+    infeasible, and the rule that picks the champion from the feasible Pareto front."""
+
+    metrics: tuple[str, ...]
+    directions: tuple[str, ...]
+    max_latency_ms: float | None = None
+    max_size_mb: float | None = None
+    champion: str = "primary"
+    weights: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
+    def limited(self) -> bool:
+        return self.max_latency_ms is not None or self.max_size_mb is not None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "metrics": list(self.metrics),
+            "directions": list(self.directions),
+            "max_latency_ms": self.max_latency_ms,
+            "max_size_mb": self.max_size_mb,
+            "champion": self.champion,
+            "weights": dict(self.weights),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Goals:
+        return cls(
+            metrics=tuple(record["metrics"]),
+            directions=tuple(record["directions"]),
+            max_latency_ms=record.get("max_latency_ms"),
+            max_size_mb=record.get("max_size_mb"),
+            champion=str(record.get("champion", "primary")),
+            weights=tuple(sorted((record.get("weights") or {}).items())),
+        )
+
+    def violations(self, metrics: Mapping[str, Any]) -> list[str]:
+        """The limits these device metrics break (empty: the trial is feasible)."""
+        broken = []
+        for key, limit, unit in (
+            ("device_latency_ms", self.max_latency_ms, "ms"),
+            ("compiled_size_mb", self.max_size_mb, "MB"),
+        ):
+            value = metrics.get(key)
+            if limit is not None and (value is None or float(value) > limit):
+                shown = "unknown" if value is None else f"{float(value):.4g} {unit}"
+                broken.append(f"{key} {shown} > {limit:g} {unit}")
+        return broken
+
+    def constrain(self, trial: optuna.Trial, metrics: Mapping[str, Any]) -> list[str]:
+        """Record on the trial how far it is inside each limit (Optuna's constraint values,
+        <= 0: met; the samplers read them) and whether it is feasible; returns the limits
+        it broke. Call before the trial is told."""
+        broken = self.violations(metrics)
+        if not self.limited:
+            return broken
+        for key, limit in (
+            ("device_latency_ms", self.max_latency_ms),
+            ("compiled_size_mb", self.max_size_mb),
+        ):
+            if limit is not None:
+                value = metrics.get(key)
+                trial.set_constraint(key, 1.0 if value is None else float(value) - limit)
+        trial.set_user_attr(ATTR_FEASIBLE, not broken)
+        if broken:
+            trial.set_user_attr(ATTR_INFEASIBLE, "; ".join(broken))
+        return broken
+
+
+def goals_for(config: StudyConfig, objective: Objective = CLASSIFIER) -> Goals:
+    names = config.objective_names
+    return Goals(
+        metrics=tuple(names),
+        directions=(objective.direction, *("minimize" for _ in names[1:])),
+        max_latency_ms=config.max_latency_ms,
+        max_size_mb=config.max_size_mb,
+        champion=config.champion,
+        weights=tuple(sorted(config.champion_weights.items())),
+    )
+
+
+def study_goals(study: optuna.Study) -> Goals:
+    """The goals a stored study was created with (before they were stored: its objective)."""
+    record = study.user_attrs.get(ATTR_GOALS)
+    if isinstance(record, dict):
+        return Goals.from_record(record)
+    objective = objective_of(study)
+    return Goals(metrics=(objective.metric,), directions=(objective.direction,))
+
+
+def primary_value(trial: FrozenTrial) -> float:
+    return float((trial.values or [0.0])[0])
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    return bool(trial.user_attrs.get(ATTR_FEASIBLE, True))
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    """``a`` is no worse than ``b`` everywhere and better somewhere (all minimised)."""
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(
+        x < y for x, y in zip(a, b, strict=True)
+    )
+
+
+def non_dominated(trials: list[FrozenTrial], directions: tuple[str, ...]) -> list[FrozenTrial]:
+    """The trials no other of them dominates, in trial order."""
+    signs = [-1.0 if d == "maximize" else 1.0 for d in directions]
+    keys = [[s * float(v) for s, v in zip(signs, t.values, strict=True)] for t in trials]
+    return [
+        trial
+        for i, trial in enumerate(trials)
+        if not any(_dominates(keys[j], keys[i]) for j in range(len(trials)) if j != i)
+    ]
+
+
+def feasible_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The Pareto front of the complete trials that meet the study's limits."""
+    goals = study_goals(study)
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if feasible(t) and t.values is not None and len(t.values) == len(goals.metrics)
+    ]
+    return non_dominated(done, goals.directions)
+
+
+def choose_champion(front: list[FrozenTrial], goals: Goals) -> FrozenTrial | None:
+    """The champion among the feasible front, by ``goals.champion``; ties: the earlier trial.
+
+    primary: the best value of the study's metric; utopia: the nearest to the ideal point
+    (each objective scaled to [0, 1] over the front, 0 its best); weighted: the lowest
+    weighted sum of those scaled objectives.
+    """
+    if not front:
         return None
-    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    return min(done, key=lambda t: (sign * float(t.value or 0.0), t.number))
+    signs = [-1.0 if d == "maximize" else 1.0 for d in goals.directions]
+    keys = [[s * float(v) for s, v in zip(signs, t.values, strict=True)] for t in front]
+    if goals.champion == "primary" or len(front) == 1:
+        scores = [k[0] for k in keys]
+    else:
+        lows = [min(k[i] for k in keys) for i in range(len(signs))]
+        spans = [max(k[i] for k in keys) - lows[i] or 1.0 for i in range(len(signs))]
+        scaled = [[(k[i] - lows[i]) / spans[i] for i in range(len(signs))] for k in keys]
+        if goals.champion == "utopia":
+            scores = [math.sqrt(sum(x * x for x in row)) for row in scaled]
+        else:
+            weights = dict(goals.weights)
+            scores = [
+                sum(weights.get(m, 0.0) * x for m, x in zip(goals.metrics, row, strict=True))
+                for row in scaled
+            ]
+    index = min(range(len(front)), key=lambda i: (scores[i], front[i].number))
+    return front[index]
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The study's champion: among the complete trials that meet its limits, the one its
+    rule picks from the Pareto front (one objective: the best value; a tie goes to the
+    earlier trial). None when no complete trial is feasible."""
+    return choose_champion(feasible_front(study), study_goals(study))
+
+
+def _span(trial: FrozenTrial, stage: str) -> float | None:
+    attrs = trial.user_attrs
+    start, end = attrs.get(f"{stage}_started"), attrs.get(f"{stage}_finished")
+    return None if start is None or end is None else float(end) - float(start)
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def pruning_savings(trials: list[FrozenTrial]) -> dict[str, Any] | None:
+    """The training, compile and board time that pruned trials did not spend (estimates).
+
+    Training: each pruned trial's own seconds per epoch times the epochs it did not run.
+    Compile and board: one median compilation and one median board evaluation of the
+    complete trials per pruned trial (None until a trial has completed).
+    """
+    pruned = [
+        t
+        for t in trials
+        if t.state == TrialState.PRUNED
+        and t.user_attrs.get("epochs_run")
+        and "epochs_planned" in t.user_attrs
+        and _span(t, "train") is not None
+    ]
+    if not pruned:
+        return None
+    epochs_saved = 0
+    train_s = 0.0
+    for trial in pruned:
+        run, planned = int(trial.user_attrs["epochs_run"]), int(trial.user_attrs["epochs_planned"])
+        epochs_saved += max(planned - run, 0)
+        train_s += max(planned - run, 0) * float(_span(trial, "train") or 0.0) / run
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    compile_s = _median([s for t in done if (s := _span(t, "compile")) is not None])
+    board_s = _median([s for t in done if (s := _span(t, "device")) is not None])
+    return {
+        "trials": len(pruned),
+        "epochs": epochs_saved,
+        "train_s": train_s,
+        "compile_s": None if compile_s is None else compile_s * len(pruned),
+        "board_s": None if board_s is None else board_s * len(pruned),
+    }
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:
     objective = objective_of(study)
     trials = study.get_trials(deepcopy=False)
-    counts = {state.name: 0 for state in TrialState}
+    counts = {state.name: 0 for state in TrialState} | {"REJECTED": 0}
     for trial in trials:
-        counts[trial.state.name] += 1
-    best = best_trial(study)
+        counts[state_name(trial)] += 1
+    goals = study_goals(study)
+    front = feasible_front(study)
+    best = choose_champion(front, goals)
     return {
         "study": study.study_name,
         "objective": objective.metric,
         "objective_label": objective.label,
         "float_objective": objective.float_metric,
         "direction": objective.direction,
+        "goals": goals.record(),
+        "pareto_front": [t.number for t in front] if goals.multi else None,
+        "infeasible": sum(1 for t in trials if t.user_attrs.get(ATTR_FEASIBLE) is False),
         "counts": counts,
         "best": trial_row(best, objective) if best else None,
         "champion": study.user_attrs.get("champion"),
+        "pruning_saved": pruning_savings(trials),
         "trials": [trial_row(t, objective) for t in trials],
     }

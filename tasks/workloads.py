@@ -57,6 +57,17 @@ def artifact_location(config: StudyTarget) -> str | None:
     return None
 
 
+def planned_epochs(config: StudyTarget, params: dict[str, Any]) -> int:
+    """The epochs a trial with these parameters trains when it is not pruned."""
+    if isinstance(config, DetectorStudy):
+        from tasks.detection.config import trial_train_settings
+
+        return trial_train_settings(config.train, params).epochs
+    from tasks.config import trial_train_config
+
+    return trial_train_config(config, params).epochs
+
+
 def run_tags(config: StudyTarget) -> dict[str, str]:
     """Extra tags of every trial run."""
     if isinstance(config, DetectorStudy):

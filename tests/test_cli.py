@@ -65,6 +65,11 @@ def _broken_dataset(digits_root: Path, tmp_path: Path, how: str) -> Path:
             r"error: .*study\.search_space\.lr: low <= high must hold, but got low=0\.5, high=0\.01",
         ),
         ("hailo", r"error: compiler 'hailo' needs the Hailo Dataflow Compiler.*onnxruntime-int8"),
+        (
+            "time budget",
+            r"error: .*study\.time_budget: '6x' is not a duration; write e\.g\. 6h, 90m",
+        ),
+        ("space file", r"error: study\.search_space: file .*none\.yaml' not found"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_created(
@@ -83,6 +88,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_created(
         overrides = ["study.search_space.lr.low=0.5", "study.search_space.lr.high=0.01"]
     elif case == "hailo":
         overrides = ["compile.backend=hailo"]
+    elif case == "time budget":
+        overrides = ["--time-budget", "6x"]
+    elif case == "space file":
+        overrides = [f"study.search_space={tmp_path / 'none.yaml'}"]
     config = _write(tmp_path, tiny_config(root, run_dir))
     result = runner.invoke(app, ["tune", str(config), *overrides])
     assert result.exit_code == 2

@@ -26,6 +26,8 @@ from tasks.config import (
     anchor_paths,
     apply_overrides,
     format_errors,
+    in_space_file,
+    inline_search_space,
     read_yaml,
     space_refusal,
     storage_url,
@@ -178,9 +180,19 @@ class DetectorStudyConfig(StudyConfig):
     """A study over a detector's Ultralytics settings; the objective is device mAP50-95."""
 
     tunable: ClassVar[tuple[str, ...]] = DETECTOR_TUNABLE
+    metric: ClassVar[str] = "device_map50_95"
 
     n_trials: int = Field(30, gt=0)
     search_space: dict[str, SearchParam] = Field(default_factory=_detector_space)
+
+    @model_validator(mode="after")
+    def _retrain_on_train(self) -> DetectorStudyConfig:
+        if self.retrain == "train+val":
+            raise ValueError(
+                "retrain: train+val needs a test split, and a detector's data.yaml names train "
+                "and val only; use retrain: train"
+            )
+        return self
 
 
 def trial_train_settings(train: DetectorTrain, params: dict[str, Any]) -> DetectorTrain:
@@ -221,7 +233,9 @@ class DetectorConfig(_Strict):
         if self.study is None:
             return self
         refusal = space_refusal(
-            self.study.search_space, lambda params: trial_train_settings(self.train, params)
+            self.study.search_space,
+            lambda params: trial_train_settings(self.train, params),
+            self.train.model_dump(),
         )
         if refusal:
             raise ValueError(refusal)
@@ -277,14 +291,21 @@ class DetectorStudy(DetectorConfig):
 
 
 #: Path-valued keys, relative to the config file's folder when written in the file.
-DETECTOR_PATH_KEYS = (("data", "yaml"), ("model", "weights"), ("run_dir",))
+DETECTOR_PATH_KEYS = (
+    ("data", "yaml"),
+    ("model", "weights"),
+    ("run_dir",),
+    ("study", "search_space"),
+)
 
 
 def parse_detector_config(raw: dict[str, Any], *, source: str = "config") -> DetectorConfig:
+    raw = inline_search_space(raw, DETECTOR_TUNABLE)
     try:
         config = DetectorConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {format_errors(exc, DetectorConfig)}") from None
+        message = in_space_file(format_errors(exc, DetectorConfig), raw)
+        raise ConfigError(f"{source}: {message}") from None
     return _resolve(config)
 
 
@@ -295,10 +316,12 @@ def parse_detector_study(raw: dict[str, Any], *, source: str = "config") -> Dete
             f"{source}: a detector config needs a study section to be tuned (study: {{name: "
             f"..., search_space: ...}}); see configs/detectors/s-ml.yaml"
         )
+    raw = inline_search_space(raw, DETECTOR_TUNABLE)
     try:
         config = DetectorStudy.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {format_errors(exc, DetectorStudy)}") from None
+        message = in_space_file(format_errors(exc, DetectorStudy), raw)
+        raise ConfigError(f"{source}: {message}") from None
     return _resolve(config)
 
 

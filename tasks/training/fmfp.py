@@ -85,6 +85,45 @@ def _validate(
     return {k: v for k, v in metrics.items() if not k.startswith("augrc_ci")}
 
 
+def make_sam(trainable: list[nn.Parameter], params: TrainConfig, optimizer: str) -> SAM:
+    """SAM around ``optimizer`` (sgd or adamw) with the trial's settings."""
+    base: dict[str, Any] = (
+        {"base_optimizer": torch.optim.SGD, "momentum": params.momentum}
+        if optimizer == "sgd"
+        else {"base_optimizer": torch.optim.AdamW}
+    )
+    return SAM(
+        trainable,
+        base.pop("base_optimizer"),
+        rho=params.rho,
+        lr=params.lr,
+        weight_decay=params.weight_decay,
+        **base,
+    )
+
+
+def sam_step(
+    model: nn.Module,
+    optimizer: SAM,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    device: torch.device,
+    amp: bool,
+) -> torch.Tensor:
+    """One SAM step on one batch (two forward/backward passes); the first pass's loss."""
+    criterion = nn.CrossEntropyLoss()
+    with _autocast(device, amp):
+        loss = criterion(model(inputs), targets)
+    loss.backward()
+    optimizer.first_step()
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(device, amp):
+        criterion(model(inputs), targets).backward()
+    optimizer.second_step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def _train_epoch(
     model: nn.Module,
     loader: DataLoader[Any],
@@ -93,23 +132,14 @@ def _train_epoch(
     amp: bool,
 ) -> float:
     model.train()
-    criterion = nn.CrossEntropyLoss()
     total, count = 0.0, 0
     for inputs, targets in loader:
         inputs, targets = (
             inputs.to(device, non_blocking=True),
             targets.to(device, non_blocking=True),
         )
-        with _autocast(device, amp):
-            loss = criterion(model(inputs), targets)
-        loss.backward()
-        optimizer.first_step()
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp):
-            criterion(model(inputs), targets).backward()
-        optimizer.second_step()
-        optimizer.zero_grad(set_to_none=True)
-        total += float(loss.detach()) * len(targets)
+        loss = sam_step(model, optimizer, inputs, targets, device, amp)
+        total += float(loss) * len(targets)
         count += len(targets)
     return total / max(count, 1)
 
@@ -123,25 +153,28 @@ def train_fmfp(
     *,
     seed: int,
     on_epoch: EpochCallback | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
-    """Train with FMFP and return the SWA model (BatchNorm refreshed) on the CPU."""
+    """Train with FMFP and return the SWA model (BatchNorm refreshed) on the CPU.
+
+    ``stop_after`` ends the run after that many epochs of the full schedule (a short run
+    that compares settings; its model is not the result of a trial).
+    """
     if not 0 <= params.swa_start < params.epochs:
         raise ValueError(
             f"swa_start must be in [0, epochs), but got swa_start={params.swa_start}, "
             f"epochs={params.epochs}"
         )
+    if params.optimizer == "auto":
+        raise ValueError(
+            "train_fmfp needs a chosen optimizer, but got optimizer='auto'; "
+            "resolve it first with tasks.training.auto.resolve_auto"
+        )
     seed_everything(seed)
     device = resolve_device(params.device)
     model = model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = SAM(
-        trainable,
-        torch.optim.SGD,
-        rho=params.rho,
-        lr=params.lr,
-        momentum=params.momentum,
-        weight_decay=params.weight_decay,
-    )
+    optimizer = make_sam(trainable, params, params.optimizer)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer.base_optimizer, T_max=max(params.swa_start, 1), eta_min=params.eta_min
     )
@@ -149,7 +182,8 @@ def train_fmfp(
     swa_scheduler = SWALR(optimizer.base_optimizer, swa_lr=params.swa_lr, anneal_epochs=1)
     started = time.perf_counter()
     history: list[dict[str, float]] = []
-    for epoch in range(params.epochs):
+    epochs = params.epochs if stop_after is None else min(stop_after, params.epochs)
+    for epoch in range(epochs):
         train_loss = _train_epoch(model, loader, optimizer, device, params.amp)
         if epoch >= params.swa_start:
             swa_model.update_parameters(model)

@@ -1,0 +1,89 @@
+"""After the search: the best parameters trained again, measured, registered."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.config import ConfigError, parse_config
+from tasks.data import DataError, inspect_dataset
+
+from conftest import tiny_config
+
+
+def test_data_splits_are_checked(digits_root: Path, tmp_path: Path) -> None:
+    raw = tiny_config(digits_root, tmp_path / "r")
+    raw["data"].update(train_splits=["train", "val"], eval_split="val")
+    with pytest.raises(ConfigError, match=r"data\.eval_split: val is also a training split"):
+        parse_config(raw)
+    raw["data"].update(train_splits=["train", "train"], eval_split="test")
+    with pytest.raises(ConfigError, match=r"data\.train_splits: .* once each"):
+        parse_config(raw)
+
+
+def test_train_and_val_needs_a_test_split(digits_root: Path, tmp_path: Path) -> None:
+    from tasks.preflight import preflight
+
+    root = tmp_path / "no-test"
+    shutil.copytree(digits_root, root)
+    shutil.rmtree(root / "test")
+    config = parse_config(tiny_config(root, tmp_path / "r", study={"retrain": "train+val"}))
+    with pytest.raises(DataError, match=r"study\.retrain: train\+val measures the final model on"):
+        preflight(config)
+    other = parse_config(tiny_config(root, tmp_path / "r2", data={"eval_split": "test"}))
+    with pytest.raises(DataError, match=r"data\.eval_split: test/ not found in"):
+        preflight(other)
+
+
+def test_a_detector_retrains_on_train_only() -> None:
+    from tasks.detection.config import DetectorStudyConfig
+
+    with pytest.raises(ValueError, match=r"retrain: train\+val needs a test split"):
+        DetectorStudyConfig(name="d", retrain="train+val")
+    assert DetectorStudyConfig(name="d", retrain="train").retrain == "train"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_the_best_parameters_retrain_on_train_and_val(digits_root: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from flows.tune import tune
+    from tasks.study import best_trial, open_study
+
+    config = parse_config(
+        tiny_config(digits_root, tmp_path / "rt", study={"n_trials": 2, "retrain": "train+val"})
+    )
+    result = tune(config.model_dump(mode="json"))
+    search = open_study(config.storage_url, config.study, config.seed, create=False)
+    best = best_trial(search)
+    retrained = result["retrained"]
+    assert retrained["study"] == "rt-final" and retrained["from_trial"] == best.number
+    assert retrained["seed"] == config.seed + 1 and retrained["data"] == "train+val"
+    assert retrained["counts"]["COMPLETE"] == 1
+
+    final_cfg = config.model_copy(
+        update={"study": config.study.model_copy(update={"name": "rt-final"})}
+    )
+    final = open_study(final_cfg.storage_url, final_cfg.study, config.seed, create=False)
+    (trial,) = final.get_trials()
+    assert trial.params == best.params and trial.user_attrs["reused_from"] == best.number
+    info = inspect_dataset(digits_root)
+    counts = info.counts()
+    # trained on train and val, measured on the test split
+    assert trial.user_attrs["train_images"] == counts["train"] + counts["val"]
+    assert best.user_attrs["train_images"] == counts["train"]
+    client = MlflowClient(config.tracking_uri)
+    parent = final.user_attrs["mlflow_parent_run_id"]
+    bundle = client.download_artifacts(parent, "inputs/val_bundle.npz", str(tmp_path))
+    assert len(np.load(bundle)["labels"]) == counts["test"]
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.metrics["device_augrc"] == pytest.approx(trial.values[0])
+    # the final model is the champion now
+    version = client.get_model_version_by_alias(config.registered_model_name, "champion")
+    assert version.run_id == run.info.run_id and version.tags["study"] == "rt-final"
+    assert str(retrained["champion"]["version"]) == str(version.version)
