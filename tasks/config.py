@@ -659,6 +659,9 @@ class StudyConfig(_Strict):
     champion_weights: dict[str, float] = Field(
         default_factory=dict, description="objective -> weight, for champion: weighted"
     )
+    derived_from: str | None = Field(
+        None, description="the search this one-trial study retrains (set by edgetune)"
+    )
     retrain: Literal["none", "train", "train+val"] = Field(
         "none",
         description="after the search, train the best parameters again (seed + 1) on train, "

@@ -402,6 +402,7 @@ def reuse_best_config(
         max_pending=None,
         pruner="none",  # the one trial runs to the end
         retrain="none",
+        derived_from=config.study.name,
         time_budget=None,
         hpo_time_ratio=None,
         patience=None,

@@ -51,6 +51,17 @@ from tasks.workloads import StudyTarget, objective_for
 
 HPO_DIR = "hpo"
 PLOTS_DIR = "plots"
+
+
+def records_root(config: StudyTarget) -> Path:
+    """Where a study's ``hpo/`` and ``plots/`` go: its run directory, or for a study derived
+    from a search (``<name>-best``, ``<name>-final``, which share the search's run directory)
+    a folder of its own name in it, so the search's records stay as they are."""
+    if config.study.derived_from:
+        return config.run_path / config.study.name
+    return config.run_path
+
+
 STATUS_FILE = "status.json"
 DEVICE_PROBS = "device/device_probs.npy"
 #: Complete trials whose risk–coverage curves are drawn.
@@ -269,7 +280,7 @@ def write_records(
     With ``numbers`` None, every trial's record is written and a record of a trial the
     study no longer has (a study started afresh with ``--restart``) is removed.
     """
-    folder = config.run_path / HPO_DIR
+    folder = records_root(config) / HPO_DIR
     objective = objective_for(config)
     trials = study.get_trials(deepcopy=False)
     wanted = {t.number for t in trials} if numbers is None else set(numbers)
@@ -538,7 +549,7 @@ def make_plots(run: StudyRun) -> list[Path]:
     """Draw every plot that applies to the study; a plot that fails is logged and skipped."""
     study, logger, seed = run.study, run.logger, run.config.seed
     objective = objective_for(run.config)
-    folder = run.config.run_path / PLOTS_DIR
+    folder = records_root(run.config) / PLOTS_DIR
     plots: list[tuple[str, str, Callable[[Path], object], str]] = [
         (
             "optimization history",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -87,3 +88,8 @@ def test_the_best_parameters_retrain_on_train_and_val(digits_root: Path, tmp_pat
     version = client.get_model_version_by_alias(config.registered_model_name, "champion")
     assert version.run_id == run.info.run_id and version.tags["study"] == "rt-final"
     assert str(retrained["champion"]["version"]) == str(version.version)
+    # each study keeps its own records: the search's in hpo/, the final one's beside them
+    status = json.loads((config.run_path / "hpo" / "status.json").read_text())
+    assert status["study"] == "rt" and len(status["trials"]) == 2
+    final_status = json.loads((config.run_path / "rt-final" / "hpo" / "status.json").read_text())
+    assert final_status["study"] == "rt-final" and len(final_status["trials"]) == 1
