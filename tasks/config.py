@@ -1020,14 +1020,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def parse_config(raw: dict[str, Any], *, source: str = "config") -> EdgetuneConfig:
-    raw = inline_search_space(raw, TUNABLE)
+_M = typing.TypeVar("_M", bound=BaseModel)
+
+
+def validate_config(
+    model: type[_M], raw: dict[str, Any], source: str, tunable: tuple[str, ...]
+) -> _M:
+    """``raw`` as a ``model`` config, its search-space file read in; errors in one line,
+    those inside the space file named at the file and its key."""
+    raw = inline_search_space(raw, tunable)
     try:
-        config = EdgetuneConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        message = in_space_file(format_errors(exc, EdgetuneConfig), raw)
+        message = in_space_file(format_errors(exc, model), raw)
         raise ConfigError(f"{source}: {message}") from None
-    return _resolve_paths(config)
+
+
+def parse_config(raw: dict[str, Any], *, source: str = "config") -> EdgetuneConfig:
+    return _resolve_paths(validate_config(EdgetuneConfig, raw, source, TUNABLE))
 
 
 #: Path-valued keys; in a file they are relative to the file's folder (like docker compose).

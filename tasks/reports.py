@@ -42,6 +42,7 @@ from tasks.study import (
     Objective,
     non_dominated,
     pruning_savings,
+    stage_span,
     state_name,
     study_budget,
 )
@@ -67,11 +68,6 @@ DEVICE_PROBS = "device/device_probs.npy"
 #: Complete trials whose risk–coverage curves are drawn.
 TOP_K = 3
 #: Stage spans kept on each trial by the parent flow: (name, start attribute, end attribute).
-STAGE_SPANS = (
-    ("train_s", "train_started", "train_finished"),
-    ("compile_s", "compile_started", "compile_finished"),
-    ("device_s", "device_started", "device_finished"),
-)
 #: StudyConfig fields that bound a study besides its trial count (read when present).
 BUDGET_FIELDS = ("time_budget", "hpo_time_ratio", "patience")
 
@@ -130,11 +126,11 @@ def _single(study: optuna.Study) -> bool:
 
 def stage_times(trial: FrozenTrial) -> dict[str, float]:
     """Seconds spent in each stage the trial reached, and from its start to its outcome."""
-    attrs = trial.user_attrs
     times: dict[str, float] = {}
-    for name, start, end in STAGE_SPANS:
-        if isinstance(attrs.get(start), int | float) and isinstance(attrs.get(end), int | float):
-            times[name] = float(attrs[end]) - float(attrs[start])
+    for stage in ("train", "compile", "device"):
+        span = stage_span(trial, stage)
+        if span is not None:
+            times[f"{stage}_s"] = span
     if trial.datetime_start is not None and trial.datetime_complete is not None:
         times["total_s"] = (trial.datetime_complete - trial.datetime_start).total_seconds()
     return times

@@ -7,6 +7,7 @@ storage URL and the trial id (``Trial(study, trial_id)``), never through a share
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -228,17 +229,13 @@ def study_budget(config: StudyConfig) -> int:
 
 def full_training_s(trials: list[FrozenTrial]) -> float | None:
     """The median training time of the trials that trained to the end (None: none yet)."""
-    spans = sorted(
-        float(t.user_attrs["train_finished"]) - float(t.user_attrs["train_started"])
-        for t in trials
-        if t.state == TrialState.COMPLETE
-        and "train_started" in t.user_attrs
-        and "train_finished" in t.user_attrs
+    return _median(
+        [
+            s
+            for t in trials
+            if t.state == TrialState.COMPLETE and (s := stage_span(t, "train")) is not None
+        ]
     )
-    if not spans:
-        return None
-    middle = len(spans) // 2
-    return spans[middle] if len(spans) % 2 else (spans[middle - 1] + spans[middle]) / 2
 
 
 def trials_since_best(trials: list[FrozenTrial], maximize: bool) -> tuple[int, int | None]:
@@ -634,18 +631,15 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return choose_champion(feasible_front(study), study_goals(study))
 
 
-def _span(trial: FrozenTrial, stage: str) -> float | None:
+def stage_span(trial: FrozenTrial, stage: str) -> float | None:
+    """Seconds between ``<stage>_started`` and ``<stage>_finished`` (None: not both known)."""
     attrs = trial.user_attrs
     start, end = attrs.get(f"{stage}_started"), attrs.get(f"{stage}_finished")
     return None if start is None or end is None else float(end) - float(start)
 
 
 def _median(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return statistics.median(values) if values else None
 
 
 def pruning_savings(trials: list[FrozenTrial]) -> dict[str, Any] | None:
@@ -661,7 +655,7 @@ def pruning_savings(trials: list[FrozenTrial]) -> dict[str, Any] | None:
         if t.state == TrialState.PRUNED
         and t.user_attrs.get("epochs_run")
         and "epochs_planned" in t.user_attrs
-        and _span(t, "train") is not None
+        and stage_span(t, "train") is not None
     ]
     if not pruned:
         return None
@@ -670,10 +664,10 @@ def pruning_savings(trials: list[FrozenTrial]) -> dict[str, Any] | None:
     for trial in pruned:
         run, planned = int(trial.user_attrs["epochs_run"]), int(trial.user_attrs["epochs_planned"])
         epochs_saved += max(planned - run, 0)
-        train_s += max(planned - run, 0) * float(_span(trial, "train") or 0.0) / run
+        train_s += max(planned - run, 0) * float(stage_span(trial, "train") or 0.0) / run
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    compile_s = _median([s for t in done if (s := _span(t, "compile")) is not None])
-    board_s = _median([s for t in done if (s := _span(t, "device")) is not None])
+    compile_s = _median([s for t in done if (s := stage_span(t, "compile")) is not None])
+    board_s = _median([s for t in done if (s := stage_span(t, "device")) is not None])
     return {
         "trials": len(pruned),
         "epochs": epochs_saved,

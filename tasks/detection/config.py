@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.config import (
     CompileConfig,
@@ -25,13 +25,11 @@ from tasks.config import (
     _Strict,
     anchor_paths,
     apply_overrides,
-    format_errors,
-    in_space_file,
-    inline_search_space,
     read_yaml,
     space_refusal,
     storage_url,
     tracking_uri,
+    validate_config,
 )
 
 
@@ -300,13 +298,7 @@ DETECTOR_PATH_KEYS = (
 
 
 def parse_detector_config(raw: dict[str, Any], *, source: str = "config") -> DetectorConfig:
-    raw = inline_search_space(raw, DETECTOR_TUNABLE)
-    try:
-        config = DetectorConfig.model_validate(raw)
-    except ValidationError as exc:
-        message = in_space_file(format_errors(exc, DetectorConfig), raw)
-        raise ConfigError(f"{source}: {message}") from None
-    return _resolve(config)
+    return _resolve(validate_config(DetectorConfig, raw, source, DETECTOR_TUNABLE))
 
 
 def parse_detector_study(raw: dict[str, Any], *, source: str = "config") -> DetectorStudy:
@@ -316,13 +308,7 @@ def parse_detector_study(raw: dict[str, Any], *, source: str = "config") -> Dete
             f"{source}: a detector config needs a study section to be tuned (study: {{name: "
             f"..., search_space: ...}}); see configs/detectors/s-ml.yaml"
         )
-    raw = inline_search_space(raw, DETECTOR_TUNABLE)
-    try:
-        config = DetectorStudy.model_validate(raw)
-    except ValidationError as exc:
-        message = in_space_file(format_errors(exc, DetectorStudy), raw)
-        raise ConfigError(f"{source}: {message}") from None
-    return _resolve(config)
+    return _resolve(validate_config(DetectorStudy, raw, source, DETECTOR_TUNABLE))
 
 
 _C = TypeVar("_C", bound="DetectorConfig")
