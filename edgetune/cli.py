@@ -164,9 +164,19 @@ def tune(
     from edgetune.progress import Progress, render_summary
     from tasks.study import study_budget
 
+    if cfg.variants:
+        from tasks.variants import expand
+
+        runs = ", ".join(
+            f"{spec.name} ({f'{study_budget(v.study)} trials' if spec.search else 'once'})"
+            for spec, v in expand(cfg)
+        )
+        what = f"variants {runs}"
+    else:
+        what = f"{study_budget(cfg.study)} trials"
     typer.echo(
-        f"study {cfg.study.name}: {study_budget(cfg.study)} trials, {cfg.study.parallel} in "
-        f"parallel, {len(info.classes)} classes, {objective_for(cfg).label}, device {cfg.device.name} "
+        f"study {cfg.study.name}: {what}, {cfg.study.parallel} in parallel, "
+        f"{len(info.classes)} classes, {objective_for(cfg).label}, device {cfg.device.name} "
         f"({cfg.compile.backend}); run dir {cfg.run_path}",
         err=True,
     )
@@ -212,18 +222,37 @@ def report(
     source = study / "config.yaml" if study.is_dir() else study
     try:
         cfg = _load(source, [], storage, None)
-        handle = open_study(cfg.storage_url, cfg.study, cfg.seed, create=False)
+        if cfg.variants:
+            from tasks.variants import compare
+
+            result = compare(cfg)
+            if all(row["counts"] is None for row in result["variants"]):
+                raise KeyError(cfg.study.name)
+            result["champion"] = _variants_champion(cfg, result)
+        else:
+            result = study_summary(open_study(cfg.storage_url, cfg.study, cfg.seed, create=False))
     except KeyError:
         raise _fail(
-            f"no study named {cfg.study.name!r} in its storage; run edgetune tune first"
+            f"no study named {cfg.study.name!r}{' (nor any of its variants)' if cfg.variants else ''}"
+            f" in its storage; run edgetune tune first"
         ) from None
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
-    result = study_summary(handle)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
         render_summary(result)
+
+
+def _variants_champion(cfg: Any, result: dict[str, Any]) -> dict[str, Any] | None:
+    """The winning variant's registration, as the run that compared them crowned it."""
+    winner = next((row for row in result["variants"] if row["winner"]), None)
+    registered = (winner or {}).get("champion") or {}
+    if winner is None or registered.get("trial") is None:
+        return None
+    from tasks.tracking import CHAMPION
+
+    return {**registered, "alias": CHAMPION, "variant": winner["variant"]}
 
 
 @app.command()
@@ -257,6 +286,10 @@ def dashboard(
     )
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise _fail(missing)  # opening it would create an empty database
+    if cfg.variants:  # the dashboard lists every study of the storage: the variants'
+        from tasks.variants import expand
+
+        cfg = expand(cfg)[0][1]
     try:
         open_study(url, cfg.study, cfg.seed, create=False)  # KeyError: no such study
         server = dashboard_server(open_storage(url), host, port)

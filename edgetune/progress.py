@@ -55,18 +55,26 @@ class Progress:
         from tasks.workloads import objective_for
 
         label = objective_for(self.config).label
-        study = None
+        from tasks.variants import expand, variant_name
+
+        targets = [variant for _, variant in expand(self.config)] or [self.config]
+        studies: dict[str, Any] = {}
         while not self._stop.wait(self.interval):
-            try:
-                if study is None:
-                    study = optuna.load_study(
-                        study_name=self.config.study.name, storage=self.config.storage_url
-                    )
-                line = status_line(study, study_budget(self.config.study), best_trial(study), label)
-            except Exception:  # the study may not exist yet while the flow starts
-                continue
-            if self._live is not None:
-                self._live.update(Text(line))
+            lines = []
+            for target in targets:
+                name = target.study.name
+                try:
+                    if name not in studies:
+                        studies[name] = optuna.load_study(
+                            study_name=name, storage=target.storage_url
+                        )
+                    study = studies[name]
+                    line = status_line(study, study_budget(target.study), best_trial(study), label)
+                except Exception:  # the study may not exist yet while the flow starts
+                    continue
+                lines.append(f"{variant_name(target)}: {line}" if len(targets) > 1 else line)
+            if lines and self._live is not None:
+                self._live.update(Text("\n".join(lines)))
 
 
 def status_line(study: Any, total: int, best: Any, label: str = "device AUGRC") -> str:
@@ -101,6 +109,26 @@ def _objective(result: dict[str, Any]) -> Any:
     return OBJECTIVES.get(result.get("objective", ""), CLASSIFIER)
 
 
+def metric_columns(result: dict[str, Any], table: Table) -> list[tuple[str, str, str]]:
+    """Add the metric columns of a result's objective to ``table``: (row key, title, format)."""
+    objective = _objective(result)
+    float_label = objective.label.replace("device ", "float ")
+    columns = [
+        (objective.float_metric, float_label, ".5f"),
+        (objective.metric, objective.label, ".5f"),
+        *[
+            ("latency_ms" if key == "device_latency_ms" else key, title, spec)
+            for key, title, spec in objective.columns
+        ],
+    ]
+    goals = result.get("goals") or {}
+    if "compiled_size_mb" in goals.get("metrics", ()) or goals.get("max_size_mb") is not None:
+        columns.append(("compiled_size_mb", "size MB", ".3f"))
+    for _, title, _ in columns:
+        table.add_column(title, justify="right")
+    return columns
+
+
 def results_table(result: dict[str, Any]) -> Table:
     objective = _objective(result)
     # Samples the constraints rejected ran nothing: the line below the table counts them.
@@ -111,20 +139,7 @@ def results_table(result: dict[str, Any]) -> Table:
     table.add_column("trial", justify="right")
     for name in names:
         table.add_column(name, justify="right")
-    float_label = objective.label.replace("device ", "float ")
-    columns = [
-        (objective.float_metric, float_label, ".5f"),
-        (objective.metric, objective.label, ".5f"),
-    ]
-    columns += [
-        ("latency_ms" if key == "device_latency_ms" else key, title, spec)
-        for key, title, spec in objective.columns
-    ]
-    goals = result.get("goals") or {}
-    if "compiled_size_mb" in goals.get("metrics", ()) or goals.get("max_size_mb") is not None:
-        columns.append(("compiled_size_mb", "size MB", ".3f"))
-    for _, title, _ in columns:
-        table.add_column(title, justify="right")
+    columns = metric_columns(result, table)
     table.add_column("state", justify="right")
     best = result["best"]["trial"] if result.get("best") else None
     front = set(result.get("pareto_front") or ())
@@ -180,6 +195,9 @@ def retrained_line(retrained: dict[str, Any], label: str, metric: str) -> str:
 
 
 def render_summary(result: dict[str, Any]) -> None:
+    if "variants" in result:
+        render_variants(result)
+        return
     out = Console()
     if not out.is_terminal:
         out = Console(width=200)  # a log file or pipe: do not squeeze the table to 80 columns
@@ -219,8 +237,9 @@ def render_summary(result: dict[str, Any]) -> None:
     champion = result.get("champion")
     best = result.get("best")
     if champion and best and champion.get("trial") is not None:
+        what = "champion" if champion["alias"] == "champion" else "best of the variant"
         out.print(
-            f"champion: trial {champion['trial']} ({objective.label} "
+            f"{what}: trial {champion['trial']} ({objective.label} "
             f"{best[objective.metric]:.5f}) → models:/{champion['model']}@{champion['alias']} "
             f"(version {champion['version']})"
         )
@@ -229,5 +248,72 @@ def render_summary(result: dict[str, Any]) -> None:
             f"champion unchanged: models:/{champion['model']}@{champion['alias']} (version "
             f"{champion['version']}) is better than this study's best trial"
         )
+    if result.get("retrained"):
+        out.print(retrained_line(result["retrained"], objective.label, objective.metric))
+
+
+def variants_table(result: dict[str, Any]) -> Table:
+    """One row per variant: how it ran, its best trial, and which won (*)."""
+    from tasks.variants import settings_text
+
+    objective = _objective(result)
+    better = "higher" if objective.maximize else "lower"
+    table = Table(title=f"variants of {result['study']}: {objective.metric} ({better} is better)")
+    for title in ("variant", "run", "settings", "done", "best trial", "best params"):
+        table.add_column(title, justify="left" if title in ("variant", "settings") else "right")
+    columns = metric_columns(result, table)
+    table.add_column("registered", justify="right")
+    for row in result["variants"]:
+        counts = row.get("counts")
+        best = row.get("best") or {}
+        champion = row.get("champion") or {}
+        done = (
+            "not run"
+            if counts is None
+            else f"{counts.get('COMPLETE', 0)}/{row['n_trials']}"
+            + "".join(f" {counts[k]} {k.lower()}" for k in ("PRUNED", "FAIL") if counts.get(k))
+        )
+        params = ", ".join(f"{k}={_fmt(v, '.4g')}" for k, v in best.get("params", {}).items())
+        table.add_row(
+            ("*" if row.get("winner") else "") + row["variant"],
+            f"search {row['n_trials']}" if row["search"] else "once",
+            settings_text(row["settings"]) or "-",
+            done,
+            _fmt(best.get("trial")),
+            params or "-",
+            *[_fmt(best.get(key), spec) for key, _, spec in columns],
+            f"@{champion['alias']} v{champion['version']}"
+            if champion.get("trial") is not None
+            else "-",
+        )
+    return table
+
+
+def render_variants(result: dict[str, Any]) -> None:
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)
+    out.print(variants_table(result))
+    objective = _objective(result)
+    for row in result["variants"]:
+        if row.get("pruning_saved"):
+            out.print(f"{row['variant']}: {pruning_line(row['pruning_saved'])}")
+        if row.get("stopped_by"):
+            out.print(f"{row['variant']}: stopped early: {row['stopped_by']}")
+    champion = result.get("champion")
+    best = result.get("best")
+    if champion and best and champion.get("variant") is not None:
+        out.print(
+            f"champion: variant {champion['variant']}, trial {champion['trial']} "
+            f"({objective.label} {best[objective.metric]:.5f}) → "
+            f"models:/{champion['model']}@{champion['alias']} (version {champion['version']})"
+        )
+    elif champion:
+        out.print(
+            f"champion unchanged: models:/{champion['model']}@{champion['alias']} (version "
+            f"{champion['version']}) is better than every variant's best trial"
+        )
+    elif best is None:
+        out.print("no variant has a complete trial that meets the limits: no champion")
     if result.get("retrained"):
         out.print(retrained_line(result["retrained"], objective.label, objective.metric))

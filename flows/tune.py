@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 
 from flows.train import STOP, train_trial
-from tasks import reports, workloads
+from tasks import reports, variants, workloads
 from tasks.config import apply_overrides, dump_config
 from tasks.devices.base import DeviceUnreachableError
 from tasks.preflight import check_shared_services
@@ -36,6 +36,7 @@ from tasks.recovery import (
     ATTR_PARENT,
     ATTR_RETRY_OF,
     ATTR_STAGE,
+    NothingToReuseError,
     cancel_stage_runs,
     check_fingerprint,
     current_owner,
@@ -234,8 +235,11 @@ def _reason(exc: BaseException) -> str:
 class StudyRunner:
     """Runs the ask/tell loop of one study; ``run()`` returns the study summary."""
 
-    def __init__(self, config: StudyTarget, study: optuna.Study) -> None:
+    def __init__(
+        self, config: StudyTarget, study: optuna.Study, group_run_id: str | None = None
+    ) -> None:
         self.config = config
+        self.group_run_id = group_run_id  # the MLflow run of a variant run, if any
         self.objective = workloads.objective_for(config)
         self.goals = goals_for(config.study, self.objective)
         self.config_dict = config.model_dump(mode="json")
@@ -255,6 +259,8 @@ class StudyRunner:
         self.waiting_logged = False
         self.started = time.time()
         self.stopped_by: str | None = None
+        self.train_pool: ThreadPoolExecutor  # made by open()
+        self.eval_pool: ThreadPoolExecutor
 
     # Setup --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -267,6 +273,7 @@ class StudyRunner:
         self.parent_run_id = self.tracker.start_run(
             self.experiment_id,
             f"study-{cfg.study.name}",
+            parent_id=self.group_run_id,
             tags={"edgetune.study": cfg.study.name, "edgetune.kind": "study"},
         )
         self._end_previous_parent()
@@ -341,38 +348,47 @@ class StudyRunner:
 
     # The loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        return run_studies([self], self.config.study.parallel)[0]
+
+    def open(self) -> None:
+        """Start the study: its MLflow run, its inputs, and its training and evaluation pools."""
         self.started = time.time()
         self.start()
         cfg = self.config.study
+        self.train_pool = ThreadPoolExecutor(cfg.parallel, thread_name_prefix="train")
+        self.eval_pool = ThreadPoolExecutor(
+            cfg.max_pending or cfg.parallel, thread_name_prefix="evaluate"
+        )
+
+    def fill(self, gpu_free: int) -> int:
+        """Ask trials while one of ``gpu_free`` GPU slots and a place in the compile/board
+        queue are free; returns how many were asked."""
+        cfg = self.config.study
         max_pending = cfg.max_pending or cfg.parallel
-        status = "FINISHED"
-        train_pool = ThreadPoolExecutor(cfg.parallel, thread_name_prefix="train")
-        eval_pool = ThreadPoolExecutor(max_pending, thread_name_prefix="evaluate")
-        try:
-            while True:
-                to_ask = self._to_ask()
-                while to_ask and self.in_train < cfg.parallel and self.in_eval < max_pending:
-                    self._ask(train_pool)
-                    to_ask -= 1
-                if not self.slots and not self._others_running():
-                    break
-                finished, _ = wait(
-                    list(self.slots), timeout=cfg.heartbeat_s, return_when=FIRST_COMPLETED
-                )
-                for future in finished:
-                    self._advance(future, eval_pool)
-                self._beat()
-        except BaseException as exc:
-            status = "KILLED"
-            STOP.set()
-            self._abandon(f"study interrupted: {_reason(exc)}")
-            raise
-        finally:
-            # Trainings stop at their next epoch (STOP), stage runs once cancelled.
-            train_pool.shutdown(wait=True, cancel_futures=True)
-            eval_pool.shutdown(wait=True, cancel_futures=True)
-            STOP.clear()
-            self._finish(status)
+        to_ask, asked = self._to_ask(), 0
+        while to_ask and asked < gpu_free and self.in_train < cfg.parallel:
+            if self.in_eval >= max_pending:
+                break
+            self._ask(self.train_pool)
+            to_ask -= 1
+            asked += 1
+        return asked
+
+    def training(self) -> bool:
+        """Whether the study still trains, or has trials left to ask (it needs the GPU)."""
+        return self.in_train > 0 or self._to_ask() > 0
+
+    def done(self) -> bool:
+        return not self.slots and not self._others_running()
+
+    def shutdown(self) -> None:
+        """Wait for the pools: trainings stop at their next epoch (STOP), stage runs once
+        cancelled."""
+        self.train_pool.shutdown(wait=True, cancel_futures=True)
+        self.eval_pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self, status: str) -> dict[str, Any]:
+        self._finish(status)
         return {**summary(self.study), "stopped_by": self.stopped_by}
 
     def _to_ask(self) -> int:
@@ -491,7 +507,7 @@ class StudyRunner:
             f" (retry of trial {retry_of})" if retry_of is not None else "",
         )
 
-    def _advance(self, future: Future[Any], eval_pool: ThreadPoolExecutor) -> None:
+    def _advance(self, future: Future[Any]) -> None:
         slot = self.slots.pop(future)
         stage = slot.stage
         phase = "train" if stage == "train" else "evaluate"
@@ -528,7 +544,7 @@ class StudyRunner:
                 train_started=outcome["started_at"], train_finished=outcome["finished_at"]
             )
             slot.stage = "evaluate"
-            self.slots[_in_context(eval_pool, self._evaluate, slot)] = slot
+            self.slots[_in_context(self.eval_pool, self._evaluate, slot)] = slot
             self.in_eval += 1
         else:
             self._complete(slot, outcome)
@@ -683,23 +699,28 @@ class StudyRunner:
             self._register_detector(cfg, best)
             return
         run_id = best.user_attrs[ATTR_RUN_ID]
+        variant = variants.variant_name(cfg)
+        # A variant's best takes the variant's alias; the run crowns the best variant.
+        alias = variant or CHAMPION
         version = self.tracker.register(
             cfg.registered_model_name,
             run_id,
             workloads.registered_path(cfg),
+            alias=alias,
             tags={
                 "study": cfg.study.name,
                 "trial": best.number,
                 self.objective.metric: primary_value(best),
                 "compiler": cfg.compile.backend,
                 "device": cfg.device.name,
+                **({"variant": variant} if variant else {}),
             },
             description=(
                 f"Best trial of study {cfg.study.name} by {self.objective.label} "
                 f"({cfg.device.name})."
             ),
         )
-        self._champion(cfg.registered_model_name, version, best.number)
+        self._champion(cfg.registered_model_name, version, best.number, alias)
 
     def _register_detector(
         self, cfg: workloads.DetectorStudy, best: optuna.trial.FrozenTrial
@@ -722,18 +743,72 @@ class StudyRunner:
                 best.number,
             )
 
-    def _champion(self, model: str, version: Any, trial: int | None) -> None:
+    def _champion(self, model: str, version: Any, trial: int | None, alias: str = CHAMPION) -> None:
         self.study.set_user_attr(
-            "champion", {"model": model, "version": version, "alias": CHAMPION, "trial": trial}
+            "champion", {"model": model, "version": version, "alias": alias, "trial": trial}
         )
         if trial is not None:
             self.logger.info(
-                "champion: trial %d registered as %s version %s (@%s)",
+                "%s: trial %d registered as %s version %s (@%s)",
+                "champion" if alias == CHAMPION else f"variant {alias}",
                 trial,
                 model,
                 version,
-                CHAMPION,
+                alias,
             )
+
+
+def run_studies(runners: list[StudyRunner], parallel: int) -> list[dict[str, Any]]:
+    """Run studies in turn on ``parallel`` shared GPU slots; return their summaries.
+
+    The next study opens as soon as the open ones have nothing left to train, so its first
+    trials train while the last trials of the one before are compiled and measured on the
+    board: the GPU does not wait at the seam between studies (a variant run). Stopped by an
+    exception, every open study tells its trials in flight FAIL, enqueues them again and
+    ends KILLED.
+    """
+    pending, active = list(runners), list[StudyRunner]()
+    results: dict[int, dict[str, Any]] = {}
+    status = "FINISHED"
+    try:
+        while pending or active:
+            while pending and not any(r.training() for r in active):
+                runner = pending.pop(0)
+                runner.open()
+                active.append(runner)
+            free = parallel - sum(r.in_train for r in active)
+            for runner in active:
+                free -= runner.fill(free)
+            for runner in [r for r in active if r.done()]:
+                active.remove(runner)
+                runner.shutdown()
+                results[id(runner)] = runner.close("FINISHED")
+            futures = {future: r for r in active for future in r.slots}
+            if futures:
+                finished, _ = wait(
+                    list(futures),
+                    timeout=min(r.config.study.heartbeat_s for r in active),
+                    return_when=FIRST_COMPLETED,
+                )
+                for future in finished:
+                    futures[future]._advance(future)
+            for runner in active:
+                runner._beat()
+    except BaseException as exc:
+        status = "KILLED"
+        STOP.set()
+        for runner in active:
+            runner._abandon(f"study interrupted: {_reason(exc)}")
+        raise
+    finally:
+        try:
+            for runner in active:
+                runner.shutdown()
+        finally:
+            STOP.clear()
+            for runner in active:
+                runner.close(status)
+    return [results[id(r)] for r in runners]
 
 
 def _resolve(config: dict[str, Any] | str, overrides: list[str] | None) -> StudyTarget:
@@ -785,6 +860,12 @@ def tune(
     the search and retrains the best parameters found as a one-trial study ``<name>-best``.
     """
     cfg = _resolve(config, overrides)
+    if cfg.variants:
+        return run_variants(cfg, restart=restart, reuse_best=reuse_best)
+    return _tune_one(cfg, restart=restart, reuse_best=reuse_best)
+
+
+def _tune_one(cfg: StudyTarget, *, restart: bool, reuse_best: bool) -> dict[str, Any]:
     best = None
     if reuse_best:
         cfg, best = reuse_best_config(cfg)
@@ -804,6 +885,132 @@ def tune(
         result["retrained"] = retrain_best(cfg)
     result["seconds"] = time.time() - started
     return result
+
+
+def run_variants(cfg: StudyTarget, *, restart: bool, reuse_best: bool) -> dict[str, Any]:
+    """Run each variant as its own study on shared GPU slots, compare them in one record,
+    and give the best variant's champion the ``champion`` alias (see tasks/variants.py).
+
+    ``reuse_best`` retrains the winning variant's best parameters (``<study>-<variant>-best``);
+    ``study.retrain`` retrains them after the run (``<study>-<variant>-final``).
+    """
+    logger = get_run_logger()
+    started = time.time()
+    configs = variants.expand(cfg)
+    if reuse_best:
+        winner = variants.compare(cfg, configs)["winner"]
+        if winner is None:
+            raise NothingToReuseError(
+                f"no variant of {cfg.study.name!r} has a COMPLETE trial to reuse; run the "
+                f"variants first (edgetune tune CONFIG)"
+            )
+        chosen = next(v for spec, v in configs if spec.name == winner)
+        logger.info("reusing the best trial of variant %s, the best of the variants", winner)
+        return {**_tune_one(chosen, restart=False, reuse_best=True), "variant": winner}
+    objective = workloads.objective_for(cfg)
+    studies = []
+    for _, variant in configs:
+        if restart and forget_study(variant):
+            logger.warning("study %s deleted: starting afresh", variant.study.name)
+        study = open_study(variant.storage_url, variant.study, variant.seed, objective=objective)
+        check_fingerprint(study, variant)  # every variant, before any trains
+        studies.append(study)
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    (cfg.run_path / "config.yaml").write_text(dump_config(cfg))
+    tracker = Tracker(cfg.tracking_uri)
+    experiment = tracker.experiment_id(
+        cfg.experiment_name, artifact_location=workloads.artifact_location(cfg)
+    )
+    group = tracker.start_run(
+        experiment,
+        f"variants-{cfg.study.name}",
+        tags={"edgetune.study": cfg.study.name, "edgetune.kind": "variants"},
+    )
+    runners = []
+    for (spec, variant), study in zip(configs, studies, strict=True):
+        study.set_user_attr(
+            "variant",
+            {"of": cfg.study.name, "name": spec.name, "search": spec.search, "set": spec.set},
+        )
+        records = reports.records_root(variant)
+        records.mkdir(parents=True, exist_ok=True)
+        (records / "config.yaml").write_text(dump_config(variant))
+        runners.append(StudyRunner(variant, study, group_run_id=group))
+    logger.info(
+        "variants of %s: %s",
+        cfg.study.name,
+        ", ".join(f"{spec.name} ({'search' if spec.search else 'once'})" for spec, _ in configs),
+    )
+    status = "FAILED"
+    try:
+        outcomes = run_studies(runners, cfg.study.parallel)
+        record = variants.compare(cfg, configs)
+        record["champion"] = _crown(cfg, record, tracker)
+        status = "FINISHED"
+    finally:
+        if status != "FINISHED":
+            tracker.end_run(group, "KILLED")
+    for row, outcome in zip(record["variants"], outcomes, strict=True):
+        row["stopped_by"] = outcome.get("stopped_by")
+    variants.write_comparison(cfg, record)
+    _log_comparison(tracker, group, record)
+    winner = next((v for spec, v in configs if spec.name == record["winner"]), None)
+    if cfg.study.retrain != "none" and winner is not None:
+        record["retrained"] = retrain_best(winner)
+    record["seconds"] = time.time() - started
+    return record
+
+
+def _crown(cfg: StudyTarget, record: dict[str, Any], tracker: Tracker) -> dict[str, Any] | None:
+    """Point ``champion`` at the winning variant's registered model (classifiers); for a
+    detector, its champion is the best of all its runs, variants included."""
+    winner = next((row for row in record["variants"] if row["winner"]), None)
+    if isinstance(cfg, workloads.DetectorStudy):
+        from tasks.detection.pipeline import select_champion
+
+        chosen = select_champion(cfg, tracker)
+        if chosen is None:
+            return None
+        won = winner is not None and chosen["run_id"] == winner["best"].get("mlflow_run_id")
+        return {
+            **chosen,
+            "trial": winner["best"]["trial"] if won and winner else None,
+            "variant": winner["variant"] if won and winner else None,
+        }
+    if winner is None or not winner.get("champion"):
+        return None
+    version = winner["champion"]["version"]
+    model = winner["champion"]["model"]
+    tracker.client.set_registered_model_alias(model, CHAMPION, str(version))
+    get_run_logger().info(
+        "champion: variant %s, trial %s, registered as %s version %s (@%s)",
+        winner["variant"],
+        winner["best"]["trial"],
+        model,
+        version,
+        CHAMPION,
+    )
+    return {
+        "model": model,
+        "version": version,
+        "alias": CHAMPION,
+        "trial": winner["best"]["trial"],
+        "variant": winner["variant"],
+    }
+
+
+def _log_comparison(tracker: Tracker, run_id: str, record: dict[str, Any]) -> None:
+    metric = record["objective"]
+    for row in record["variants"]:
+        values = {
+            f"{metric}.{row['variant']}": (row.get("best") or {}).get(metric),
+            f"trials_complete.{row['variant']}": (row.get("counts") or {}).get("COMPLETE"),
+        }
+        tracker.log_metrics(run_id, {k: v for k, v in values.items() if v is not None})
+    tags = {"edgetune.winner": record["winner"]} if record["winner"] else {}
+    tracker.set_tags(run_id, tags)
+    tracker.log_text(run_id, _json(record), "variants.json")
+    tracker.end_run(run_id, "FINISHED")
 
 
 def retrain_best(cfg: StudyTarget) -> dict[str, Any]:

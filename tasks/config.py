@@ -662,6 +662,9 @@ class StudyConfig(_Strict):
     derived_from: str | None = Field(
         None, description="the search this one-trial study retrains (set by edgetune)"
     )
+    variant_of: str | None = Field(
+        None, description="the study run whose variant this study is (set by edgetune)"
+    )
     retrain: Literal["none", "train", "train+val"] = Field(
         "none",
         description="after the search, train the best parameters again (seed + 1) on train, "
@@ -782,6 +785,41 @@ class StudyConfig(_Strict):
         return self
 
 
+#: Registry aliases edgetune or MLflow keep for themselves (``v<N>`` too).
+RESERVED_ALIASES = ("champion", "latest")
+
+
+class VariantSpec(_Strict):
+    """One variant of a study run: settings over the config's, searched or trained once.
+
+    ``set`` takes dotted keys like the command line's overrides (``model.arch``,
+    ``train.lr``, ``study.search_space``). A variant is its own study ``<study>-<name>``;
+    the variants share the run directory, the storage, the experiment and the registered
+    model, and the best of them becomes the champion.
+    """
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="the variant's name: its study is <study.name>-<name>, its alias <name>",
+    )
+    set: dict[str, Any] = Field(
+        default_factory=dict, description="dotted key -> value over the config's settings"
+    )
+    search: bool = Field(
+        True, description="search the study's space; false: train once with these settings"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.lower() in RESERVED_ALIASES or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError(
+                f"{value!r} is a name the model registry keeps for itself (champion, latest, "
+                f"v<N>); name the variant after what it changes, e.g. mobilenet"
+            )
+        return value
+
+
 class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite in run_dir")
     experiment: str | None = None
@@ -855,6 +893,10 @@ class EdgetuneConfig(_Strict):
     study: StudyConfig
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    variants: list[VariantSpec] = Field(
+        default_factory=list,
+        description="several variants (architectures, settings) in one study run",
+    )
 
     @model_validator(mode="after")
     def _swa_inside_epochs(self) -> EdgetuneConfig:
@@ -877,6 +919,13 @@ class EdgetuneConfig(_Strict):
             raise ValueError(
                 f"study.search_space.{exc}; widen the range or change what it reads"
             ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _variants_run(self) -> EdgetuneConfig:
+        from tasks.variants import check_variants
+
+        check_variants(self)
         return self
 
     # Derived locations -------------------------------------------------------------------
@@ -929,6 +978,10 @@ def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | 
             if not parts:
                 return None
             parts.pop(0)  # the entry's name
+        elif typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
+            if parts and isinstance(parts[0], int):
+                parts.pop(0)  # the item's index
         elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
             members = [a for a in typing.get_args(annotation) if a is not type(None)]
             annotation = members[0] if len(members) == 1 else None
@@ -953,7 +1006,7 @@ def _describe(error: Any, root: type[BaseModel]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if kind == "value_error":
         # Our validators state the values themselves; some name a key below ``loc``.
-        if re.match(r"^[A-Za-z_][\w.]*: ", message):
+        if re.match(r"^[A-Za-z_][\w.]*: ", message) or message.startswith("variants["):
             return message if path == "<root>" else f"{path}.{message}"
         return f"{path}: {message}"
     return f"{path}: {message}, but got {value!r}"
@@ -1117,6 +1170,14 @@ def anchor_paths(
         value = node.get(path[-1]) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(value, str) and value:
             node[path[-1]] = str((base / Path(value).expanduser()).resolve())
+    variants = anchored.get("variants")
+    for variant in variants if isinstance(variants, list) else []:
+        settings = variant.get("set") if isinstance(variant, dict) else None
+        if not isinstance(settings, dict):
+            continue
+        for key, value in settings.items():
+            if tuple(str(key).split(".")) in keys and isinstance(value, str) and value:
+                settings[key] = str((base / Path(value).expanduser()).resolve())
     return anchored
 
 

@@ -171,8 +171,12 @@ def enqueue_retry(
     trials = study.get_trials(deepcopy=False)
     if trial.number in retried_numbers(trials):
         return True  # already enqueued (a resumed study reconciling twice)
-    if not trial.params:
-        return False  # failed before its parameters were drawn: nothing to repeat
+    from tasks.study import ATTR_RUN_ID
+
+    if not trial.params and ATTR_RUN_ID not in trial.user_attrs:
+        # failed before its parameters were drawn: nothing to repeat (a trial with a run
+        # and no parameters is one of a space with none: a variant trained once)
+        return False
     study.enqueue_trial(
         dict(trial.params),
         user_attrs={ATTR_RETRY_OF: trial.number, ATTR_ATTEMPT: attempt + (1 if charge else 0)},
@@ -403,6 +407,7 @@ def reuse_best_config(
         pruner="none",  # the one trial runs to the end
         retrain="none",
         derived_from=config.study.name,
+        variant_of=None,  # registered as the champion, not under a variant's alias
         time_budget=None,
         hpo_time_ratio=None,
         patience=None,

@@ -56,9 +56,9 @@ PLOTS_DIR = "plots"
 
 def records_root(config: StudyTarget) -> Path:
     """Where a study's ``hpo/`` and ``plots/`` go: its run directory, or for a study derived
-    from a search (``<name>-best``, ``<name>-final``, which share the search's run directory)
-    a folder of its own name in it, so the search's records stay as they are."""
-    if config.study.derived_from:
+    from a search (``<name>-best``, ``<name>-final``) or a variant (``<name>-<variant>``),
+    which share the run directory, a folder of its own name in it."""
+    if config.study.derived_from or config.study.variant_of:
         return config.run_path / config.study.name
     return config.run_path
 

@@ -595,8 +595,11 @@ def feasible_front(study: optuna.Study) -> list[FrozenTrial]:
     return non_dominated(done, goals.directions)
 
 
-def choose_champion(front: list[FrozenTrial], goals: Goals) -> FrozenTrial | None:
-    """The champion among the feasible front, by ``goals.champion``; ties: the earlier trial.
+def choose_champion(
+    front: list[FrozenTrial], goals: Goals, order: list[int] | None = None
+) -> FrozenTrial | None:
+    """The champion among the feasible front, by ``goals.champion``; ties: the earlier trial
+    (or the lower ``order``, for trials of several studies).
 
     primary: the best value of the study's metric; utopia: the nearest to the ideal point
     (each objective scaled to [0, 1] over the front, 0 its best); weighted: the lowest
@@ -620,7 +623,8 @@ def choose_champion(front: list[FrozenTrial], goals: Goals) -> FrozenTrial | Non
                 sum(weights.get(m, 0.0) * x for m, x in zip(goals.metrics, row, strict=True))
                 for row in scaled
             ]
-    index = min(range(len(front)), key=lambda i: (scores[i], front[i].number))
+    ranks = order if order is not None else [t.number for t in front]
+    index = min(range(len(front)), key=lambda i: (scores[i], ranks[i]))
     return front[index]
 
 

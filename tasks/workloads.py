@@ -86,7 +86,44 @@ class Checked:
 
 
 def preflight(config: StudyTarget) -> Checked:
-    """Everything a study needs, checked before anything is created."""
+    """Everything a study needs, checked before anything is created; with variants, also
+    what each variant changes (search space, weights, compiler, model)."""
+    found = _preflight(config)
+    if config.variants:
+        from tasks.compilers import CompilerUnavailableError
+        from tasks.config import ConfigError
+        from tasks.variants import expand
+
+        for index, (spec, variant) in enumerate(expand(config)):
+            try:
+                _preflight_variant(variant, len(found.classes))
+            except (ConfigError, CompilerUnavailableError) as exc:
+                raise ConfigError(f"variants[{index}] ({spec.name}): {exc}") from None
+    return found
+
+
+def _preflight_variant(config: StudyTarget, num_classes: int) -> None:
+    from tasks import preflight as checks
+
+    if isinstance(config, EdgetuneConfig):
+        from tasks.compilers import COMPILERS
+
+        checks.check_search_space(config)
+        checks.check_weights(config, num_classes)
+        COMPILERS[config.compile.backend].check_available()
+        return
+    from tasks.config import ConfigError
+    from tasks.detection.pipeline import check_detector
+    from tasks.detection.ultra import DetectorError
+    from tasks.devices import DeviceConfigError
+
+    try:
+        check_detector(config)
+    except (DetectorError, DeviceConfigError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _preflight(config: StudyTarget) -> Checked:
     from tasks import preflight as checks
 
     if isinstance(config, EdgetuneConfig):

@@ -22,6 +22,7 @@ from tasks.config import (
     SearchParam,
     StudyConfig,
     TrackingConfig,
+    VariantSpec,
     _Strict,
     anchor_paths,
     apply_overrides,
@@ -224,6 +225,10 @@ class DetectorConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     study: DetectorStudyConfig | None = None
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    variants: list[VariantSpec] = Field(
+        default_factory=list,
+        description="several variants (architectures, settings) in one tune run",
+    )
 
     @model_validator(mode="after")
     def _space_inside_settings(self) -> DetectorConfig:
@@ -246,6 +251,14 @@ class DetectorConfig(_Strict):
                 f"train.imgsz: {self.train.imgsz} is not a multiple of 32 (the detectors' "
                 f"largest stride); use {max(32, round(self.train.imgsz / 32) * 32)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _variants_run(self) -> DetectorConfig:
+        if self.study is not None:
+            from tasks.variants import check_variants
+
+            check_variants(self)
         return self
 
     @property
