@@ -228,7 +228,7 @@ def report(
             result = compare(cfg)
             if all(row["counts"] is None for row in result["variants"]):
                 raise KeyError(cfg.study.name)
-            result["champion"] = _variants_champion(cfg, result)
+            result["champion"] = _variants_champion(result)
         else:
             result = study_summary(open_study(cfg.storage_url, cfg.study, cfg.seed, create=False))
     except KeyError:
@@ -244,7 +244,7 @@ def report(
         render_summary(result)
 
 
-def _variants_champion(cfg: Any, result: dict[str, Any]) -> dict[str, Any] | None:
+def _variants_champion(result: dict[str, Any]) -> dict[str, Any] | None:
     """The winning variant's registration, as the run that compared them crowned it."""
     winner = next((row for row in result["variants"] if row["winner"]), None)
     registered = (winner or {}).get("champion") or {}

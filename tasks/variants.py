@@ -142,8 +142,11 @@ def expand(config: Any) -> list[tuple[VariantSpec, Any]]:
                 node = node.setdefault(part, {})
             node[leaf] = copy.deepcopy(value)
         study = raw["study"]
-        if "study.search_space" in spec.set and not isinstance(spec.set["study.search_space"], str):
+        if "study.search_space" in spec.set:
+            # a space of its own brings its own constraints: its file's, or those set beside it
             study["search_space_file"] = None
+            if "study.constraints" not in spec.set:
+                study["constraints"] = []
         study.update(
             name=f"{config.study.name}-{spec.name}",
             variant_of=config.study.name,

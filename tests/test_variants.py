@@ -81,6 +81,7 @@ def test_a_variant_may_search_a_space_file_of_its_own(digits_root: Path, tmp_pat
         {"name": "own", "set": {"study.search_space": "spaces/small.yaml", "study.n_trials": 3}},
         {"name": "base"},
     )
+    raw["study"]["constraints"] = ["lr >= 0.02"]  # the config's space's, not the file's
     (folder / "study.yaml").write_text(yaml.safe_dump(raw))
     config = load_config(folder / "study.yaml")
     (_, own), (_, base) = expand(config)
@@ -88,6 +89,7 @@ def test_a_variant_may_search_a_space_file_of_its_own(digits_root: Path, tmp_pat
     assert own.study.search_space_file == str((folder / "spaces" / "small.yaml").resolve())
     assert own.study.n_trials == 3
     assert list(base.study.search_space) == ["lr"] and base.study.search_space_file is None
+    assert base.study.constraints == ["lr >= 0.02"]
 
 
 @pytest.mark.parametrize(
