@@ -14,9 +14,9 @@ Two phases:
 
 ``replay``
     For each strategy (a sampler, optionally with a pruner) and each seed, an in-memory
-    Optuna study built with ``tasks.study.make_sampler``, ``make_pruner`` and ``suggest``
+    Optuna study built with ``tasks.hpo.study.make_sampler``, ``make_pruner`` and ``suggest``
     asks trials one at a time, and each is answered from the table: the per-epoch
-    ``val_augrc`` is reported and ``should_prune`` consulted as ``tasks.study.epoch_reporter``
+    ``val_augrc`` is reported and ``should_prune`` consulted as ``tasks.hpo.study.epoch_reporter``
     does, a pruned trial costs only the epochs it ran, and a finished one costs its
     training, export, compilation and board time and tells the device AUGRC. A run stops at
     its first trial inside the grid's top 1% (or at the trial budget).
@@ -81,7 +81,7 @@ def point_key(params: Mapping[str, Any]) -> str:
 
 def grid_points(space: Mapping[str, SearchParam]) -> list[dict[str, Any]]:
     """Every combination of the space's values, in a fixed order."""
-    from tasks.study import grid_values
+    from tasks.hpo.study import grid_values
 
     names = list(space)
     values = [grid_values(space[name]) for name in names]
@@ -505,7 +505,7 @@ def replay(
     import optuna
     from optuna.trial import TrialState
 
-    from tasks.study import make_pruner, make_sampler, suggest
+    from tasks.hpo.study import make_pruner, make_sampler, suggest
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(

@@ -18,11 +18,12 @@ from typing import Any
 from prefect import flow
 from prefect.concurrency.sync import concurrency
 
+from tasks.board import DEVICE_LEASE_S
 from tasks.config import parse_config
-from tasks.recovery import stage_heartbeat
-from tasks.stages import COMPILED_DIR, save_outcome
+from tasks.hpo.trial_stages import stage_heartbeat
 from tasks.tracking import Tracker
-from tasks.wrappers import DEVICE_LEASE_S
+from tasks.workloads.base import CompileOutcome, DeviceOutcome, TrainOutcome, save_outcome
+from tasks.workloads.classifier import COMPILED_DIR
 
 
 def objective(params: dict[str, Any]) -> float:
@@ -39,16 +40,14 @@ def bench_train(
     run_id: str,
     parent_run_id: str,
     seconds: float = 10.0,
-) -> dict[str, Any]:
+) -> TrainOutcome:
     cfg = parse_config(config)
     started = time.time()
     with stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s):
         time.sleep(seconds)
-    outcome = {
-        "metrics": {"float_augrc": objective(params)},
-        "started_at": started,
-        "finished_at": time.time(),
-    }
+    outcome = TrainOutcome(
+        metrics={"float_augrc": objective(params)}, started_at=started, finished_at=time.time()
+    )
     save_outcome(Tracker(cfg.tracking_uri), run_id, "train", outcome)
     return outcome
 
@@ -61,7 +60,7 @@ def bench_compile(
     parent_run_id: str,
     trial_id: int | None = None,
     seconds: float = 2.0,
-) -> dict[str, Any]:
+) -> CompileOutcome:
     cfg = parse_config(config)
     tracker = Tracker(cfg.tracking_uri)
     started = time.time()
@@ -71,13 +70,13 @@ def bench_compile(
         artifact = Path(tmp) / "model.synthetic"
         artifact.write_text(f"trial {trial_number}\n")
         tracker.log_artifact(run_id, artifact, COMPILED_DIR)
-    outcome = {
-        "artifact": f"{COMPILED_DIR}/model.synthetic",
-        "runtime": "synthetic",
-        "metrics": {},
-        "started_at": started,
-        "finished_at": time.time(),
-    }
+    outcome = CompileOutcome(
+        artifact=f"{COMPILED_DIR}/model.synthetic",
+        metrics={},
+        started_at=started,
+        finished_at=time.time(),
+        runtime="synthetic",
+    )
     save_outcome(tracker, run_id, "compile", outcome)
     return outcome
 
@@ -91,7 +90,7 @@ def bench_device(
     artifact: str,
     trial_id: int | None = None,
     seconds: float = 2.0,
-) -> dict[str, Any]:
+) -> DeviceOutcome:
     cfg = parse_config(config)
     with (
         stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s),
@@ -111,7 +110,7 @@ def bench_device(
         "device_augrc_ci_low": value,
         "device_augrc_ci_high": value,
     }
-    outcome = {"metrics": metrics, "started_at": started, "finished_at": finished}
+    outcome = DeviceOutcome(metrics=metrics, started_at=started, finished_at=finished)
     save_outcome(Tracker(cfg.tracking_uri), run_id, "device", outcome)
     return outcome
 

@@ -61,7 +61,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tasks.data import DataError
     from tasks.models import ModelError
     from tasks.secrets import SecretError
-    from tasks.study import StudyError
+    from tasks.storage import StudyError
     from tasks.tracking import TrackingError
 
     return (
@@ -82,7 +82,7 @@ def _load(config: Path, overrides: list[str], storage: str | None, tracking_uri:
     so a password given on the command line is never saved, logged or passed to a stage.
     """
     from tasks.config import STORAGE_ENV, TRACKING_ENV
-    from tasks.workloads import load_study_config
+    from tasks.workloads.registry import load_study_config
 
     extra = list(overrides)
     if storage:
@@ -148,7 +148,7 @@ def tune(
     _quiet_services(verbose)
     if restart and reuse_best:
         raise _fail("--restart and --reuse-best exclude each other; choose one")
-    from tasks.workloads import objective_for, preflight
+    from tasks.workloads.registry import objective_for, preflight
 
     budgets = {
         "study.time_budget": time_budget,
@@ -162,10 +162,10 @@ def tune(
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
     from edgetune.progress import Progress, render_summary
-    from tasks.study import study_budget
+    from tasks.hpo.study import study_budget
 
     if cfg.variants:
-        from tasks.variants import expand
+        from tasks.config.variants import expand
 
         runs = ", ".join(
             f"{spec.name} ({f'{study_budget(v.study)} trials' if spec.search else 'once'})"
@@ -184,11 +184,11 @@ def tune(
 
     progress = Progress(cfg, enabled=not (as_json or reuse_best) and sys.stderr.isatty())
     from flows.tune import BoardPaused, SampleRejected
-    from tasks.recovery import NothingToReuseError, StudyChangedError
+    from tasks.hpo.recovery import NothingToReuseError, StudyChangedError
 
     try:
         with progress:
-            result = tune_flow(cfg.model_dump(mode="json"), restart=restart, reuse_best=reuse_best)
+            result = tune_flow(cfg, restart=restart, reuse_best=reuse_best)  # parsed once, above
     except KeyboardInterrupt:
         raise _fail(
             "interrupted; trials in flight were told FAIL, re-run to continue", 130
@@ -216,14 +216,14 @@ def report(
     """Print a study's results table from its storage."""
     _quiet_services(False)
     from edgetune.progress import render_summary
-    from tasks.study import open_study
-    from tasks.study import summary as study_summary
+    from tasks.hpo.study import open_study
+    from tasks.hpo.study import summary as study_summary
 
     source = study / "config.yaml" if study.is_dir() else study
     try:
         cfg = _load(source, [], storage, None)
         if cfg.variants:
-            from tasks.variants import compare
+            from tasks.hpo.variants import compare
 
             result = compare(cfg)
             if all(row["counts"] is None for row in result["variants"]):
@@ -266,8 +266,9 @@ def dashboard(
 ) -> None:
     """Serve optuna-dashboard on a study's Optuna storage until Ctrl-C."""
     _quiet_services(False)
-    from tasks.reports import dashboard_server
-    from tasks.study import open_storage, open_study
+    from tasks.hpo.reports import dashboard_server
+    from tasks.hpo.study import open_study
+    from tasks.storage import open_storage
     from tasks.tracking import mask_uri, one_line
 
     if not study.exists():
@@ -287,7 +288,7 @@ def dashboard(
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise _fail(missing)  # opening it would create an empty database
     if cfg.variants:  # the dashboard lists every study of the storage: the variants'
-        from tasks.variants import expand
+        from tasks.config.variants import expand
 
         cfg = expand(cfg)[0][1]
     try:
@@ -317,7 +318,7 @@ def dashboard(
 @app.command()
 def validate(config: ConfigArg, overrides: Overrides = None) -> None:
     """Check a config, its dataset, toolchain, storage and tracking without creating anything."""
-    from tasks.workloads import preflight
+    from tasks.workloads.registry import preflight
 
     try:
         cfg = _load(config, overrides or [], None, None)
@@ -380,7 +381,7 @@ def device_release(config: ConfigArg, overrides: Overrides = None) -> None:
     _quiet_services(False)
     from prefect.exceptions import ObjectNotFound
 
-    from tasks.wrappers import release_board
+    from tasks.board import release_board
 
     try:
         cfg = _load(config, overrides or [], None, None)
@@ -461,10 +462,10 @@ def detect_train_command(
 ) -> None:
     """Train a detector, export, compile, measure mAP on the board; register the best."""
     _quiet_services(verbose)
+    from tasks.board import BoardBusyError
     from tasks.config import TRACKING_ENV
     from tasks.detection.config import load_detector_config
     from tasks.devices import DeviceError
-    from tasks.wrappers import BoardBusyError
 
     extra = list(overrides or [])
     if tracking_uri:

@@ -51,11 +51,11 @@ class Progress:
     def _poll(self) -> None:
         import optuna
 
-        from tasks.study import best_trial, study_budget
-        from tasks.workloads import objective_for
+        from tasks.hpo.study import best_trial, study_budget
+        from tasks.workloads.registry import objective_for
 
         label = objective_for(self.config).label
-        from tasks.variants import expand, variant_name
+        from tasks.config.variants import expand, variant_name
 
         targets = [variant for _, variant in expand(self.config)] or [self.config]
         studies: dict[str, Any] = {}
@@ -78,7 +78,7 @@ class Progress:
 
 
 def status_line(study: Any, total: int, best: Any, label: str = "device AUGRC") -> str:
-    from tasks.study import state_name
+    from tasks.hpo.study import state_name
 
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
@@ -104,7 +104,8 @@ def _fmt(value: Any, spec: str = ".5f") -> str:
 
 
 def _objective(result: dict[str, Any]) -> Any:
-    from tasks.study import CLASSIFIER, OBJECTIVES
+    from tasks.workloads.classifier import CLASSIFIER
+    from tasks.workloads.registry import OBJECTIVES
 
     return OBJECTIVES.get(result.get("objective", ""), CLASSIFIER)
 
@@ -254,7 +255,7 @@ def render_summary(result: dict[str, Any]) -> None:
 
 def variants_table(result: dict[str, Any]) -> Table:
     """One row per variant: how it ran, its best trial, and which won (*)."""
-    from tasks.variants import settings_text
+    from tasks.config.variants import settings_text
 
     objective = _objective(result)
     better = "higher" if objective.maximize else "lower"

@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from tasks.config import apply_overrides
 from tasks.detection.config import DetectorConfig, load_detector_config, parse_detector_config
@@ -32,7 +33,6 @@ def _resolve(config: dict[str, Any] | str, overrides: list[str] | None) -> Detec
 
 
 def _run_name() -> str:
-    from prefect.runtime import flow_run
 
     config = flow_run.parameters.get("config")
     if isinstance(config, dict):

@@ -1,52 +1,94 @@
-"""Compile and device-evaluation stages as flows, for the ``compile`` and ``edge`` pools.
+"""A trial's stages in this process (``LocalStages``), and compile and device evaluation as
+flows for the ``compile`` and ``edge`` pools.
 
-In the embedded mode the parent calls the same tasks directly; on work pools each stage is
-a flow run of its own deployment: it beats in the study storage while it works (so the
-parent can tell a dead worker from a slow one) and leaves its outcome in the trial's MLflow
-run.
+In the embedded mode the parent calls the training subflow and the two tasks below; on
+work pools each stage is a flow run of its own deployment (``tasks.hpo.launch``): it beats
+in the study storage while it works and leaves its outcome in the trial's MLflow run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
-from tasks.recovery import stage_heartbeat
-from tasks.stages import save_outcome
+from flows.train import as_config, train_trial
+from tasks.hpo.launch import Slot
+from tasks.hpo.trial_stages import compile_stage, device_stage
 from tasks.tracking import Tracker
-from tasks.workloads import parse_study_config
-from tasks.wrappers import compile_task, device_task
+from tasks.workloads.base import (
+    Checked,
+    CompileOutcome,
+    DeviceOutcome,
+    Pruned,
+    StudyTarget,
+    TrainOutcome,
+)
+from tasks.workloads.registry import workload_for
+
+
+@task(name="compile", task_run_name="compile-trial-{trial_number}", cache_policy=NO_CACHE)
+def compile_task(
+    config: StudyTarget, trial_number: int, run_id: str, parent_run_id: str
+) -> CompileOutcome:
+    return compile_stage(config, run_id, parent_run_id)
+
+
+@task(name="evaluate-on-device", task_run_name="device-trial-{trial_number}", cache_policy=NO_CACHE)
+def device_task(
+    config: StudyTarget, trial_number: int, run_id: str, parent_run_id: str, artifact: str
+) -> DeviceOutcome:
+    """Evaluate on the board while holding its slot (limit 1, strict: a typo cannot unlock it)."""
+    return device_stage(config, run_id, parent_run_id, artifact)
+
+
+class LocalStages:
+    """Stages in this process: the training subflow and the compile and device tasks, which
+    receive the typed config (nothing is parsed again)."""
+
+    def __init__(self, config: StudyTarget) -> None:
+        self.config = config
+
+    def prepare(self, parent_run_id: str) -> Checked:
+        return workload_for(self.config).prepare(Tracker(self.config.tracking_uri), parent_run_id)
+
+    def train(self, slot: Slot) -> TrainOutcome | Pruned:
+        return train_trial(
+            self.config, slot.number, slot.trial_id, slot.params, slot.run_id, slot.parent_run_id
+        )
+
+    def compile(self, slot: Slot) -> CompileOutcome:
+        return compile_task(self.config, slot.number, slot.run_id, slot.parent_run_id)
+
+    def evaluate(self, slot: Slot, artifact: str) -> DeviceOutcome:
+        return device_task(self.config, slot.number, slot.run_id, slot.parent_run_id, artifact)
+
+    def cancel(self, trial_numbers: list[int]) -> int:
+        return 0  # stages in this process stop with it (trainings at their next epoch)
 
 
 @flow(name="compile-trial", flow_run_name="compile-trial-{trial_number}", validate_parameters=False)
 def compile_trial(
-    config: dict[str, Any],
+    config: StudyTarget | dict[str, Any],
     trial_number: int,
     run_id: str,
     parent_run_id: str,
     trial_id: int | None = None,
-) -> dict[str, Any]:
-    cfg = parse_study_config(config, source="compile-trial parameter 'config'")
-    with stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s):
-        outcome = compile_task(cfg, trial_number, run_id, parent_run_id)
-    save_outcome(Tracker(cfg.tracking_uri), run_id, "compile", outcome)
-    return outcome
+) -> CompileOutcome:
+    return compile_stage(as_config(config, "compile-trial"), run_id, parent_run_id, trial_id)
 
 
 @flow(
     name="evaluate-trial", flow_run_name="evaluate-trial-{trial_number}", validate_parameters=False
 )
 def evaluate_trial(
-    config: dict[str, Any],
+    config: StudyTarget | dict[str, Any],
     trial_number: int,
     run_id: str,
     parent_run_id: str,
     artifact: str,
     trial_id: int | None = None,
-) -> dict[str, Any]:
-    cfg = parse_study_config(config, source="evaluate-trial parameter 'config'")
-    with stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s):
-        outcome = device_task(cfg, trial_number, run_id, parent_run_id, artifact)
-    save_outcome(Tracker(cfg.tracking_uri), run_id, "device", outcome)
-    return outcome
+) -> DeviceOutcome:
+    cfg = as_config(config, "evaluate-trial")
+    return device_stage(cfg, run_id, parent_run_id, artifact, trial_id)

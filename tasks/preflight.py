@@ -11,22 +11,40 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlsplit
 
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from tasks.compilers import COMPILERS
 from tasks.config import (
     STORAGE_ENV,
     TRACKING_ENV,
     ConfigError,
     EdgetuneConfig,
+    OrchestrationConfig,
     at_space_file,
     space_refusal,
     trial_train_config,
 )
 from tasks.data import DataError, DatasetInfo, inspect_dataset, split_items
+from tasks.devices import DeviceConfigError, create_runner
+from tasks.storage import StudyError
+from tasks.tracking import TrackingError, mask_uri, one_line
 
-if TYPE_CHECKING:
-    from tasks.workloads import StudyTarget
+
+class _Orchestrated(Protocol):
+    """A classifier or detector study config: where its stages run and what they share."""
+
+    @property
+    def orchestration(self) -> OrchestrationConfig: ...
+    @property
+    def storage_url(self) -> str: ...
+    @property
+    def tracking_uri(self) -> str: ...
+
 
 #: Longest wait for a storage or tracking server to answer, in seconds.
 CONNECT_TIMEOUT_S = 5.0
@@ -41,8 +59,6 @@ _DRIVER_HINTS = {
 
 def preflight(config: EdgetuneConfig) -> DatasetInfo:
     """Dataset, search space, weights, toolchain, board settings, storage and tracking."""
-    from tasks.compilers import COMPILERS
-
     info = inspect_dataset(config.data.root)
     split_items(info, config.data.eval_split, config.data.root)
     if config.study.retrain == "train+val" and "test" not in info.files:
@@ -93,8 +109,6 @@ def check_weights(config: EdgetuneConfig, num_classes: int) -> None:
 
 def check_device(config: EdgetuneConfig) -> None:
     """The runner's options and local files (SSH key, known_hosts); the board is not contacted."""
-    from tasks.devices import DeviceConfigError, create_runner
-
     try:
         runner = create_runner(config.device.runner, **config.device.runner_options())
         runner.check_config()
@@ -106,10 +120,8 @@ def check_device(config: EdgetuneConfig) -> None:
         raise ConfigError(f"{where}{message}") from None
 
 
-def check_shared_services(config: StudyTarget) -> None:
+def check_shared_services(config: _Orchestrated) -> None:
     """Stages on work pools run on other hosts: storage and tracking must be servers."""
-    from tasks.tracking import mask_uri
-
     if config.orchestration.mode != "deployments":
         return
     for key, url, env in (
@@ -133,8 +145,6 @@ def check_storage(url: str) -> None:
 
 def check_tracking(uri: str) -> None:
     """An MLflow server (http/https) or database accepts connections; local stores pass."""
-    from tasks.tracking import TrackingError, mask_uri, one_line
-
     where = f"tracking.uri (or --tracking-uri, ${TRACKING_ENV})"
     try:
         parts = urlsplit(uri)
@@ -164,12 +174,6 @@ def check_tracking(uri: str) -> None:
 
 def _check_database(url: str, key: str, where: str) -> None:
     """Parse with SQLAlchemy, load the driver, open and close one connection."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
-
-    from tasks.study import StudyError
-    from tasks.tracking import TrackingError, mask_uri, one_line
 
     masked = mask_uri(url)
     try:

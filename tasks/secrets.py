@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from tasks.tracking import one_line
+
 SCHEME = "prefect-secret://"
 #: Prefect block document names: lowercase letters, digits and dashes.
 BLOCK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -82,8 +84,6 @@ def resolve_secret(
             f"PREFECT_API_URL"
         ) from None
     except Exception as exc:
-        from tasks.tracking import one_line
-
         raise SecretError(
             f"{key}: cannot read the Prefect Secret block {name!r} ({type(exc).__name__}: "
             f"{one_line(exc, 200)}); check that the Prefect server at PREFECT_API_URL is "

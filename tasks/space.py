@@ -17,10 +17,30 @@ import math
 import operator
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from tasks.config import SearchParam
+
+class SearchParam(Protocol):
+    """What this module reads of a searched setting (``tasks.config.SearchParam``): a
+    structural type, so the schema can use these functions without a cycle of imports."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def low(self) -> float | str | None: ...
+    @property
+    def high(self) -> float | str | None: ...
+    @property
+    def log(self) -> bool: ...
+    @property
+    def step(self) -> float | None: ...
+    @property
+    def choices(self) -> list[Any] | None: ...
+    @property
+    def when(self) -> dict[str, list[Any]] | None: ...
+    @property
+    def depends_on(self) -> frozenset[str]: ...
+
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,

@@ -292,8 +292,8 @@ def test_a_trial_trains_with_what_auto_chose_and_records_it(
     digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The train stage end to end (MLflow in a local file): choices, final run, records."""
-    from tasks import stages
     from tasks.tracking import Tracker
+    from tasks.workloads import classifier as stages
 
     raw = tiny_config(
         digits_root,
@@ -321,7 +321,8 @@ def test_a_trial_trains_with_what_auto_chose_and_records_it(
         on_epoch=lambda _, row: epochs.append(row),
     )
 
-    chosen = outcome["auto"]
+    assert outcome.auto is not None
+    chosen = outcome.auto
     losses = chosen["val_loss"]
     assert set(losses) == {"sgd", "adamw"}
     best = min(losses, key=losses.__getitem__)
@@ -337,7 +338,7 @@ def test_a_trial_trains_with_what_auto_chose_and_records_it(
     assert {r["settings"].batch_size for r in spy.runs} == {64}
     # Only the trial's own epochs reach the pruner, each with its validation loss.
     assert len(epochs) == 2 and all(row["val_loss"] > 0 for row in epochs)
-    assert outcome["metrics"]["auto_val_loss_sgd"] == pytest.approx(losses["sgd"])
+    assert outcome.metrics["auto_val_loss_sgd"] == pytest.approx(losses["sgd"])
     assert f"optimizer auto -> {best}" in chosen["summary"]
     assert "batch_size auto -> 64 (CPU)" in chosen["summary"]
 

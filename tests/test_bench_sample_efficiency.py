@@ -17,7 +17,7 @@ import pytest
 
 from bench import sample_efficiency as se
 from tasks.config import SearchParam
-from tasks.study import make_sampler, suggest
+from tasks.hpo.study import make_sampler, suggest
 
 SPACE = {
     "lr": SearchParam(type="categorical", choices=[0.01, 0.1, 1.0]),

@@ -14,7 +14,7 @@ import pytest
 
 from tasks.config import ConfigError, parse_config
 from tasks.preflight import check_device, check_storage, check_tracking
-from tasks.study import StudyError
+from tasks.storage import StudyError
 from tasks.tracking import TrackingError
 
 SECRET = "pa55-Secret"

@@ -113,7 +113,7 @@ def config_with_secrets(tmp_path: Path) -> dict[str, Any]:
 
 
 def test_flattened_params_mask_urls(config_with_secrets: Any) -> None:
-    from flows.tune import _flatten
+    from tasks.hpo.loop import flatten as _flatten
 
     flat = _flatten(config_with_secrets)
 
@@ -128,7 +128,7 @@ def test_the_study_runs_params_in_mlflow_hold_no_password(
     """What the tune flow logs on the study's parent run: `_flatten` of the config."""
     from mlflow import MlflowClient
 
-    from flows.tune import _flatten
+    from tasks.hpo.loop import flatten as _flatten
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri)

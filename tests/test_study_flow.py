@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks.config import load_config, parse_config
-from tasks.study import open_study
+from tasks.hpo.study import open_study
 
 from conftest import tiny_config
 
@@ -100,56 +100,15 @@ def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
     assert len(client.search_model_versions(f"name = '{config.registered_model_name}'")) == 1
 
 
-@pytest.mark.parametrize("retries", [0, 1])
-def test_a_failing_trial_is_told_fail_and_the_study_goes_on(
-    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: int
-) -> None:
-    import tasks.stages
-
-    real = tasks.stages.compile_model
-    calls: list[int] = []
-    lock = threading.Lock()
-
-    def flaky(*args: Any, **kwargs: Any) -> Any:
-        with lock:
-            calls.append(1)
-            first = len(calls) == 1
-        if first:
-            raise RuntimeError("injected compiler crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tasks.stages, "compile_model", flaky)
-    raw = tiny_config(digits_root, tmp_path / f"flaky{retries}")
-    raw["study"].update(n_trials=3, retries=retries)
-    result, config, study = _run(raw)
-    trials = study.get_trials()
-    states = sorted(t.state.name for t in trials)
-    failed = next(t for t in trials if t.state.name == "FAIL")
-    if retries:
-        # The failed trial's parameters ran again, traced to it; the study still got 3 results.
-        assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
-        retry = next(t for t in trials if t.user_attrs.get("retry_of") == failed.number)
-        assert retry.state.name == "COMPLETE" and retry.params == failed.params
-        assert retry.user_attrs["attempt"] == 1
-        tags = MlflowClient(config.tracking_uri).get_run(retry.user_attrs["mlflow_run_id"])
-        assert tags.data.tags["edgetune.retry_of"] == str(failed.number)
-    else:
-        assert states == ["COMPLETE", "COMPLETE", "FAIL"]
-    assert failed.value is None  # told FAIL: no sentinel objective value
-    assert failed.user_attrs["fail_stage"] == "compile"
-    assert failed.user_attrs["fail_reason"] == "RuntimeError: injected compiler crash"
-    run = MlflowClient(config.tracking_uri).get_run(failed.user_attrs["mlflow_run_id"])
-    assert run.info.status == "FAILED"
-    assert run.data.tags["edgetune.fail_reason"] == "RuntimeError: injected compiler crash"
-    assert result["champion"]["trial"] != failed.number
-
-
 def test_device_evaluations_never_overlap(
     digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.stages
+    import tasks.workloads.classifier
 
-    real_run, real_inputs = tasks.stages.run_on_device, tasks.stages.device_inputs
+    real_run, real_inputs = (
+        tasks.workloads.classifier.run_on_device,
+        tasks.workloads.classifier.device_inputs,
+    )
     windows: list[tuple[float, float, float]] = []  # (arrived, board taken, board released)
     arrived: dict[int, float] = {}
     second_arrival = threading.Event()
@@ -170,8 +129,8 @@ def test_device_evaluations_never_overlap(
         windows.append((arrived[threading.get_ident()], started, time.time()))
         return out
 
-    monkeypatch.setattr(tasks.stages, "run_on_device", slow_board)
-    monkeypatch.setattr(tasks.stages, "device_inputs", arriving)
+    monkeypatch.setattr(tasks.workloads.classifier, "run_on_device", slow_board)
+    monkeypatch.setattr(tasks.workloads.classifier, "device_inputs", arriving)
     raw = tiny_config(digits_root, tmp_path / "board")
     raw["study"].update(n_trials=4, parallel=2, max_pending=2)
     _, _, study = _run(raw)
@@ -194,7 +153,7 @@ def test_a_board_left_taken_fails_clearly_and_release_frees_it(
     from typer.testing import CliRunner
 
     from edgetune.cli import app
-    from tasks.wrappers import BoardBusyError, ensure_device_limit, hold_board
+    from tasks.board import BoardBusyError, ensure_device_limit, hold_board
 
     raw = tiny_config(digits_root, tmp_path / "stuck")
     raw["device"]["wait_timeout_s"] = 2

@@ -30,7 +30,7 @@ from tasks.config import (
     space_refusal,
     storage_url,
     tracking_uri,
-    validate_config,
+    validate_study,
 )
 
 
@@ -253,14 +253,6 @@ class DetectorConfig(_Strict):
             )
         return self
 
-    @model_validator(mode="after")
-    def _variants_run(self) -> DetectorConfig:
-        if self.study is not None:
-            from tasks.variants import check_variants
-
-            check_variants(self)
-        return self
-
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir or Path("runs") / "detectors" / self.name)
@@ -311,7 +303,7 @@ DETECTOR_PATH_KEYS = (
 
 
 def parse_detector_config(raw: dict[str, Any], *, source: str = "config") -> DetectorConfig:
-    return _resolve(validate_config(DetectorConfig, raw, source, DETECTOR_TUNABLE))
+    return _resolve(validate_study(DetectorConfig, raw, source, DETECTOR_TUNABLE))
 
 
 def parse_detector_study(raw: dict[str, Any], *, source: str = "config") -> DetectorStudy:
@@ -321,7 +313,7 @@ def parse_detector_study(raw: dict[str, Any], *, source: str = "config") -> Dete
             f"{source}: a detector config needs a study section to be tuned (study: {{name: "
             f"..., search_space: ...}}); see configs/detectors/s-ml.yaml"
         )
-    return _resolve(validate_config(DetectorStudy, raw, source, DETECTOR_TUNABLE))
+    return _resolve(validate_study(DetectorStudy, raw, source, DETECTOR_TUNABLE))
 
 
 _C = TypeVar("_C", bound="DetectorConfig")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 PAD_VALUE = 114
@@ -178,7 +179,6 @@ class Letterbox:
 
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     """Resize keeping the aspect ratio so the long side is `size`, centre on grey."""
-    from PIL import Image
 
     height, width = image.shape[:2]
     scale = min(size / height, size / width)
@@ -193,7 +193,6 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:

@@ -277,6 +277,8 @@ def detection_metrics(
 
     See the module docstring for the array layouts, the matching rule and the definitions.
     """
+    # Over 80 lines because the input checks, the per-class matching and the averaging
+    # share the validated arrays; split, each part would re-derive them.
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1; got {num_classes}.")
     if n_images < 1:

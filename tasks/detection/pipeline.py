@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from mlflow.exceptions import MlflowException
 
+from tasks.board import embedded, ensure_device_limit, hold_board
+from tasks.compilers import create_compiler
 from tasks.config import dump_config
 from tasks.detection.config import DetectorConfig
 from tasks.detection.dataset import (
@@ -40,6 +43,9 @@ from tasks.detection.dataset import (
     write_resolved_yaml,
 )
 from tasks.detection.metrics import detection_metrics, gap_to_float
+from tasks.detection.ultra import DetectorError, export_onnx, train_detector
+from tasks.devices import LocalRunner, create_runner
+from tasks.host import pid_alive
 from tasks.tracking import CHAMPION, Tracker, mask_text
 
 KIND_TAG = "edgetune.kind"
@@ -157,8 +163,6 @@ def end_orphaned_runs(tracker: Tracker, experiment_id: str) -> list[str]:
 
     A worker killed mid-training cannot end its run; the next run on the host does.
     """
-    from tasks.recovery import pid_alive
-
     host = socket.gethostname()
     ended = []
     for run in tracker.client.search_runs(
@@ -177,9 +181,6 @@ def end_orphaned_runs(tracker: Tracker, experiment_id: str) -> list[str]:
 
 def check_detector(config: DetectorConfig) -> None:
     """Bad input is refused before any run, folder or database is created."""
-    from tasks.compilers import create_compiler
-    from tasks.detection.ultra import DetectorError
-    from tasks.devices import create_runner
 
     read_data_yaml(Path(config.data.yaml))
     if config.model.weights and not Path(config.model.weights).is_file():
@@ -248,7 +249,6 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train into `root`/ultralytics/`work.name` (default: the detector's run dir); log the
     weights, Ultralytics' curves and the final validation; `on_epoch` sees every epoch."""
-    from tasks.detection.ultra import train_detector
 
     def log_epoch(epoch: int, row: dict[str, float]) -> None:
         tracker.log_metrics(run_id, row, step=epoch)
@@ -282,7 +282,6 @@ def export_stage(
     *,
     root: Path | None = None,
 ) -> dict[str, Any]:
-    from tasks.detection.ultra import export_onnx
 
     onnx = export_onnx(
         trained["weights"],
@@ -306,7 +305,6 @@ def compile_stage(
     onnx: dict[str, Any],
     inputs: dict[str, Any],
 ) -> dict[str, Any]:
-    from tasks.compilers import create_compiler
 
     compiler = create_compiler(config.compile.backend, **config.compile.backend_options())
     out = work / "compiled"
@@ -339,7 +337,6 @@ def float_reference(
     config: DetectorConfig, onnx: Path, bundle_path: Path, work: Path
 ) -> dict[str, float]:
     """The float ONNX through the board's evaluator on this host: the reference for the gap."""
-    from tasks.devices import LocalRunner
 
     host = LocalRunner(timeout_s=config.device.timeout_s, warmup=0)
     result = host.detect(onnx, bundle_path, work / "float", **config.eval.model_dump())
@@ -357,8 +354,6 @@ def board_stage(
 ) -> dict[str, float]:
     """The compiled detector on the board (holding its slot); mAP scored here, with the gap
     to `float_metrics`; the metrics and the board's raw detections are logged."""
-    from tasks.devices import create_runner
-    from tasks.wrappers import embedded, ensure_device_limit, hold_board
 
     runner = create_runner(config.device.runner, **config.device.runner_options())
     if not embedded():
@@ -420,7 +415,6 @@ def select_champion(config: DetectorConfig, tracker: Tracker) -> dict[str, Any] 
     best = runs[0]
     name = config.registered_model_name
     score = float(best.data.metrics[SELECTION_METRIC])
-    from mlflow.exceptions import MlflowException
 
     try:
         current = tracker.alias_version(name)

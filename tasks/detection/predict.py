@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.exceptions import MlflowException
+from PIL import Image
 
 from tasks.detection.annotate import (
     ImageDetections,
@@ -28,6 +30,7 @@ from tasks.detection.annotate import (
 from tasks.detection.dataset import letterbox, list_images, read_rgb
 from tasks.detection.metrics import box_iou
 from tasks.devices import edgetune_eval
+from tasks.tracking import CHAMPION, Tracker, mask_uri
 
 MODEL_FILE = "model/model.onnx"
 
@@ -147,9 +150,6 @@ def resolve_model(ref: str, tracking_uri: str, dst: Path) -> Path:
         if not path.is_file():
             raise PredictError(f"model {ref} does not exist; pass an .onnx file or a name")
         return path
-    from mlflow.exceptions import MlflowException
-
-    from tasks.tracking import CHAMPION, Tracker, mask_uri
 
     tracker = Tracker(tracking_uri)
     name, _, alias = ref.partition("@")
@@ -225,7 +225,6 @@ def write_crops(
     crops the labeller does not confirm go to ``OUT/unmatched``. ``crops.csv`` lists every
     crop with its source box, score and label.
     """
-    from PIL import Image
 
     settings.check()
     staging = _staging(out)

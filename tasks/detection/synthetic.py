@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from PIL import Image
 
 CLASSES = ("healthy", "broken")
 MARKER = ".edgetune-shapes.json"
@@ -80,7 +81,6 @@ def write_shapes_dataset(
     seed: int = 0,
 ) -> Path:
     """Write the dataset under `root` and return its data.yaml (refuses a non-empty root)."""
-    from PIL import Image
 
     root = Path(root)
     if root.exists() and any(root.iterdir()) and not (root / MARKER).is_file():

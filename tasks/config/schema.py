@@ -1,7 +1,9 @@
-"""Typed study configuration: YAML in, validated pydantic models out.
+"""Typed study configuration: the pydantic models a YAML config validates into.
 
 Every error names the dotted path of the bad key, the value given and what is allowed,
-so a typo in a 400-trial study is caught before anything is created.
+so a typo in a 400-trial study is caught before anything is created. The models check
+shape and values only; what needs several models at once (variants) is checked after
+validation (``tasks.config.parse``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import functools
 import math
 import os
 import re
-import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -26,6 +28,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from tasks.secrets import resolve_secret
+from tasks.space import EmptyRange, ExpressionError, limited_corners, parse_expr
 
 #: The names of ``tasks.models.ARCHITECTURES`` (a test keeps them equal): parsing a config
 #: must not import torch, which compile and device stages never need.
@@ -89,6 +94,11 @@ def yaml_load(text: str) -> Any:
 
 class ConfigError(ValueError):
     """A config that cannot run; the message is one line naming the key and the fix."""
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class _Strict(BaseModel):
@@ -353,8 +363,6 @@ class SearchParam(_Strict):
     @field_validator("low", "high", mode="after")
     @classmethod
     def _expression(cls, value: float | str | None) -> float | str | None:
-        from tasks.space import ExpressionError, parse_expr
-
         if not isinstance(value, str):
             return value
         try:
@@ -413,8 +421,6 @@ class SearchParam(_Strict):
     @property
     def depends_on(self) -> frozenset[str]:
         """The parameters and settings this one's range or condition reads."""
-        from tasks.space import parse_expr
-
         names = set(self.when or {})
         for end in (self.low, self.high):
             if isinstance(end, str):
@@ -450,8 +456,6 @@ def check_space(
     A range end or condition may read parameters listed before it, or training settings;
     a constraint may read any parameter or setting.
     """
-    from tasks.space import ExpressionError, parse_expr
-
     seen: list[str] = []
     for name, spec in space.items():
         if name not in tunable:
@@ -505,8 +509,6 @@ def space_refusal(
     settings' rules (``batch_size`` may not be 0), then every corner of the space together
     (ranges whose ends read other parameters), so that no trial can draw such values.
     """
-    from tasks.space import EmptyRange, limited_corners
-
     for name, spec in space.items():
         if spec.dynamic:
             continue
@@ -833,8 +835,6 @@ class TrackingConfig(_Strict):
 
 def _refuse_password(value: str | None, env: str, flag: str) -> str | None:
     """A URL in a config must not carry a password: configs are saved, logged and passed on."""
-    from urllib.parse import urlsplit
-
     if value is None:
         return value
     try:
@@ -874,8 +874,6 @@ def storage_url(study: StudyConfig, run_path: Path) -> str:
 @functools.lru_cache(maxsize=16)
 def _resolved(value: str, key: str) -> str:
     """The URL itself, or the one in the Prefect Secret block it names (once per process)."""
-    from tasks.secrets import resolve_secret
-
     return resolve_secret(value, key=key) or value
 
 
@@ -901,8 +899,6 @@ class EdgetuneConfig(_Strict):
     @model_validator(mode="after")
     def _swa_inside_epochs(self) -> EdgetuneConfig:
         """In every trial, SWA starts before the last epoch (checked at the space's corners)."""
-        from tasks.space import EmptyRange, limited_corners
-
         base = self.train.model_dump()
         try:
             for corner in limited_corners(self.study.search_space, base):
@@ -919,13 +915,6 @@ class EdgetuneConfig(_Strict):
             raise ValueError(
                 f"study.search_space.{exc}; widen the range or change what it reads"
             ) from None
-        return self
-
-    @model_validator(mode="after")
-    def _variants_run(self) -> EdgetuneConfig:
-        from tasks.variants import check_variants
-
-        check_variants(self)
         return self
 
     # Derived locations -------------------------------------------------------------------
@@ -949,274 +938,3 @@ class EdgetuneConfig(_Strict):
     @property
     def registered_model_name(self) -> str:
         return self.tracking.registered_model or f"{self.study.name}-classifier"
-
-
-# Loading -----------------------------------------------------------------------------------
-
-
-def _suggest(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
-    """The pydantic model that owns the key at ``loc`` (for listing allowed keys).
-
-    Follows ``Model``, ``Model | None`` and ``dict[str, Model]`` fields (in a dict, the
-    next part of ``loc`` is an entry's name, e.g. ``study.search_space.lr``).
-    """
-    model: Any = root
-    parts = list(loc)
-    while parts:
-        part = parts.pop(0)
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        annotation = field.annotation
-        if typing.get_origin(annotation) is dict:
-            annotation = typing.get_args(annotation)[-1]
-            if not parts:
-                return None
-            parts.pop(0)  # the entry's name
-        elif typing.get_origin(annotation) is list:
-            annotation = typing.get_args(annotation)[0]
-            if parts and isinstance(parts[0], int):
-                parts.pop(0)  # the item's index
-        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
-            members = [a for a in typing.get_args(annotation) if a is not type(None)]
-            annotation = members[0] if len(members) == 1 else None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            return None
-    return model
-
-
-def _describe(error: Any, root: type[BaseModel]) -> str:
-    loc = tuple(p for p in error["loc"] if p not in ("function-after",))
-    path = ".".join(str(p) for p in loc) or "<root>"
-    kind, value = error["type"], error.get("input")
-    if kind == "extra_forbidden":
-        owner = _model_at(loc[:-1], root)
-        allowed = sorted(owner.model_fields) if owner else []
-        hint = _suggest(str(loc[-1]), allowed)
-        return f"{path}: unknown key{hint}; allowed keys here: {', '.join(allowed)}"
-    if kind == "missing":
-        return f"{path}: required key is missing"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if kind == "value_error":
-        # Our validators state the values themselves; some name a key below ``loc``.
-        if re.match(r"^[A-Za-z_][\w.]*: ", message) or message.startswith("variants["):
-            return message if path == "<root>" else f"{path}.{message}"
-        return f"{path}: {message}"
-    return f"{path}: {message}, but got {value!r}"
-
-
-def format_errors(error: ValidationError, root: type[BaseModel]) -> str:
-    """Every validation error of a config rooted at `root`, each with its dotted key."""
-    return "; ".join(_describe(e, root) for e in error.errors())
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML scalars)."""
-    merged = _deep_copy(raw)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(
-                f"override {item!r}: expected section.key=value, e.g. train.epochs=10"
-            )
-        try:
-            value = yaml_load(text) if text else ""
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(
-                f"override {item!r}: value is not valid YAML ({problem}); quote the whole "
-                f"override in the shell and fix the value, e.g. 'key={{a: 1, b: 2}}'"
-            ) from None
-        node = merged
-        *parents, leaf = key.split(".")
-        for depth, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parents[: depth + 1])
-                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
-            node = child
-        node[leaf] = value
-    return merged
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    source = Path(path)
-    if not source.is_file():
-        raise ConfigError(f"config file {str(source)!r} not found; pass the path of a YAML file")
-    try:
-        raw = yaml_load(source.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{source}: malformed YAML{where}: {problem}; fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{source}: expected a mapping of sections at the top (data:, study:, ...), got "
-            f"{raw!r}; start from configs/quickstart.yaml"
-        )
-    return raw
-
-
-_M = typing.TypeVar("_M", bound=BaseModel)
-
-
-def validate_config(
-    model: type[_M], raw: dict[str, Any], source: str, tunable: tuple[str, ...]
-) -> _M:
-    """``raw`` as a ``model`` config, its search-space file read in; errors in one line,
-    those inside the space file named at the file and its key."""
-    raw = inline_search_space(raw, tunable)
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        message = in_space_file(format_errors(exc, model), raw)
-        raise ConfigError(f"{source}: {message}") from None
-
-
-def parse_config(raw: dict[str, Any], *, source: str = "config") -> EdgetuneConfig:
-    return _resolve_paths(validate_config(EdgetuneConfig, raw, source, TUNABLE))
-
-
-#: Path-valued keys; in a file they are relative to the file's folder (like docker compose).
-PATH_KEYS = (("data", "root"), ("model", "weights"), ("run_dir",), ("study", "search_space"))
-
-
-class SpaceFile(_Strict):
-    """A search-space file (``configs/search_spaces/*.yaml``): ``params`` and ``constraints``."""
-
-    params: dict[str, SearchParam]
-    constraints: list[str] = Field(default_factory=list)
-
-
-def read_space_file(path: str | Path, tunable: tuple[str, ...]) -> SpaceFile:
-    """Read and check a search-space file; errors name the file and the key in it."""
-    source = Path(path)
-    if not source.is_file():
-        raise ConfigError(
-            f"study.search_space: file {str(source)!r} not found; give the path of a search-"
-            f"space file (relative to the config's folder), or write the space inline"
-        )
-    raw = read_yaml(source)
-    try:
-        space = SpaceFile.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {format_errors(exc, SpaceFile)}") from None
-    refusal = check_space(space.params, tunable, space.constraints)
-    if refusal:
-        raise ConfigError(f"{source}: {refusal.replace('search_space.', 'params.', 1)}")
-    return space
-
-
-def inline_search_space(raw: dict[str, Any], tunable: tuple[str, ...]) -> dict[str, Any]:
-    """A raw config whose ``study.search_space`` names a file, with that file's space in it.
-
-    The file's constraints come before the config's own ``study.constraints``; the file's
-    path is kept in ``study.search_space_file`` for errors and for the record.
-    """
-    study = raw.get("study")
-    if not isinstance(study, dict) or not isinstance(study.get("search_space"), str):
-        return raw
-    path = study["search_space"]
-    space = read_space_file(path, tunable)
-    own = study.get("constraints") or []
-    dumped = space.model_dump(mode="json", exclude_defaults=True)
-    merged = {
-        **study,
-        "search_space": dumped["params"],
-        "constraints": [*space.constraints, *(own if isinstance(own, list) else [own])],
-        "search_space_file": path,
-    }
-    return {**raw, "study": merged}
-
-
-def in_space_file(message: str, raw: dict[str, Any]) -> str:
-    """Point errors about a space read from a file at the file and its key."""
-    study = raw.get("study")
-    path = study.get("search_space_file") if isinstance(study, dict) else None
-    return at_space_file(message, path if isinstance(path, str) else None)
-
-
-def at_space_file(message: str, path: str | None) -> str:
-    if not path:
-        return message
-    return re.sub(r"\bstudy\.search_space\.", f"{path}: params.", message)
-
-
-def anchor_paths(
-    raw: dict[str, Any], base: Path, keys: tuple[tuple[str, ...], ...] = PATH_KEYS
-) -> dict[str, Any]:
-    """Make the path-valued `keys` of a raw config absolute against `base`."""
-    anchored = _deep_copy(raw)
-    for path in keys:
-        node = anchored
-        for key in path[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        value = node.get(path[-1]) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(value, str) and value:
-            node[path[-1]] = str((base / Path(value).expanduser()).resolve())
-    variants = anchored.get("variants")
-    for variant in variants if isinstance(variants, list) else []:
-        settings = variant.get("set") if isinstance(variant, dict) else None
-        if not isinstance(settings, dict):
-            continue
-        for key, value in settings.items():
-            if tuple(str(key).split(".")) in keys and isinstance(value, str) and value:
-                settings[key] = str((base / Path(value).expanduser()).resolve())
-    return anchored
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> EdgetuneConfig:
-    """Read, override and validate a study config.
-
-    Relative paths written in the file are relative to the file's folder, so the config
-    means the same wherever it is read (a worker runs in a temporary folder); paths given
-    as overrides are relative to the current folder.
-    """
-    raw = anchor_paths(read_yaml(path), Path(path).resolve().parent)
-    return parse_config(apply_overrides(raw, overrides or []), source=str(path))
-
-
-def _resolve_paths(config: EdgetuneConfig) -> EdgetuneConfig:
-    """Make every path absolute so the saved config re-runs from anywhere."""
-    data = config.data.model_copy(update={"root": str(Path(config.data.root).resolve())})
-    model = config.model
-    if model.weights:
-        model = model.model_copy(update={"weights": str(Path(model.weights).resolve())})
-    return config.model_copy(
-        update={"data": data, "model": model, "run_dir": str(config.run_path.resolve())}
-    )
-
-
-def dump_config(config: BaseModel) -> str:
-    """The fully resolved config as YAML: enough to re-run it from this one file."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-def trial_train_config(config: EdgetuneConfig, params: dict[str, Any]) -> TrainConfig:
-    """The training settings of one trial: the config's, overridden by the sampled params."""
-    unknown = set(params) - set(TUNABLE)
-    if unknown:
-        raise ConfigError(f"trial params {sorted(unknown)} are not tunable; use {TUNABLE}")
-    merged = {**config.train.model_dump(), **params}
-    for name in ("epochs", "batch_size", "swa_start"):
-        if not (name == "batch_size" and merged[name] == AUTO):
-            merged[name] = int(merged[name])
-    for name in ("lr", "momentum", "weight_decay", "rho", "swa_lr"):
-        merged[name] = float(merged[name])
-    return TrainConfig.model_validate(merged)

@@ -14,18 +14,22 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from prefect.client.orchestration import get_client
+from prefect.runtime import flow_run
 
-from tasks.workloads import StudyTarget, objective_for
+from tasks.host import pid_alive
+from tasks.hpo.study import ATTR_REJECTED, ATTR_RUN_ID, best_trial, open_study
+from tasks.storage import open_storage
+from tasks.workloads.base import StudyTarget
+from tasks.workloads.registry import objective_for
 
 # Trial user attributes.
 ATTR_OWNER = "owner"
@@ -49,8 +53,6 @@ def current_owner() -> dict[str, Any]:
         "token": uuid4().hex[:12],
     }
     try:
-        from prefect.runtime import flow_run
-
         if flow_run.id:
             owner["flow_run"] = str(flow_run.id)
     except Exception:  # pragma: no cover - outside Prefect there is no flow run
@@ -58,22 +60,9 @@ def current_owner() -> dict[str, Any]:
     return owner
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _flow_run_state(flow_run_id: str) -> str | None:
     """The final state of a Prefect flow run (``CRASHED``…), or None if it may still run."""
     try:
-        from prefect.client.orchestration import get_client
-
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(UUID(flow_run_id)).state
     except Exception:
@@ -171,8 +160,6 @@ def enqueue_retry(
     trials = study.get_trials(deepcopy=False)
     if trial.number in retried_numbers(trials):
         return True  # already enqueued (a resumed study reconciling twice)
-    from tasks.study import ATTR_RUN_ID
-
     if not trial.params and ATTR_RUN_ID not in trial.user_attrs:
         # failed before its parameters were drawn: nothing to repeat (a trial with a run
         # and no parameters is one of a space with none: a variant trained once)
@@ -190,8 +177,6 @@ def outcome_count(trials: Iterable[FrozenTrial]) -> int:
 
     A sample rejected by the study's constraints ran nothing and is not counted.
     """
-    from tasks.study import ATTR_REJECTED
-
     trials = list(trials)
     retried = retried_numbers(trials)
     return sum(
@@ -268,100 +253,9 @@ def check_fingerprint(study: optuna.Study, config: StudyTarget) -> None:
         )
 
 
-# Stage runs on work pools -----------------------------------------------------------------------
-ATTR_STAGE_BEAT = "stage_heartbeat"
-
-
-@contextmanager
-def stage_heartbeat(
-    storage_url: str, trial_id: int | None, interval_s: float
-) -> Iterator[threading.Event]:
-    """Mark the trial's stage run alive every ``interval_s`` while the block runs.
-
-    The parent reads the beat to tell a stage that is working from one whose worker died
-    (its flow run then stays RUNNING on the server). The event yielded is set once the
-    trial has been finished elsewhere (the parent gave up on it): the stage should stop.
-    """
-    gone = threading.Event()
-    if trial_id is None:
-        yield gone
-        return
-    from prefect.runtime import flow_run
-
-    from tasks.study import open_storage
-
-    run_id = str(flow_run.id or "")
-    storage = open_storage(storage_url)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            try:
-                storage.set_trial_user_attr(
-                    trial_id, ATTR_STAGE_BEAT, {"flow_run": run_id, "at": time.time()}
-                )
-            except optuna.exceptions.UpdateFinishedTrialError:
-                gone.set()
-                return
-            except Exception:  # the database is restarting: beat again next time
-                pass
-            if stop.wait(interval_s):
-                return
-
-    thread = threading.Thread(target=beat, name="stage-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield gone
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
-def stage_beat_at(
-    storage: optuna.storages.BaseStorage, trial_id: int, flow_run_id: str
-) -> float | None:
-    """When the stage run ``flow_run_id`` of a trial last beat, or None if it never did."""
-    beat = storage.get_trial(trial_id).user_attrs.get(ATTR_STAGE_BEAT)
-    if isinstance(beat, dict) and beat.get("flow_run") == flow_run_id:
-        return float(beat["at"])
-    return None
-
-
-def cancel_stage_runs(study_name: str, trial_numbers: Iterable[int]) -> int:
-    """Cancel the stage flow runs of these trials that have not ended; returns how many."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        FlowRunFilterTags,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Cancelled, Cancelling
-
-    final = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
-    cancelled = 0
-    with get_client(sync_client=True) as client:
-        for number in trial_numbers:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    tags=FlowRunFilterTags(all_=[f"study:{study_name}", f"trial:{number}"]),
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=final)),
-                )
-            )
-            for run in runs:
-                started = run.state is not None and run.state.is_running()
-                state: Any = Cancelling() if started else Cancelled()
-                client.set_flow_run_state(run.id, state, force=True)
-                cancelled += 1
-    return cancelled
-
-
 # Restart and reuse ------------------------------------------------------------------------------
 def forget_study(config: StudyTarget) -> bool:
     """Delete the stored study (``--restart``); True if there was one. MLflow runs stay."""
-    from tasks.study import open_storage
-
     storage = open_storage(config.storage_url)
     try:
         optuna.delete_study(study_name=config.study.name, storage=storage)
@@ -384,8 +278,6 @@ def reuse_best_config(
     model; ``train+val``: trained on train and val, measured on test). It logs to the same
     experiment and registers under the same model name, so its result becomes the champion.
     """
-    from tasks.study import best_trial, open_study
-
     try:
         study = open_study(config.storage_url, config.study, config.seed, create=False)
     except KeyError:

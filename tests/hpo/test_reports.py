@@ -22,10 +22,11 @@ from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
 
 from edgetune.cli import app
-from tasks import reports
 from tasks.config import parse_config
-from tasks.study import best_trial, open_study
+from tasks.hpo import reports
+from tasks.hpo.study import best_trial, open_study
 from tasks.tracking import Tracker
+from tasks.workloads.classifier import CLASSIFIER
 
 from conftest import tiny_config
 
@@ -218,7 +219,7 @@ def _study(values: list[float], xs: list[float]) -> optuna.Study:
 
 def test_history_follows_the_best_so_far(tmp_path: Path) -> None:
     study = _study([0.3, 0.4, 0.1, 0.2], [0.1, 0.2, 0.3, 0.4])
-    rows = reports.plot_history(study, reports.CLASSIFIER, tmp_path / "h.png")
+    rows = reports.plot_history(study, CLASSIFIER, tmp_path / "h.png")
     assert rows == [(0, 0.3, 0.3), (1, 0.4, 0.3), (2, 0.1, 0.1), (3, 0.2, 0.1)]
     assert (tmp_path / "h.png").read_bytes().startswith(PNG_MAGIC)
 

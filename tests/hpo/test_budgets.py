@@ -12,7 +12,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.config import StudyConfig
-from tasks.study import budget_stop, full_training_s, pruning_savings, trials_since_best
+from tasks.hpo.study import budget_stop, full_training_s, pruning_savings, trials_since_best
 
 from conftest import tiny_config
 
@@ -140,7 +140,7 @@ def test_a_pruned_trial_skips_the_board_and_patience_ends_the_study(
     from edgetune.progress import pruning_line
     from flows.tune import tune
     from tasks.config import parse_config
-    from tasks.study import open_study
+    from tasks.hpo.study import open_study
 
     raw = tiny_config(
         digits_root,

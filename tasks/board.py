@@ -1,23 +1,25 @@
-"""The board's slot, and thin Prefect task wrappers over the stages (``tasks.workloads``)."""
+"""The board's slot: one evaluation at a time on each board, whoever asks.
+
+Studies, ``detect train``, benchmarks and manual runs all take it through ``hold_board``.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.concurrency.sync import concurrency
+from prefect.settings import PREFECT_API_URL
 
-from tasks import workloads
 from tasks.config import DeviceConfig
-from tasks.tracking import Tracker
-from tasks.workloads import StudyTarget
 
 #: How long the board stays locked after its holder dies (the lease is renewed while it lives).
 DEVICE_LEASE_S = 60.0
@@ -36,7 +38,6 @@ class BoardBusyError(RuntimeError):
 
 def embedded() -> bool:
     """No Prefect server is configured: Prefect runs a temporary one inside this process."""
-    from prefect.settings import PREFECT_API_URL
 
     return not PREFECT_API_URL.value()
 
@@ -53,7 +54,6 @@ def _hold_board_file(config: UsesBoard) -> Iterator[None]:
     Prefect's temporary server keeps leases in memory and does not expire them, so a
     process killed on the board would keep a Prefect slot taken; a file lock cannot leak.
     """
-    import fcntl
 
     path = board_lock_path(config.device.concurrency_limit)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,6 @@ def hold_board(config: UsesBoard) -> Iterator[None]:
 
 def ensure_device_limit(name: str) -> None:
     """Create (or reset to 1) the board's global concurrency limit on the Prefect server."""
-    from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, 1)
@@ -118,26 +117,9 @@ def ensure_device_limit(name: str) -> None:
 
 def release_board(name: str) -> int:
     """Free every slot of a board's limit; returns how many were taken. Manual recovery."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(name)
         taken = int(limit.active_slots)
         client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
     return taken
-
-
-@task(name="compile", task_run_name="compile-trial-{trial_number}", cache_policy=NO_CACHE)
-def compile_task(
-    config: StudyTarget, trial_number: int, run_id: str, parent_run_id: str
-) -> dict[str, Any]:
-    return workloads.compile_model(config, Tracker(config.tracking_uri), run_id, parent_run_id)
-
-
-@task(name="evaluate-on-device", task_run_name="device-trial-{trial_number}", cache_policy=NO_CACHE)
-def device_task(
-    config: StudyTarget, trial_number: int, run_id: str, parent_run_id: str, artifact: str
-) -> dict[str, Any]:
-    """Evaluate on the board while holding its slot (limit 1, strict: a typo cannot unlock it)."""
-    return workloads.evaluate(config, Tracker(config.tracking_uri), run_id, parent_run_id, artifact)

@@ -23,23 +23,13 @@ champion rule, storage and tracking.
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tasks.config import (
-    ConfigError,
-    VariantSpec,
-    format_errors,
-    in_space_file,
-    inline_search_space,
-)
-
-if TYPE_CHECKING:
-    import optuna
+from tasks.config.loading import format_errors, in_space_file, inline_search_space
+from tasks.config.schema import ConfigError, VariantSpec
 
 #: Keys (and the sections under them) a variant may not set, and why.
 FIXED = {
@@ -168,103 +158,13 @@ def expand(config: Any) -> list[tuple[VariantSpec, Any]]:
 
 
 def check_variants(config: Any) -> None:
-    """Validate every variant of a config (a pydantic validator: errors as ValueError)."""
-    if config.variants:
-        try:
-            expand(config)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+    """Validate every variant of a validated config; a ConfigError names the variant.
 
-
-# Comparing the variants ------------------------------------------------------------------
-
-
-def compare(config: Any, configs: list[tuple[VariantSpec, Any]] | None = None) -> dict[str, Any]:
-    """One row per variant from the stored studies, and the winner by the champion rule.
-
-    The winner is chosen among the variants' champions (each its study's best feasible
-    trial) by the config's rule over their Pareto front; a tie goes to the earlier variant.
+    Runs after the config's own validation (each variant is a whole config validated
+    again), never from a validator: the schema checks shape only.
     """
-
-    from tasks.study import (
-        best_trial,
-        choose_champion,
-        goals_for,
-        non_dominated,
-        open_study,
-        summary,
-    )
-    from tasks.workloads import objective_for
-
-    objective = objective_for(config)
-    goals = goals_for(config.study, objective)
-    rows: list[dict[str, Any]] = []
-    bests: list[optuna.trial.FrozenTrial] = []
-    owners: dict[int, dict[str, Any]] = {}
-    for spec, variant in configs if configs is not None else expand(config):
-        row: dict[str, Any] = {
-            "variant": spec.name,
-            "study": variant.study.name,
-            "search": spec.search,
-            "settings": dict(spec.set),
-            "n_trials": variant.study.n_trials,
-        }
-        rows.append(row)
-        try:
-            study = open_study(
-                variant.storage_url, variant.study, variant.seed, create=False, objective=objective
-            )
-        except KeyError:
-            row.update(counts=None, best=None, champion=None)
-            continue
-        record = summary(study)
-        row.update(
-            counts=record["counts"],
-            best=record["best"],
-            champion=record["champion"],
-            pruning_saved=record["pruning_saved"],
-            records=str(_records(variant)),
-        )
-        best = best_trial(study)
-        if best is not None:
-            owners[id(best)] = row
-            bests.append(best)
-    front = non_dominated(bests, goals.directions)
-    chosen = choose_champion(front, goals, order=[bests.index(t) for t in front])
-    winner = owners[id(chosen)] if chosen is not None else None
-    for row in rows:
-        row["winner"] = row is winner
-    counts: dict[str, int] = {}
-    for row in rows:
-        for state, n in (row.get("counts") or {}).items():
-            counts[state] = counts.get(state, 0) + n
-    return {
-        "study": config.study.name,
-        "objective": objective.metric,
-        "objective_label": objective.label,
-        "float_objective": objective.float_metric,
-        "direction": objective.direction,
-        "goals": goals.record(),
-        "variants": rows,
-        "winner": winner["variant"] if winner else None,
-        "best": {**winner["best"], "variant": winner["variant"]} if winner else None,
-        "counts": counts,
-    }
-
-
-def _records(config: Any) -> Path:
-    from tasks.reports import records_root
-
-    return records_root(config)
-
-
-def write_comparison(config: Any, record: dict[str, Any]) -> Path:
-    """``<run_dir>/variants.json``: the comparison as the run left it."""
-    path = config.run_path / "variants.json"
-    staged = path.with_suffix(".json.part")
-    staged.write_text(json.dumps(record, indent=2, default=str))
-    staged.replace(path)
-    return path
+    if config.variants:
+        expand(config)
 
 
 def settings_text(settings: dict[str, Any]) -> str:

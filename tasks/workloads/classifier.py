@@ -1,4 +1,4 @@
-"""The work of each stage of a trial, as plain functions (the flows wrap them).
+"""The classifier workload: an FMFP image classifier, measured by its AUGRC on the board.
 
 Every stage fetches its inputs from MLflow by run id and logs its outputs there, so the
 stages can run on different hosts with no shared filesystem:
@@ -15,67 +15,52 @@ stages can run on different hosts with no shared filesystem:
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.config import EdgetuneConfig, StudyConfig, dump_config, trial_train_config
+from tasks import preflight as checks
+from tasks.board import hold_board
+from tasks.compilers import COMPILERS, create_compiler
+from tasks.config import EdgetuneConfig, TrainConfig, dump_config, trial_train_config
+from tasks.config.variants import variant_name
 from tasks.data import (
+    DatasetInfo,
     calibration_items,
     inspect_dataset,
     load_bundle,
     make_bundle,
     split_items,
 )
+from tasks.devices import create_runner
 from tasks.metrics import classification_metrics
-from tasks.tracking import Tracker
+from tasks.tracking import CHAMPION, Tracker
+from tasks.workloads.base import (
+    Checked,
+    CompileOutcome,
+    DeviceOutcome,
+    EpochHook,
+    Objective,
+    Registration,
+    TrainOutcome,
+    Workload,
+    scratch,
+)
+
+if TYPE_CHECKING:  # torch, imported only where a training runs
+    from tasks.training.auto import AutoChoices
 
 BUNDLE = "inputs/val_bundle.npz"
 CALIBRATION = "inputs/calibration.npz"
 ONNX = "model/model.onnx"
 CHECKPOINT = "model/checkpoint.pt"
 COMPILED_DIR = "compiled"
-
-
-class _HasStudy(Protocol):
-    @property
-    def study(self) -> StudyConfig: ...
-
-
-@contextmanager
-def scratch(config: _HasStudy, label: str) -> Iterator[Path]:
-    """A private working folder on this host, removed when the stage ends.
-
-    Stages may run on hosts that do not have the study's run directory: they keep
-    nothing locally and pass everything through MLflow.
-    """
-    folder = Path(tempfile.mkdtemp(prefix=f"edgetune-{config.study.name}-{label}-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def stage_outcome_path(stage: str) -> str:
-    return f"stages/{stage}.json"
-
-
-def save_outcome(tracker: Tracker, run_id: str, stage: str, outcome: dict[str, Any]) -> None:
-    """Record what a stage returned in its trial's run: a parent on another host reads it."""
-    tracker.log_text(run_id, json.dumps(outcome, default=float), stage_outcome_path(stage))
-
-
-def load_outcome(tracker: Tracker, run_id: str, stage: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = tracker.download(run_id, stage_outcome_path(stage), Path(tmp))
-        return dict(json.loads(path.read_text()))
 
 
 @dataclass(frozen=True)
@@ -116,13 +101,10 @@ def train(
     parent_run_id: str,
     *,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, Any]:
+) -> TrainOutcome:
     """Train one trial, export it, log checkpoint and ONNX; return the float metrics."""
-    import torch
-
-    from tasks.export import export_checked
+    # torch is imported where it is used: the compile and device stages never need it.
     from tasks.models import create_model
-    from tasks.training.auto import resolve_auto
     from tasks.training.fmfp import seed_everything, train_fmfp
     from tasks.training.loaders import bundle_tensors, train_loader
 
@@ -143,25 +125,7 @@ def train(
                 finetune=config.model.finetune,
             )
 
-        # optimizer: auto is decided on train and val, never on test.
-        select_x, select_y = val_x, val_y
-        if settings.optimizer == "auto" and config.data.eval_split != "val":
-            select = make_bundle(
-                info.files["val"], info.classes, config.data.image_size, work / "select.npz"
-            )
-            select_x, select_y = bundle_tensors(load_bundle(select))
-        choices = resolve_auto(
-            settings,
-            make_model=make_model,
-            train_items=info.files["train"],
-            val_images=select_x,
-            val_labels=select_y,
-            image_size=config.data.image_size,
-            augment=config.data.augment,
-            num_classes=len(info.classes),
-            seed=config.seed,
-            num_workers=config.data.num_workers,
-        )
+        choices = _auto_choices(config, settings, info, make_model, (val_x, val_y), work)
         if choices.chosen:
             tracker.log_params(run_id, choices.params())
             tracker.log_metrics(run_id, choices.metrics())
@@ -185,33 +149,76 @@ def train(
         result = train_fmfp(
             model, loader, val_x, val_y, settings, seed=config.seed, on_epoch=log_epoch
         )
-        checkpoint = work / "checkpoint.pt"
-        torch.save(result.model.state_dict(), checkpoint)
-        exported = export_checked(
-            result.model,
-            work / "model.onnx",
-            config.data.image_size,
-            val_x[:32].numpy(),
-            opset=config.export.opset,
-            atol=config.export.parity_atol,
-        )
-        tracker.log_artifact(run_id, checkpoint, "model")
-        tracker.log_artifact(run_id, exported.path, "model")
+        exported = _save_model(config, tracker, run_id, result.model, val_x[:32].numpy(), work)
     metrics = {f"float_{k}": v for k, v in result.metrics.items()}
     metrics["onnx_max_abs_diff"] = exported.max_abs_diff
     metrics["train_seconds"] = result.seconds
     metrics["train_images"] = float(len(items))
     tracker.log_metrics(run_id, metrics)
     metrics.update({k: v for k, v in choices.metrics().items() if np.isfinite(v)})
-    outcome: dict[str, Any] = {
-        "metrics": metrics,
-        "device": result.device,
-        "started_at": started,
-        "finished_at": time.time(),
-    }
-    if choices.chosen:
-        outcome["auto"] = choices.record()
-    return outcome
+    return TrainOutcome(
+        metrics=metrics,
+        started_at=started,
+        finished_at=time.time(),
+        device=result.device,
+        auto=choices.record() if choices.chosen else None,
+    )
+
+
+def _auto_choices(
+    config: EdgetuneConfig,
+    settings: TrainConfig,
+    info: DatasetInfo,
+    make_model: Callable[[], Any],
+    val: tuple[Any, Any],
+    work: Path,
+) -> AutoChoices:
+    """Settings left to ``auto`` (optimizer, batch size), decided on train and val (never
+    on test: with ``train+val`` the choice is made on val before the final training)."""
+    from tasks.training.auto import resolve_auto
+    from tasks.training.loaders import bundle_tensors
+
+    select_x, select_y = val
+    if settings.optimizer == "auto" and config.data.eval_split != "val":
+        select = make_bundle(
+            info.files["val"], info.classes, config.data.image_size, work / "select.npz"
+        )
+        select_x, select_y = bundle_tensors(load_bundle(select))
+    return resolve_auto(
+        settings,
+        make_model=make_model,
+        train_items=info.files["train"],
+        val_images=select_x,
+        val_labels=select_y,
+        image_size=config.data.image_size,
+        augment=config.data.augment,
+        num_classes=len(info.classes),
+        seed=config.seed,
+        num_workers=config.data.num_workers,
+    )
+
+
+def _save_model(
+    config: EdgetuneConfig, tracker: Tracker, run_id: str, model: Any, sample: Any, work: Path
+) -> Any:
+    """The trained weights and their ONNX export (checked against ``sample``) → the run."""
+    import torch
+
+    from tasks.export import export_checked
+
+    checkpoint = work / "checkpoint.pt"
+    torch.save(model.state_dict(), checkpoint)
+    exported = export_checked(
+        model,
+        work / "model.onnx",
+        config.data.image_size,
+        sample,
+        opset=config.export.opset,
+        atol=config.export.parity_atol,
+    )
+    tracker.log_artifact(run_id, checkpoint, "model")
+    tracker.log_artifact(run_id, exported.path, "model")
+    return exported
 
 
 # Compilation ------------------------------------------------------------------------------
@@ -219,10 +226,8 @@ def train(
 
 def compile_model(
     config: EdgetuneConfig, tracker: Tracker, run_id: str, parent_run_id: str
-) -> dict[str, Any]:
+) -> CompileOutcome:
     """Compile the trial's ONNX with the configured backend; log the artifact and the log."""
-    from tasks.compilers import create_compiler
-
     started = time.time()
     compiler = create_compiler(config.compile.backend, **config.compile.backend_options())
     with scratch(config, "compile") as work:
@@ -245,13 +250,13 @@ def compile_model(
     tracker.set_tags(
         run_id, {"edgetune.compiler": compiler.name, "edgetune.runtime": artifact.runtime}
     )
-    return {
-        "artifact": f"{COMPILED_DIR}/{artifact.path.name}",
-        "runtime": artifact.runtime,
-        "metrics": metrics,
-        "started_at": started,
-        "finished_at": time.time(),
-    }
+    return CompileOutcome(
+        artifact=f"{COMPILED_DIR}/{artifact.path.name}",
+        metrics=metrics,
+        started_at=started,
+        finished_at=time.time(),
+        runtime=artifact.runtime,
+    )
 
 
 # Device evaluation ------------------------------------------------------------------------
@@ -270,8 +275,6 @@ def device_inputs(
 
 def run_on_device(config: EdgetuneConfig, compiled: Path, bundle: Path, work: Path) -> Any:
     """Run the shipped evaluator on the board (hold the device's slot around this call)."""
-    from tasks.devices import create_runner
-
     runner = create_runner(config.device.runner, **config.device.runner_options())
     return runner.evaluate(compiled, bundle, work / "result")
 
@@ -282,7 +285,7 @@ def score_device_result(
     run_id: str,
     result: Any,
     labels: np.ndarray,
-) -> dict[str, Any]:
+) -> DeviceOutcome:
     """Compute the device metrics on the controller and log them with the raw outputs."""
     metrics = classification_metrics(
         result.probs, labels, bootstrap=config.study.bootstrap, seed=config.seed
@@ -299,8 +302,111 @@ def score_device_result(
         summary = Path(tmp) / "device_result.json"
         summary.write_text(json.dumps(result.info, indent=2, default=str))
         tracker.log_artifact(run_id, summary, "device")
-    return {
-        "metrics": device_metrics,
-        "started_at": result.started_at,
-        "finished_at": result.finished_at,
-    }
+    return DeviceOutcome(
+        metrics=device_metrics, started_at=result.started_at, finished_at=result.finished_at
+    )
+
+
+# The workload ------------------------------------------------------------------------------
+
+CLASSIFIER = Objective(
+    metric="device_augrc",
+    direction="minimize",
+    label="device AUGRC",
+    float_metric="float_augrc",
+    epoch_metric="val_augrc",
+    columns=(("device_accuracy", "device acc", ".3f"), ("device_latency_ms", "latency ms", ".3f")),
+    kept=("device_augrc_ci_low", "device_augrc_ci_high", "device_e_augrc"),
+    confidences=True,
+)
+
+
+class ClassifierWorkload(Workload[EdgetuneConfig]):
+    """FMFP (SAM + SWA) image classifier; objective: validation AUGRC on the board."""
+
+    name = "classifier"
+    objective = CLASSIFIER
+    config_type = EdgetuneConfig
+
+    def preflight(self) -> Checked:
+        info = checks.preflight(self.config)
+        return Checked(info.classes, info.counts())
+
+    def preflight_variant(self, num_classes: int) -> None:
+        checks.check_search_space(self.config)
+        checks.check_weights(self.config, num_classes)
+        COMPILERS[self.config.compile.backend].check_available()
+
+    def prepare(self, tracker: Tracker, parent_run_id: str) -> Checked:
+        inputs = prepare_inputs(self.config, tracker, parent_run_id)
+        return Checked(inputs.classes, inputs.counts)
+
+    def train(
+        self,
+        params: dict[str, Any],
+        tracker: Tracker,
+        run_id: str,
+        parent_run_id: str,
+        *,
+        on_epoch: EpochHook | None = None,
+    ) -> TrainOutcome:
+        return train(self.config, params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
+
+    def compile(self, tracker: Tracker, run_id: str, parent_run_id: str) -> CompileOutcome:
+        return compile_model(self.config, tracker, run_id, parent_run_id)
+
+    def evaluate(
+        self, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
+    ) -> DeviceOutcome:
+        """The compiled trial on the board, holding the board's slot only while it runs there."""
+        config = self.config
+        with device_inputs(config, tracker, run_id, parent_run_id, artifact) as inputs:
+            compiled, bundle, work = inputs
+            labels = load_bundle(bundle)["labels"]
+            with hold_board(config):
+                result = run_on_device(config, compiled, bundle, work)
+        return score_device_result(config, tracker, run_id, result, labels)
+
+    def planned_epochs(self, params: dict[str, Any]) -> int:
+        return trial_train_config(self.config, params).epochs
+
+    def artifact_location(self) -> str | None:
+        """Beside the run directory's SQLite tracking file (else ./mlruns of the cwd)."""
+        if self.config.tracking.uri is None:
+            return (self.config.run_path / "mlartifacts").resolve().as_uri()
+        return None
+
+    def register_best(
+        self, tracker: Tracker, run_id: str, trial: int, value: float, alias: str
+    ) -> Registration | None:
+        """The trial's compiled artifact becomes a version of the registered model."""
+        cfg = self.config
+        variant = variant_name(cfg)
+        version = tracker.register(
+            cfg.registered_model_name,
+            run_id,
+            COMPILED_DIR,
+            alias=alias,
+            tags={
+                "study": cfg.study.name,
+                "trial": trial,
+                self.objective.metric: value,
+                "compiler": cfg.compile.backend,
+                "device": cfg.device.name,
+                **({"variant": variant} if variant else {}),
+            },
+            description=(
+                f"Best trial of study {cfg.study.name} by {self.objective.label} "
+                f"({cfg.device.name})."
+            ),
+        )
+        return Registration(cfg.registered_model_name, str(version), alias, run_id)
+
+    def crown(self, tracker: Tracker, winner: dict[str, Any] | None) -> Registration | None:
+        """The winning variant's version takes ``champion`` (each variant registered its own)."""
+        registered = (winner or {}).get("champion")
+        if not winner or not registered:
+            return None
+        model, version = str(registered["model"]), str(registered["version"])
+        tracker.client.set_registered_model_alias(model, CHAMPION, version)
+        return Registration(model, version, CHAMPION, str(winner["best"]["mlflow_run_id"]))

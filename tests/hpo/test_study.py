@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from tasks.config import SearchParam, StudyConfig
-from tasks.study import (
+from tasks.hpo.study import (
     epoch_reporter,
     grid_size,
     make_pruner,
@@ -167,7 +167,8 @@ def test_the_grid_sampler_refuses_a_float_range_without_a_step() -> None:
 def test_a_detector_study_maximises_and_prunes_a_low_float_map(tmp_path: Path) -> None:
     """Direction matters: in a maximised study a low mAP is the bad one, pruned early."""
     from tasks.detection.config import DetectorStudyConfig
-    from tasks.study import DETECTOR, best_trial, summary
+    from tasks.hpo.study import best_trial, summary
+    from tasks.workloads.detector import DETECTOR
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     config = DetectorStudyConfig(name="s-ml-hpo", n_trials=10, pruner="median")
@@ -194,7 +195,8 @@ def test_a_detector_study_maximises_and_prunes_a_low_float_map(tmp_path: Path) -
 
 
 def test_a_stored_study_keeps_its_objective(tmp_path: Path) -> None:
-    from tasks.study import DETECTOR, StudyError
+    from tasks.storage import StudyError
+    from tasks.workloads.detector import DETECTOR
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     open_study(url, StudyConfig(name="shared"), seed=0)

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tasks.config import ConfigError, load_config, parse_config, trial_train_config
-from tasks.variants import expand, settings_text
+from tasks.config.variants import expand, settings_text
 
 from conftest import tiny_config
 
@@ -58,7 +58,7 @@ def test_each_variant_is_a_study_of_its_own_sharing_storage_tracking_and_model(
     assert r18.model.arch == "resnet18" and r18.train.lr == 0.01
     assert r18.study.search_space == {} and r18.study.n_trials == 1
     assert r18.study.pruner == "none" and r18.study.sampler == "random"
-    from tasks.reports import records_root
+    from tasks.hpo.reports import records_root
 
     assert records_root(r18) == config.run_path / "v-r18"
     assert settings_text(r18_spec.set) == "model.arch=resnet18, train.lr=0.01"
@@ -157,7 +157,7 @@ def test_a_bad_variant_is_refused_in_one_line_naming_it(
 def test_preflight_names_the_variant_whose_weights_are_missing(
     digits_root: Path, tmp_path: Path
 ) -> None:
-    from tasks.workloads import preflight
+    from tasks.workloads.registry import preflight
 
     raw = _variants(
         digits_root,
@@ -174,7 +174,7 @@ def test_preflight_names_the_variant_whose_weights_are_missing(
 def test_the_champion_rule_across_studies_breaks_ties_by_the_given_order() -> None:
     from optuna.distributions import FloatDistribution
 
-    from tasks.study import Goals, choose_champion
+    from tasks.hpo.study import Goals, choose_champion
 
     def done(number: int, value: float) -> optuna.trial.FrozenTrial:
         trial = optuna.trial.create_trial(
@@ -207,13 +207,16 @@ class _Seam:
         release: threading.Event | None = None,
         timeout: float = 120,
     ) -> None:
-        import tasks.stages
+        import tasks.workloads.classifier
 
         self.next_trains = threading.Event()
         self.release = release or self.next_trains  # what a's board evaluations wait for
         self.trained: list[tuple[str, str, float]] = []  # (study, arch, lr)
         self.held: list[bool] = []
-        real_train, real_board = tasks.stages.train, tasks.stages.run_on_device
+        real_train, real_board = (
+            tasks.workloads.classifier.train,
+            tasks.workloads.classifier.run_on_device,
+        )
 
         def train(config: Any, params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             lr = trial_train_config(config, params).lr
@@ -227,8 +230,8 @@ class _Seam:
                 self.held.append(self.release.wait(timeout=timeout))
             return real_board(config, *args, **kwargs)
 
-        monkeypatch.setattr(tasks.stages, "train", train)
-        monkeypatch.setattr(tasks.stages, "run_on_device", board)
+        monkeypatch.setattr(tasks.workloads.classifier, "train", train)
+        monkeypatch.setattr(tasks.workloads.classifier, "run_on_device", board)
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +292,7 @@ def test_variants_run_as_their_own_studies_and_the_next_trains_during_the_tail(
 def test_the_best_variant_takes_the_champion_alias(variant_run: dict[str, Any]) -> None:
     from mlflow import MlflowClient
 
-    from tasks.study import best_trial
+    from tasks.hpo.study import best_trial
 
     result, config = variant_run["result"], variant_run["config"]
     bests = {name: best_trial(_study(config, f"vr-{name}")) for name in ("a", "b")}
@@ -360,15 +363,15 @@ def test_an_interrupted_variant_run_loses_no_trial_and_a_rerun_finishes_it(
 ) -> None:
     from mlflow import MlflowClient
 
-    import flows.tune
     from flows.tune import tune
+    from tasks.hpo.loop import StudyLoop
 
     config = parse_config(
         _variants(digits_root, tmp_path / "vi", {"name": "a"}, {"name": "b", "search": False})
     )
     crashed = threading.Event()
     seam = _Seam(monkeypatch, "vi", release=crashed)
-    real_beat = flows.tune.StudyRunner._beat
+    real_beat = StudyLoop.beat
 
     def crash(self: Any, force: bool = False) -> None:
         # b trains while a's trials wait for the board: both studies have trials in flight
@@ -377,7 +380,7 @@ def test_an_interrupted_variant_run_loses_no_trial_and_a_rerun_finishes_it(
             raise RuntimeError("the study process crashed")
         real_beat(self, force)
 
-    monkeypatch.setattr(flows.tune.StudyRunner, "_beat", crash)
+    monkeypatch.setattr(StudyLoop, "beat", crash)
     with pytest.raises(RuntimeError, match="the study process crashed"):
         tune(config.model_dump(mode="json"))
     a, b = _study(config, "vi-a"), _study(config, "vi-b")
@@ -391,7 +394,7 @@ def test_an_interrupted_variant_run_loses_no_trial_and_a_rerun_finishes_it(
     experiment = client.get_experiment_by_name("vi").experiment_id
     assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
 
-    monkeypatch.setattr(flows.tune.StudyRunner, "_beat", real_beat)
+    monkeypatch.setattr(StudyLoop, "beat", real_beat)
     result = tune(config.model_dump(mode="json"))
     assert [row["counts"]["COMPLETE"] for row in result["variants"]] == [2, 1]
     assert result["winner"] in ("a", "b") and result["champion"]["alias"] == "champion"
@@ -401,7 +404,7 @@ def test_an_interrupted_variant_run_loses_no_trial_and_a_rerun_finishes_it(
 def test_a_trial_of_a_space_without_parameters_is_retried(tmp_path: Path) -> None:
     from optuna.trial import TrialState
 
-    from tasks.recovery import enqueue_retry
+    from tasks.hpo.recovery import enqueue_retry
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="once")
     ran, never = study.ask(), study.ask()
@@ -418,7 +421,7 @@ def test_a_trial_of_a_space_without_parameters_is_retried(tmp_path: Path) -> Non
 def test_a_detector_config_runs_variants_of_its_architecture() -> None:
     from tasks.detection.config import parse_detector_study, read_detector_config
 
-    raw = read_detector_config(Path(__file__).parents[1] / "configs/detectors/s-ml.yaml")
+    raw = read_detector_config(Path(__file__).parents[2] / "configs/detectors/s-ml.yaml")
     raw["variants"] = [
         {"name": "n11", "set": {"model.arch": "yolo11n.yaml"}},
         {"name": "v8n", "set": {"model.arch": "yolov8n.yaml", "train.lr0": 0.01}, "search": False},
@@ -436,7 +439,7 @@ def test_a_detector_config_runs_variants_of_its_architecture() -> None:
 
 
 def test_the_shipped_variants_config_searches_two_and_trains_one_once() -> None:
-    config = load_config(Path(__file__).parents[1] / "configs" / "quickstart-variants.yaml")
+    config = load_config(Path(__file__).parents[2] / "configs" / "quickstart-variants.yaml")
     runs = [(spec.name, spec.search, v.model.arch, v.study.n_trials) for spec, v in expand(config)]
     assert runs == [
         ("tinycnn", True, "tinycnn", 6),

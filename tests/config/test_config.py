@@ -18,7 +18,7 @@ from tasks.config import (
     trial_train_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _base(tmp_path: Path) -> dict:

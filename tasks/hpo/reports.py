@@ -26,29 +26,34 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 import optuna
+from optuna.distributions import distribution_to_json
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from tasks.study import (
+from tasks.data import load_bundle
+from tasks.hpo.study import (
     ATTR_APPLIED,
     ATTR_FAIL_REASON,
     ATTR_FAIL_STAGE,
     ATTR_RUN_ID,
-    CLASSIFIER,
-    Objective,
     non_dominated,
     pruning_savings,
     stage_span,
     state_name,
     study_budget,
 )
-from tasks.study import best_trial as best_of
+from tasks.hpo.study import best_trial as best_of
+from tasks.metrics import augrc, risk_coverage_curve
 from tasks.tracking import Tracker, one_line
-from tasks.workloads import StudyTarget, objective_for
+from tasks.workloads.base import Objective, StudyTarget
+from tasks.workloads.classifier import BUNDLE
+from tasks.workloads.registry import objective_for
 
 HPO_DIR = "hpo"
 PLOTS_DIR = "plots"
@@ -165,7 +170,6 @@ def trial_summary(trial: FrozenTrial, objective: Objective) -> dict[str, Any]:
 
 def trial_record(trial: FrozenTrial, objective: Objective) -> dict[str, Any]:
     """The full record of one trial (``hpo/trial_<n>.json``)."""
-    from optuna.distributions import distribution_to_json
 
     return _plain(
         {
@@ -494,10 +498,6 @@ def plot_risk_coverage(
     Returns each drawn trial's AUGRC recomputed from its curve; None (nothing drawn) when
     no trial's outputs could be read.
     """
-    from tasks.data import load_bundle
-    from tasks.metrics import augrc, risk_coverage_curve
-    from tasks.stages import BUNDLE
-
     best = top_trials(study, k)
     if not best:
         return None
@@ -566,7 +566,7 @@ def make_plots(run: StudyRun) -> list[Path]:
             "the study has one objective",
         ),
     ]
-    if objective is CLASSIFIER:
+    if objective.confidences:
         plots.append(
             (
                 "risk-coverage curves",
@@ -578,7 +578,7 @@ def make_plots(run: StudyRun) -> list[Path]:
             )
         )
     else:
-        logger.info("plot risk-coverage curves skipped: a detector has none")
+        logger.info("plot risk-coverage curves skipped: the board returns no confidences")
     made: list[Path] = []
     started = time.monotonic()
     for title, name, draw, why in plots:
@@ -605,8 +605,6 @@ def dashboard_server(storage: optuna.storages.BaseStorage, host: str, port: int)
     The dashboard's page and scripts ship inside the optuna-dashboard package: nothing is
     downloaded. Raises OSError when the address cannot be bound.
     """
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     from optuna_dashboard import wsgi
 

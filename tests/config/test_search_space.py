@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tasks.config import ConfigError, load_config, parse_config
+from tasks.hpo.study import ATTR_APPLIED, open_study, suggest
 from tasks.space import ExpressionError, parse_expr, violated
-from tasks.study import ATTR_APPLIED, open_study, suggest
 
 from conftest import tiny_config
 
@@ -66,7 +66,7 @@ def test_a_space_file_is_read_relative_to_the_config(tmp_path: Path) -> None:
 
 
 def test_the_shipped_space_file_loads() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     config = load_config(
         root / "configs/hi4lines-classifier.yaml",
         [f"study.search_space={root / 'configs/search_spaces/fmfp.yaml'}", "data.root=."],

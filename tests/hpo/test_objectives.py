@@ -14,8 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.config import StudyConfig
-from tasks.study import (
-    StudyError,
+from tasks.hpo.study import (
     best_trial,
     choose_champion,
     feasible_front,
@@ -25,6 +24,7 @@ from tasks.study import (
     suggest,
     summary,
 )
+from tasks.storage import StudyError
 
 from conftest import tiny_config
 

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from tasks.config import parse_config
-from tasks.recovery import (
+from tasks.hpo.recovery import (
     ATTR_HEARTBEAT,
     ATTR_OWNER,
     current_owner,
@@ -34,7 +34,7 @@ from tasks.recovery import (
     stale_reason,
     still_to_ask,
 )
-from tasks.study import open_study
+from tasks.hpo.study import open_study
 
 from conftest import tiny_config
 
@@ -206,7 +206,7 @@ def test_a_killed_study_process_resumes_without_losing_a_trial(
 def test_a_board_that_keeps_failing_pauses_the_study_and_resume_finishes_it(
     digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.stages
+    import tasks.workloads.classifier
     from flows.tune import BoardPaused, tune
     from tasks.devices.base import DeviceUnreachableError
 
@@ -216,8 +216,8 @@ def test_a_board_that_keeps_failing_pauses_the_study_and_resume_finishes_it(
         attempts.append(time.time())
         raise DeviceUnreachableError("cannot reach the device at 192.0.2.1:22 (injected)")
 
-    real = tasks.stages.run_on_device
-    monkeypatch.setattr(tasks.stages, "run_on_device", board_down)
+    real = tasks.workloads.classifier.run_on_device
+    monkeypatch.setattr(tasks.workloads.classifier, "run_on_device", board_down)
     raw = tiny_config(digits_root, tmp_path / "paused")
     raw["study"].update(n_trials=3, parallel=1, retries=0)
     raw["device"]["max_consecutive_failures"] = 2
@@ -236,7 +236,7 @@ def test_a_board_that_keeps_failing_pauses_the_study_and_resume_finishes_it(
     assert [t.state for t in trials].count(TrialState.WAITING) == 1
     _no_run_left_running(config.tracking_uri)
 
-    monkeypatch.setattr(tasks.stages, "run_on_device", real)  # the board is back
+    monkeypatch.setattr(tasks.workloads.classifier, "run_on_device", real)  # the board is back
     result = tune(config.model_dump(mode="json"))
     assert result["counts"]["COMPLETE"] == 3
     trials = study.get_trials()
@@ -254,7 +254,7 @@ def test_changed_space_is_refused_restart_starts_afresh_and_reuse_best_retrains(
     digits_root: Path, tmp_path: Path
 ) -> None:
     from flows.tune import tune
-    from tasks.recovery import StudyChangedError
+    from tasks.hpo.recovery import StudyChangedError
 
     raw = tiny_config(digits_root, tmp_path / "resume")
     raw["study"]["n_trials"] = 2
@@ -309,7 +309,7 @@ def test_changed_space_is_refused_restart_starts_afresh_and_reuse_best_retrains(
 def test_a_compile_failure_is_told_fail_with_the_compiler_log_kept(
     digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.compilers
+    import tasks.workloads.classifier
     from flows.tune import tune
     from tasks.compilers import CompilerError
 
@@ -320,7 +320,9 @@ def test_a_compile_failure_is_told_fail_with_the_compiler_log_kept(
             (out / "compile.log").write_text("parsing model.onnx\nunsupported layer: Foo\n")
             raise CompilerError("unsupported layer: Foo")
 
-    monkeypatch.setattr(tasks.compilers, "create_compiler", lambda *a, **k: BrokenCompiler())
+    monkeypatch.setattr(
+        tasks.workloads.classifier, "create_compiler", lambda *a, **k: BrokenCompiler()
+    )
     raw = tiny_config(digits_root, tmp_path / "nocompile")
     raw["study"].update(n_trials=1, retries=0)
     config = parse_config(raw)
@@ -435,10 +437,10 @@ def test_the_board_link_dropping_mid_upload_is_survived(tmp_path: Path) -> None:
 def test_a_killed_holder_of_the_board_frees_it_at_once_in_embedded_mode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.wrappers
-    from tasks.wrappers import BoardBusyError, board_lock_path, hold_board
+    import tasks.board
+    from tasks.board import BoardBusyError, board_lock_path, hold_board
 
-    monkeypatch.setattr(tasks.wrappers, "embedded", lambda: True)
+    monkeypatch.setattr(tasks.board, "embedded", lambda: True)
     raw = tiny_config(tmp_path, tmp_path / "lock")
     raw["device"]["wait_timeout_s"] = 1
     config = parse_config(raw)

@@ -54,7 +54,7 @@ def test_the_best_parameters_retrain_on_train_and_val(digits_root: Path, tmp_pat
     from mlflow import MlflowClient
 
     from flows.tune import tune
-    from tasks.study import best_trial, open_study
+    from tasks.hpo.study import best_trial, open_study
 
     config = parse_config(
         tiny_config(digits_root, tmp_path / "rt", study={"n_trials": 2, "retrain": "train+val"})

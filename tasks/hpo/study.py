@@ -1,4 +1,4 @@
-"""Optuna plumbing: storage, sampler, search space, intermediate reports, result rows.
+"""Optuna plumbing: samplers, pruners, the study and its goals, intermediate reports, results.
 
 The parent flow owns ask/tell; stages on other hosts reach their trial through the
 storage URL and the trial id (``Trial(study, trial_id)``), never through a shared object.
@@ -8,71 +8,22 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.config import SearchParam, StudyConfig
+from tasks.space import bounds, condition_holds, snap
+from tasks.storage import StudyError, open_storage
+from tasks.tracking import mask_uri
+from tasks.workloads.base import Objective
+from tasks.workloads.classifier import CLASSIFIER
+from tasks.workloads.registry import OBJECTIVES
 
-
-@dataclass(frozen=True)
-class Objective:
-    """What a study optimises: the board's metric, its direction, and its float twin.
-
-    ``epoch_metric`` is the float validation metric reported each epoch, on which the
-    pruner decides before a trial reaches the compiler or the board.
-    """
-
-    metric: str
-    direction: Literal["minimize", "maximize"]
-    label: str
-    float_metric: str
-    epoch_metric: str
-    #: Device metrics shown in the results table: (key, column title, format).
-    columns: tuple[tuple[str, str, str], ...]
-    #: Further device metrics kept on each trial as user attributes.
-    kept: tuple[str, ...] = ()
-
-    @property
-    def trial_attrs(self) -> tuple[str, ...]:
-        return (*(key for key, _, _ in self.columns), *self.kept)
-
-    @property
-    def maximize(self) -> bool:
-        return self.direction == "maximize"
-
-
-CLASSIFIER = Objective(
-    metric="device_augrc",
-    direction="minimize",
-    label="device AUGRC",
-    float_metric="float_augrc",
-    epoch_metric="val_augrc",
-    columns=(("device_accuracy", "device acc", ".3f"), ("device_latency_ms", "latency ms", ".3f")),
-    kept=("device_augrc_ci_low", "device_augrc_ci_high", "device_e_augrc"),
-)
-DETECTOR = Objective(
-    metric="device_map50_95",
-    direction="maximize",
-    label="device mAP50-95",
-    float_metric="float_map50_95",
-    epoch_metric="metrics/mAP50-95",
-    columns=(
-        ("device_map50", "device mAP50", ".4f"),
-        ("map50_95_gap", "gap to float", ".4f"),
-        ("device_latency_ms", "latency ms", ".3f"),
-    ),
-    kept=("device_precision", "device_recall"),
-)
-OBJECTIVES = {o.metric: o for o in (CLASSIFIER, DETECTOR)}
-#: Kept for callers that name the classifier's objective.
-OBJECTIVE = CLASSIFIER.metric
 #: Study user attribute naming the objective (set when the study is created).
 ATTR_OBJECTIVE = "objective"
 
@@ -90,75 +41,6 @@ ATTR_GOALS = "goals"
 #: Trial user attributes: whether a complete trial met the limits, and which it broke.
 ATTR_FEASIBLE = "feasible"
 ATTR_INFEASIBLE = "infeasible_reason"
-
-_T = TypeVar("_T")
-
-
-def _transient(exc: BaseException) -> bool:
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
-    if isinstance(exc, optuna.exceptions.StorageInternalError):
-        return True
-    if isinstance(exc, OperationalError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
-def db_retry(fn: Callable[..., _T], *args: Any, patience_s: float = 120.0, **kwargs: Any) -> _T:
-    """Call ``fn``; while the study database is unreachable, retry with backoff.
-
-    A restarted PostgreSQL drops every pooled connection: the first call after it fails
-    (``pool_pre_ping`` then replaces the connection), and calls during the restart fail
-    until the server accepts connections again. Gives up after ``patience_s``.
-    """
-    deadline = time.monotonic() + patience_s
-    delay = 0.5
-    while True:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if not _transient(exc) or time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-
-#: RDBStorage calls that wait out a database restart (see ``ResilientRDBStorage``).
-_RETRIED = (
-    *sorted(optuna.storages.BaseStorage.__abstractmethods__),
-    "_get_trials",
-    "get_n_trials",
-    "get_best_trial",
-    "get_trial_id_from_study_id_trial_number",
-    "get_trial_number_from_id",
-)
-
-
-class ResilientRDBStorage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage whose calls wait (bounded) while the database restarts.
-
-    Opening it still fails at once on a wrong URL: only a database that was reachable and
-    went away is waited for.
-    """
-
-
-def _retrying(name: str) -> Callable[..., Any]:
-    method = getattr(optuna.storages.RDBStorage, name)
-
-    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return db_retry(method, self, *args, **kwargs)
-
-    call.__name__ = name
-    call.__doc__ = method.__doc__
-    return call
-
-
-for _name in _RETRIED:
-    setattr(ResilientRDBStorage, _name, _retrying(_name))
-
-
-class StudyError(RuntimeError):
-    """The study storage cannot be used; the message names the URL (masked) and the fix."""
 
 
 def grid_values(spec: SearchParam) -> list[Any]:
@@ -289,22 +171,6 @@ def budget_stop(
     return None
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    from tasks.tracking import mask_uri
-
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return ResilientRDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {}
-        )
-    except Exception as exc:
-        raise StudyError(
-            f"cannot open Optuna storage {mask_uri(url)}: {str(exc).splitlines()[0]}; check "
-            f"study.storage (or --storage) and that the database is running"
-        ) from None
-
-
 def open_study(
     url: str,
     config: StudyConfig,
@@ -312,8 +178,11 @@ def open_study(
     *,
     create: bool = True,
     objective: Objective = CLASSIFIER,
+    storage: optuna.storages.BaseStorage | None = None,
 ) -> optuna.Study:
-    storage = open_storage(url)
+    """The study ``config.name`` in the storage at ``url`` (or in ``storage``, an opened
+    one), created unless ``create`` is false; refused if it optimises something else."""
+    storage = storage if storage is not None else open_storage(url)
     goals = goals_for(config, objective)
     sampler = make_sampler(config.sampler, seed, config.search_space)
     pruner = make_pruner(config.pruner)
@@ -334,14 +203,14 @@ def open_study(
         study.set_user_attr(ATTR_OBJECTIVE, objective.metric)
     elif stored != objective.metric:
         raise StudyError(
-            f"study {config.name!r} in {_masked(url)} optimises {stored}, not "
+            f"study {config.name!r} in {mask_uri(url)} optimises {stored}, not "
             f"{objective.metric}; choose another study.name"
         )
     known = ATTR_GOALS in study.user_attrs or study.get_trials(deepcopy=False)
     had = study_goals(study).metrics if known else goals.metrics
     if had != goals.metrics:
         raise StudyError(
-            f"study {config.name!r} in {_masked(url)} has the objectives {list(had)}, not "
+            f"study {config.name!r} in {mask_uri(url)} has the objectives {list(had)}, not "
             f"{list(goals.metrics)}; keep study.objectives or choose another study.name"
         )
     study.set_user_attr(ATTR_GOALS, goals.record())  # limits and rule may change on resume
@@ -349,12 +218,6 @@ def open_study(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(goals.metrics))
     return study
-
-
-def _masked(url: str) -> str:
-    from tasks.tracking import mask_uri
-
-    return mask_uri(url)
 
 
 def objective_of(study: optuna.Study) -> Objective:
@@ -372,8 +235,6 @@ def suggest(
     drawn (its training setting applies). Raises ``tasks.space.EmptyRange`` when a range
     leaves nothing to draw for this trial.
     """
-    from tasks.space import bounds, condition_holds, snap
-
     values: dict[str, Any] = dict(base or {})
     params: dict[str, Any] = {}
     snapped = False

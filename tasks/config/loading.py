@@ -1,0 +1,269 @@
+"""Reading configs: YAML files, overrides, search-space files, relative paths, and
+validation errors in one line each."""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+)
+
+from tasks.config.schema import (
+    AUTO,
+    TUNABLE,
+    ConfigError,
+    EdgetuneConfig,
+    SearchParam,
+    TrainConfig,
+    _Strict,
+    _suggest,
+    check_space,
+    yaml_load,
+)
+
+# Loading -----------------------------------------------------------------------------------
+
+
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (for listing allowed keys).
+
+    Follows ``Model``, ``Model | None`` and ``dict[str, Model]`` fields (in a dict, the
+    next part of ``loc`` is an entry's name, e.g. ``study.search_space.lr``).
+    """
+    model: Any = root
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        if typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[-1]
+            if not parts:
+                return None
+            parts.pop(0)  # the entry's name
+        elif typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
+            if parts and isinstance(parts[0], int):
+                parts.pop(0)  # the item's index
+        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = members[0] if len(members) == 1 else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def _describe(error: Any, root: type[BaseModel]) -> str:
+    loc = tuple(p for p in error["loc"] if p not in ("function-after",))
+    path = ".".join(str(p) for p in loc) or "<root>"
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1], root)
+        allowed = sorted(owner.model_fields) if owner else []
+        hint = _suggest(str(loc[-1]), allowed)
+        return f"{path}: unknown key{hint}; allowed keys here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "value_error":
+        # Our validators state the values themselves; some name a key below ``loc``.
+        if re.match(r"^[A-Za-z_][\w.]*: ", message) or message.startswith("variants["):
+            return message if path == "<root>" else f"{path}.{message}"
+        return f"{path}: {message}"
+    return f"{path}: {message}, but got {value!r}"
+
+
+def format_errors(error: ValidationError, root: type[BaseModel]) -> str:
+    """Every validation error of a config rooted at `root`, each with its dotted key."""
+    return "; ".join(_describe(e, root) for e in error.errors())
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    merged = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"override {item!r}: expected section.key=value, e.g. train.epochs=10"
+            )
+        try:
+            value = yaml_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(
+                f"override {item!r}: value is not valid YAML ({problem}); quote the whole "
+                f"override in the shell and fix the value, e.g. 'key={{a: 1, b: 2}}'"
+            ) from None
+        node = merged
+        *parents, leaf = key.split(".")
+        for depth, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"config file {str(source)!r} not found; pass the path of a YAML file")
+    try:
+        raw = yaml_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of sections at the top (data:, study:, ...), got "
+            f"{raw!r}; start from configs/quickstart.yaml"
+        )
+    return raw
+
+
+_M = typing.TypeVar("_M", bound=BaseModel)
+
+
+def validate_config(
+    model: type[_M], raw: dict[str, Any], source: str, tunable: tuple[str, ...]
+) -> _M:
+    """``raw`` as a ``model`` config, its search-space file read in; errors in one line,
+    those inside the space file named at the file and its key."""
+    raw = inline_search_space(raw, tunable)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        message = in_space_file(format_errors(exc, model), raw)
+        raise ConfigError(f"{source}: {message}") from None
+
+
+#: Path-valued keys; in a file they are relative to the file's folder (like docker compose).
+PATH_KEYS = (("data", "root"), ("model", "weights"), ("run_dir",), ("study", "search_space"))
+
+
+class SpaceFile(_Strict):
+    """A search-space file (``configs/search_spaces/*.yaml``): ``params`` and ``constraints``."""
+
+    params: dict[str, SearchParam]
+    constraints: list[str] = Field(default_factory=list)
+
+
+def read_space_file(path: str | Path, tunable: tuple[str, ...]) -> SpaceFile:
+    """Read and check a search-space file; errors name the file and the key in it."""
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(
+            f"study.search_space: file {str(source)!r} not found; give the path of a search-"
+            f"space file (relative to the config's folder), or write the space inline"
+        )
+    raw = read_yaml(source)
+    try:
+        space = SpaceFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_errors(exc, SpaceFile)}") from None
+    refusal = check_space(space.params, tunable, space.constraints)
+    if refusal:
+        raise ConfigError(f"{source}: {refusal.replace('search_space.', 'params.', 1)}")
+    return space
+
+
+def inline_search_space(raw: dict[str, Any], tunable: tuple[str, ...]) -> dict[str, Any]:
+    """A raw config whose ``study.search_space`` names a file, with that file's space in it.
+
+    The file's constraints come before the config's own ``study.constraints``; the file's
+    path is kept in ``study.search_space_file`` for errors and for the record.
+    """
+    study = raw.get("study")
+    if not isinstance(study, dict) or not isinstance(study.get("search_space"), str):
+        return raw
+    path = study["search_space"]
+    space = read_space_file(path, tunable)
+    own = study.get("constraints") or []
+    dumped = space.model_dump(mode="json", exclude_defaults=True)
+    merged = {
+        **study,
+        "search_space": dumped["params"],
+        "constraints": [*space.constraints, *(own if isinstance(own, list) else [own])],
+        "search_space_file": path,
+    }
+    return {**raw, "study": merged}
+
+
+def in_space_file(message: str, raw: dict[str, Any]) -> str:
+    """Point errors about a space read from a file at the file and its key."""
+    study = raw.get("study")
+    path = study.get("search_space_file") if isinstance(study, dict) else None
+    return at_space_file(message, path if isinstance(path, str) else None)
+
+
+def at_space_file(message: str, path: str | None) -> str:
+    if not path:
+        return message
+    return re.sub(r"\bstudy\.search_space\.", f"{path}: params.", message)
+
+
+def anchor_paths(
+    raw: dict[str, Any], base: Path, keys: tuple[tuple[str, ...], ...] = PATH_KEYS
+) -> dict[str, Any]:
+    """Make the path-valued `keys` of a raw config absolute against `base`."""
+    anchored = _deep_copy(raw)
+    for path in keys:
+        node = anchored
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node.get(path[-1]) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(value, str) and value:
+            node[path[-1]] = str((base / Path(value).expanduser()).resolve())
+    variants = anchored.get("variants")
+    for variant in variants if isinstance(variants, list) else []:
+        settings = variant.get("set") if isinstance(variant, dict) else None
+        if not isinstance(settings, dict):
+            continue
+        for key, value in settings.items():
+            if tuple(str(key).split(".")) in keys and isinstance(value, str) and value:
+                settings[key] = str((base / Path(value).expanduser()).resolve())
+    return anchored
+
+
+def dump_config(config: BaseModel) -> str:
+    """The fully resolved config as YAML: enough to re-run it from this one file."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def trial_train_config(config: EdgetuneConfig, params: dict[str, Any]) -> TrainConfig:
+    """The training settings of one trial: the config's, overridden by the sampled params."""
+    unknown = set(params) - set(TUNABLE)
+    if unknown:
+        raise ConfigError(f"trial params {sorted(unknown)} are not tunable; use {TUNABLE}")
+    merged = {**config.train.model_dump(), **params}
+    for name in ("epochs", "batch_size", "swa_start"):
+        if not (name == "batch_size" and merged[name] == AUTO):
+            merged[name] = int(merged[name])
+    for name in ("lr", "momentum", "weight_decay", "rho", "swa_lr"):
+        merged[name] = float(merged[name])
+    return TrainConfig.model_validate(merged)

@@ -1,0 +1,236 @@
+"""A tune run as a whole: one study, or several variants; then the retraining and the crown.
+
+- one study: ``--restart`` deletes it first; ``--reuse-best`` skips the search and trains
+  the best parameters found again as the one-trial study ``<name>-best``;
+- variants: each a study of its own, run in turn on shared GPU slots, compared in one
+  record (``variants.json``), the winner's registration crowned ``champion``;
+- ``study.retrain``: after the search, the best parameters trained again as
+  ``<name>-final`` (on train, or on train and val) and registered as the champion.
+
+The campaign builds its loops from what it is given: how to launch stages for a study
+(``make_stages``), the logger and the outcome hooks. ``flows/tune.py`` gives Prefect's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from tasks.config import dump_config
+from tasks.config.variants import expand
+from tasks.hpo import reports
+from tasks.hpo.launch import Stages
+from tasks.hpo.loop import Hooks, Logger, StudyLoop, run_studies, to_json
+from tasks.hpo.recovery import (
+    NothingToReuseError,
+    check_fingerprint,
+    enqueue_best,
+    forget_study,
+    reuse_best_config,
+)
+from tasks.hpo.study import open_study
+from tasks.hpo.variants import compare, write_comparison
+from tasks.tracking import CHAMPION, Tracker
+from tasks.workloads.base import StudyTarget
+from tasks.workloads.registry import objective_for, workload_for
+
+#: Builds the stages of a study's trials (in this process, or on work pools).
+StagesFactory = Callable[[StudyTarget, optuna.Study], Stages]
+
+
+@dataclass
+class Campaign:
+    """Runs tune requests with the given stage launcher, logger and hooks."""
+
+    make_stages: StagesFactory
+    logger: Logger
+    hooks: Hooks = reports  # a module with the hook functions
+
+    def run(self, cfg: StudyTarget, *, restart: bool, reuse_best: bool) -> dict[str, Any]:
+        """Run (or continue) the config's study, or its variants."""
+        if cfg.variants:
+            return self.run_variants(cfg, restart=restart, reuse_best=reuse_best)
+        return self.tune_one(cfg, restart=restart, reuse_best=reuse_best)
+
+    def loop(self, cfg: StudyTarget, study: optuna.Study, group: str | None = None) -> StudyLoop:
+        return StudyLoop(
+            cfg,
+            study,
+            stages=self.make_stages(cfg, study),
+            logger=self.logger,
+            hooks=self.hooks,
+            group_run_id=group,
+        )
+
+    def tune_one(self, cfg: StudyTarget, *, restart: bool, reuse_best: bool) -> dict[str, Any]:
+        best = None
+        if reuse_best:
+            cfg, best = reuse_best_config(cfg)
+        if restart and forget_study(cfg):
+            self.logger.warning("study %s deleted: starting afresh", cfg.study.name)
+        study = open_study(cfg.storage_url, cfg.study, cfg.seed, objective=objective_for(cfg))
+        check_fingerprint(study, cfg)
+        if best is not None:
+            enqueue_best(study, best)
+        cfg.run_path.mkdir(parents=True, exist_ok=True)
+        saved = f"{cfg.study.name}.yaml" if reuse_best else "config.yaml"
+        (cfg.run_path / saved).write_text(dump_config(cfg))
+        started = time.time()
+        result = self.loop(cfg, study).run()
+        if cfg.study.retrain != "none" and not reuse_best and result.get("best"):
+            result["retrained"] = self.retrain_best(cfg)
+        result["seconds"] = time.time() - started
+        return result
+
+    def run_variants(self, cfg: StudyTarget, *, restart: bool, reuse_best: bool) -> dict[str, Any]:
+        """Run each variant as its own study on shared GPU slots, compare them in one record,
+        and give the best variant's champion the ``champion`` alias.
+
+        ``reuse_best`` retrains the winning variant's best parameters
+        (``<study>-<variant>-best``); ``study.retrain`` retrains them after the run
+        (``<study>-<variant>-final``).
+        """
+        started = time.time()
+        configs = expand(cfg)
+        if reuse_best:
+            return self._reuse_winner(cfg, configs)
+        studies = [self._open_variant(variant, restart) for _, variant in configs]
+        cfg.run_path.mkdir(parents=True, exist_ok=True)
+        (cfg.run_path / "config.yaml").write_text(dump_config(cfg))
+        tracker = Tracker(cfg.tracking_uri)
+        experiment = tracker.experiment_id(
+            cfg.experiment_name, artifact_location=workload_for(cfg).artifact_location()
+        )
+        group = tracker.start_run(
+            experiment,
+            f"variants-{cfg.study.name}",
+            tags={"edgetune.study": cfg.study.name, "edgetune.kind": "variants"},
+        )
+        loops = []
+        for (spec, variant), study in zip(configs, studies, strict=True):
+            study.set_user_attr(
+                "variant",
+                {"of": cfg.study.name, "name": spec.name, "search": spec.search, "set": spec.set},
+            )
+            records = reports.records_root(variant)
+            records.mkdir(parents=True, exist_ok=True)
+            (records / "config.yaml").write_text(dump_config(variant))
+            loops.append(self.loop(variant, study, group))
+        self.logger.info(
+            "variants of %s: %s",
+            cfg.study.name,
+            ", ".join(f"{s.name} ({'search' if s.search else 'once'})" for s, _ in configs),
+        )
+        status = "FAILED"
+        try:
+            outcomes = run_studies(loops, cfg.study.parallel)
+            record = compare(cfg, configs)
+            record["champion"] = self._crown(cfg, record, tracker)
+            status = "FINISHED"
+        finally:
+            if status != "FINISHED":
+                tracker.end_run(group, "KILLED")
+        for row, outcome in zip(record["variants"], outcomes, strict=True):
+            row["stopped_by"] = outcome.get("stopped_by")
+        write_comparison(cfg, record)
+        _log_comparison(tracker, group, record)
+        winner = next((v for spec, v in configs if spec.name == record["winner"]), None)
+        if cfg.study.retrain != "none" and winner is not None:
+            record["retrained"] = self.retrain_best(winner)
+        record["seconds"] = time.time() - started
+        return record
+
+    def _open_variant(self, variant: StudyTarget, restart: bool) -> optuna.Study:
+        if restart and forget_study(variant):
+            self.logger.warning("study %s deleted: starting afresh", variant.study.name)
+        objective = objective_for(variant)
+        study = open_study(variant.storage_url, variant.study, variant.seed, objective=objective)
+        check_fingerprint(study, variant)  # every variant, before any trains
+        return study
+
+    def _reuse_winner(self, cfg: StudyTarget, configs: list[tuple[Any, Any]]) -> dict[str, Any]:
+        winner = compare(cfg, configs)["winner"]
+        if winner is None:
+            raise NothingToReuseError(
+                f"no variant of {cfg.study.name!r} has a COMPLETE trial to reuse; run the "
+                f"variants first (edgetune tune CONFIG)"
+            )
+        chosen = next(v for spec, v in configs if spec.name == winner)
+        self.logger.info("reusing the best trial of variant %s, the best of the variants", winner)
+        return {**self.tune_one(chosen, restart=False, reuse_best=True), "variant": winner}
+
+    def _crown(
+        self, cfg: StudyTarget, record: dict[str, Any], tracker: Tracker
+    ) -> dict[str, Any] | None:
+        """Point ``champion`` at the winning variant's registration (classifiers); for a
+        detector, its champion is the best of all its runs, variants included."""
+        winner = next((row for row in record["variants"] if row["winner"]), None)
+        crowned = workload_for(cfg).crown(tracker, winner)
+        if crowned is None:
+            return None
+        best = (winner or {}).get("best") or {}
+        won = winner is not None and crowned.run_id == best.get("mlflow_run_id")
+        if won and winner is not None:
+            self.logger.info(
+                "champion: variant %s, trial %s, registered as %s version %s (@%s)",
+                winner["variant"],
+                best.get("trial"),
+                crowned.model,
+                crowned.version,
+                CHAMPION,
+            )
+        return {
+            "model": crowned.model,
+            "version": crowned.version,
+            "alias": CHAMPION,
+            **crowned.extra,
+            "trial": best.get("trial") if won else None,
+            "variant": winner["variant"] if won and winner else None,
+        }
+
+    def retrain_best(self, cfg: StudyTarget) -> dict[str, Any]:
+        """After the search: train the best parameters again as ``<study>-final`` (on train,
+        or on train and val), compile, evaluate on the board and register.
+
+        Running the study again after the search ended resumes (or reuses) this one trial.
+        """
+        final_cfg, best = reuse_best_config(cfg, retrain=cfg.study.retrain)
+        final = open_study(
+            final_cfg.storage_url, final_cfg.study, final_cfg.seed, objective=objective_for(cfg)
+        )
+        enqueue_best(final, best)
+        self.logger.info(
+            "retraining trial %d's parameters as study %s (%s, seed %d)",
+            best.number,
+            final_cfg.study.name,
+            cfg.study.retrain,
+            final_cfg.seed,
+        )
+        outcome = self.loop(final_cfg, final).run()
+        return {
+            "study": final_cfg.study.name,
+            "from_trial": best.number,
+            "data": cfg.study.retrain,
+            "seed": final_cfg.seed,
+            "best": outcome.get("best"),
+            "counts": outcome["counts"],
+            "champion": outcome.get("champion"),
+        }
+
+
+def _log_comparison(tracker: Tracker, run_id: str, record: dict[str, Any]) -> None:
+    metric = record["objective"]
+    for row in record["variants"]:
+        values = {
+            f"{metric}.{row['variant']}": (row.get("best") or {}).get(metric),
+            f"trials_complete.{row['variant']}": (row.get("counts") or {}).get("COMPLETE"),
+        }
+        tracker.log_metrics(run_id, {k: v for k, v in values.items() if v is not None})
+    tags = {"edgetune.winner": record["winner"]} if record["winner"] else {}
+    tracker.set_tags(run_id, tags)
+    tracker.log_text(run_id, to_json(record), "variants.json")
+    tracker.end_run(run_id, "FINISHED")

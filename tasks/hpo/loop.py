@@ -1,0 +1,701 @@
+"""The ask/tell loop of a study over pipelined trial stages.
+
+``ask → train (GPU slot) → compile → evaluate on the board (board slot) → tell``
+
+A trial holds a GPU slot only while it trains and exports; its compilation and board
+evaluation overlap the training of the next trials. New trials are asked only while a GPU
+slot is free and fewer than ``study.max_pending`` trained models wait for the compiler or
+the board, so the sampler always asks with the freshest results told. Every failure is
+told FAIL with its stage and reason; nothing is told a sentinel value.
+
+The loop builds nothing it talks to: it receives its stages (``tasks.hpo.launch.Stages``),
+its logger, its tracker and its outcome hooks, so tests drive it with fakes in
+milliseconds. ``run_studies`` runs several loops (a variant run) on shared GPU slots.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, Protocol
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tasks.board import BoardBusyError
+from tasks.config.variants import variant_name
+from tasks.devices.base import DeviceUnreachableError
+from tasks.hpo import optuna_ops
+from tasks.hpo.launch import Slot, StageFailed, Stages
+from tasks.hpo.recovery import (
+    ATTR_HEARTBEAT,
+    ATTR_OWNER,
+    ATTR_PARENT,
+    ATTR_RETRY_OF,
+    ATTR_STAGE,
+    current_owner,
+    enqueue_retry,
+    find_stale,
+    foreign_running,
+    gone_reason,
+    still_to_ask,
+)
+from tasks.hpo.study import (
+    ATTR_FAIL_REASON,
+    ATTR_FAIL_STAGE,
+    ATTR_REJECTED,
+    ATTR_RUN_ID,
+    best_trial,
+    budget_stop,
+    goals_for,
+    primary_value,
+    study_budget,
+    suggest,
+    summary,
+)
+from tasks.hpo.trial_stages import STOP
+from tasks.space import EmptyRange, violated
+from tasks.tracking import CHAMPION, Tracker, mask_uri
+from tasks.workloads.base import (
+    CompileOutcome,
+    DeviceOutcome,
+    Pruned,
+    Registration,
+    StudyTarget,
+    TrainOutcome,
+    Workload,
+)
+from tasks.workloads.registry import workload_for
+
+
+class SampleRejected(RuntimeError):
+    """The sampler kept drawing parameters that break the study's constraints."""
+
+
+class BoardPaused(RuntimeError):
+    """The board failed ``device.max_consecutive_failures`` times in a row."""
+
+
+#: Samples in a row that may break the constraints before the study gives up.
+MAX_REJECTED = 100
+#: Failures of the board rather than of the trial (bounded by device.max_consecutive_failures).
+BOARD_DOWN = (DeviceUnreachableError, BoardBusyError)
+
+
+class Logger(Protocol):
+    def info(self, msg: str, *args: Any) -> None: ...
+
+    def warning(self, msg: str, *args: Any) -> None: ...
+
+
+class Hooks(Protocol):
+    """Called after each trial is told and when the study ends (``tasks.hpo.reports``)."""
+
+    def on_trial_outcome(self, run: Any, trial: optuna.Trial | FrozenTrial) -> None: ...
+
+    def on_study_end(self, run: Any, state: str) -> None: ...
+
+
+class NoHooks:
+    def on_trial_outcome(self, run: Any, trial: optuna.Trial | FrozenTrial) -> None:
+        return None
+
+    def on_study_end(self, run: Any, state: str) -> None:
+        return None
+
+
+def board_down(exc: BaseException) -> bool:
+    """Whether a failure is the board's rather than the trial's (its retry is not charged)."""
+    if isinstance(exc, BOARD_DOWN):
+        return True
+    # A stage run on the edge pool reports its exception by name in its final state.
+    return isinstance(exc, StageFailed) and any(t.__name__ in str(exc) for t in BOARD_DOWN)
+
+
+def reason(exc: BaseException) -> str:
+    """An exception as a one-line reason: its type and first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _in_context(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """Submit with a copy of the caller's context (stages show as its children in Prefect)."""
+    return pool.submit(contextvars.copy_context().run, fn, *args)
+
+
+class StudyLoop:
+    """The ask/tell loop of one study; ``run()`` returns the study's summary.
+
+    ``stages`` launches the trials' stages; ``tracker`` records the study and its trials in
+    MLflow; ``hooks`` write the study's records after each outcome and at the end.
+    """
+
+    def __init__(
+        self,
+        config: StudyTarget,
+        study: optuna.Study,
+        *,
+        stages: Stages,
+        logger: Logger,
+        tracker: Tracker | None = None,
+        hooks: Hooks | None = None,
+        workload: Workload[Any] | None = None,
+        group_run_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.study = study
+        self.stages = stages
+        self.logger = logger
+        self.tracker = tracker if tracker is not None else Tracker(config.tracking_uri)
+        self.hooks: Hooks = hooks if hooks is not None else NoHooks()
+        self.workload = workload if workload is not None else workload_for(config)
+        self.objective = self.workload.objective
+        self.goals = goals_for(config.study, self.objective)
+        self.group_run_id = group_run_id  # the MLflow run of a variant run, if any
+        self.me = current_owner()
+        self.parent_run_id = ""
+        self.experiment_id = ""
+        self.slots: dict[Future[Any], Slot] = {}
+        self.in_train = 0  # trials holding a GPU slot
+        self.in_eval = 0  # trained trials waiting for or in compile and board evaluation
+        self.board_failures: list[str] = []
+        self.stopped_by: str | None = None
+        self.started = time.time()
+        self.last_beat = 0.0
+        self.last_reconcile = self.started
+        self.waiting_logged = False
+        self.train_pool: ThreadPoolExecutor  # made by open()
+        self.eval_pool: ThreadPoolExecutor
+
+    # Setup ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        return run_studies([self], self.config.study.parallel)[0]
+
+    def open(self) -> None:
+        """Start the study: its MLflow run, its inputs, and its training and evaluation pools."""
+        self.started = time.time()
+        self._start()
+        cfg = self.config.study
+        self.train_pool = ThreadPoolExecutor(cfg.parallel, thread_name_prefix="train")
+        self.eval_pool = ThreadPoolExecutor(
+            cfg.max_pending or cfg.parallel, thread_name_prefix="evaluate"
+        )
+
+    def _start(self) -> None:
+        cfg = self.config
+        self.experiment_id = self.tracker.experiment_id(
+            cfg.experiment_name, artifact_location=self.workload.artifact_location()
+        )
+        self.parent_run_id = self.tracker.start_run(
+            self.experiment_id,
+            f"study-{cfg.study.name}",
+            parent_id=self.group_run_id,
+            tags={"edgetune.study": cfg.study.name, "edgetune.kind": "study"},
+        )
+        self._end_previous_parent()
+        self.study.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
+        self.study.set_user_attr(ATTR_PARENT, {"owner": self.me, ATTR_HEARTBEAT: time.time()})
+        self.study.set_user_attr("mlflow_tracking_uri", mask_uri(cfg.tracking_uri))
+        self.tracker.log_params(self.parent_run_id, flatten(cfg.model_dump(mode="json")))
+        inputs = self.stages.prepare(self.parent_run_id)
+        self.logger.info(
+            "study %s: %d classes, splits %s; storage %s; tracking %s",
+            cfg.study.name,
+            len(inputs.classes),
+            inputs.counts,
+            mask_uri(cfg.storage_url),
+            mask_uri(cfg.tracking_uri),
+        )
+        self._reconcile()
+
+    def _end_previous_parent(self) -> None:
+        """End the MLflow run of a previous study process that died without ending it."""
+        previous = self.study.user_attrs.get(ATTR_PARENT) or {}
+        run_id = self.study.user_attrs.get("mlflow_parent_run_id")
+        if not run_id:
+            return
+        beat = previous.get(ATTR_HEARTBEAT)
+        why = gone_reason(
+            previous.get("owner"),
+            None if beat is None else float(beat),
+            self.me,
+            self.config.study.stale_after_s,
+            time.time(),
+        )
+        if why is None or self.tracker.client.get_run(run_id).info.status != "RUNNING":
+            return
+        self.tracker.set_tags(run_id, {"edgetune.end_reason": f"stale: {why}"})
+        self.tracker.end_run(run_id, "KILLED")
+        self.logger.warning("previous study run %s ended KILLED: %s", run_id, why)
+
+    def _reconcile(self) -> None:
+        """Tell FAIL every RUNNING trial whose owner is gone; retry it while allowed."""
+        for stale in find_stale(self.study, self.me, self.config.study.stale_after_s):
+            trial = stale.trial
+            stage = trial.user_attrs.get(ATTR_STAGE, "unknown")
+            why = f"stale: {stale.reason} (stage {stage})"
+            try:
+                optuna_ops.set_trial_attr(
+                    self.study, optuna_ops.trial_id(trial), ATTR_FAIL_STAGE, stage
+                )
+                optuna_ops.set_trial_attr(
+                    self.study, optuna_ops.trial_id(trial), ATTR_FAIL_REASON, why
+                )
+                self.study.tell(trial.number, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # its owner finished it meanwhile
+            run_id = trial.user_attrs.get(ATTR_RUN_ID)
+            if run_id:
+                self._end_trial_run(run_id, "FAIL", "FAILED", why)
+            self.stages.cancel([trial.number])
+            retried = enqueue_retry(self.study, trial, self.config.study.retries)
+            self.logger.warning(
+                "trial %d: %s; %s",
+                trial.number,
+                why,
+                "its parameters are enqueued again" if retried else "no retry left",
+            )
+
+    # The loop, as run_studies drives it ------------------------------------------------------
+    def fill(self, gpu_free: int) -> int:
+        """Ask trials while one of ``gpu_free`` GPU slots and a place in the compile/board
+        queue are free; returns how many were asked."""
+        cfg = self.config.study
+        max_pending = cfg.max_pending or cfg.parallel
+        to_ask, asked = self._to_ask(), 0
+        while to_ask and asked < gpu_free and self.in_train < cfg.parallel:
+            if self.in_eval >= max_pending:
+                break
+            self._ask()
+            to_ask -= 1
+            asked += 1
+        return asked
+
+    def training(self) -> bool:
+        """Whether the study still trains, or has trials left to ask (it needs the GPU)."""
+        return self.in_train > 0 or self._to_ask() > 0
+
+    def done(self) -> bool:
+        return not self.slots and not self._others_running()
+
+    def shutdown(self) -> None:
+        """Wait for the pools: trainings stop at their next epoch (STOP), stage runs once
+        cancelled."""
+        self.train_pool.shutdown(wait=True, cancel_futures=True)
+        self.eval_pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self, status: str) -> dict[str, Any]:
+        self._finish(status)
+        return {**summary(self.study), "stopped_by": self.stopped_by}
+
+    def _to_ask(self) -> int:
+        """Trials still to ask: none once a budget (time, ratio, patience) has run out."""
+        if self.stopped_by is None:
+            self.stopped_by = budget_stop(
+                self.config.study,
+                self.study.get_trials(deepcopy=False),
+                self.started,
+                time.time(),
+                self.objective.maximize,
+            )
+            if self.stopped_by is not None:
+                self.logger.warning(
+                    "study %s: %s; no new trial is asked, the %d in flight finish",
+                    self.config.study.name,
+                    self.stopped_by,
+                    len(self.slots),
+                )
+                self.tracker.set_tags(self.parent_run_id, {"edgetune.stopped_by": self.stopped_by})
+        if self.stopped_by is not None:
+            return 0
+        return still_to_ask(self.study, study_budget(self.config.study))
+
+    def _others_running(self) -> bool:
+        """Whether trials of this study run elsewhere; reconciles the stale ones first."""
+        if self.slots:
+            return False
+        self._reconcile()
+        others = foreign_running(self.study, self.me)
+        if others and not self.waiting_logged:
+            self.waiting_logged = True
+            self.logger.warning(
+                "waiting for %d trial(s) held by another study process (%s)",
+                len(others),
+                ", ".join(str(t.user_attrs.get(ATTR_OWNER, "unknown owner")) for t in others),
+            )
+        if others:
+            time.sleep(self.config.study.heartbeat_s)
+        return bool(others) or self._to_ask() > 0
+
+    def beat(self, force: bool = False) -> None:
+        """Refresh the heartbeat of every trial this process holds."""
+        now = time.time()
+        if not force and now - self.last_beat < self.config.study.heartbeat_s:
+            return
+        self.last_beat = now
+        self.study.set_user_attr(ATTR_PARENT, {"owner": self.me, ATTR_HEARTBEAT: now})
+        if now - self.last_reconcile >= self.config.study.stale_after_s / 2:
+            self.last_reconcile = now
+            self._reconcile()
+        for slot in list(self.slots.values()):
+            try:
+                optuna_ops.set_trial_attr(self.study, slot.trial_id, ATTR_HEARTBEAT, now)
+                optuna_ops.set_trial_attr(self.study, slot.trial_id, ATTR_STAGE, slot.stage)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # told meanwhile
+
+    # Asking -----------------------------------------------------------------------------------
+    def _sample(self) -> tuple[optuna.Trial, dict[str, Any]]:
+        """Ask for a trial whose parameters meet the study's constraints.
+
+        A sample that breaks a constraint (or whose range is empty for it) is told FAIL
+        with the reason and marked rejected: it ran nothing and does not count as a trial.
+        """
+        study = self.config.study
+        base = self.config.train.model_dump()
+        why: str | None = None
+        for _ in range(MAX_REJECTED):
+            trial = self.study.ask()
+            trial.set_user_attr(ATTR_OWNER, self.me)
+            trial.set_user_attr(ATTR_HEARTBEAT, time.time())
+            trial.set_user_attr(ATTR_STAGE, "train")
+            try:
+                params = suggest(trial, study.search_space, base)
+                why = violated(study.constraints, {**base, **params})
+            except EmptyRange as exc:
+                why = f"empty range: {exc}"
+            if why is None:
+                return trial, params
+            trial.set_user_attr(ATTR_REJECTED, True)
+            trial.set_user_attr(ATTR_FAIL_STAGE, "sample")
+            trial.set_user_attr(ATTR_FAIL_REASON, why)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.logger.info("trial %d: sample rejected: %s", trial.number, why)
+        raise SampleRejected(
+            f"study {study.name}: {MAX_REJECTED} samples in a row broke the constraints (last: "
+            f"{why}); loosen study.constraints or narrow the ranges to where they hold"
+        )
+
+    def _ask(self) -> None:
+        trial, params = self._sample()
+        run_id = self.tracker.start_run(
+            self.experiment_id,
+            f"trial-{trial.number}",
+            parent_id=self.parent_run_id,
+            tags={
+                "edgetune.study": self.config.study.name,
+                "edgetune.trial": str(trial.number),
+                **self.workload.run_tags(),
+            },
+        )
+        trial.set_user_attr(ATTR_RUN_ID, run_id)
+        retry_of = trial.user_attrs.get(ATTR_RETRY_OF)
+        self.tracker.log_params(run_id, {**params, "trial": trial.number})
+        if retry_of is not None:
+            self.tracker.set_tags(run_id, {"edgetune.retry_of": str(retry_of)})
+        slot = Slot(trial, params, run_id, self.parent_run_id, times={"asked_at": time.time()})
+        self.slots[_in_context(self.train_pool, self.stages.train, slot)] = slot
+        self.in_train += 1
+        self.logger.info(
+            "trial %d: training with %s%s",
+            trial.number,
+            params,
+            f" (retry of trial {retry_of})" if retry_of is not None else "",
+        )
+
+    # Advancing a trial when its stage returns ------------------------------------------------
+    def advance(self, future: Future[Any]) -> None:
+        """Take the trial whose stage ``future`` ended to its next stage, or tell it."""
+        slot = self.slots.pop(future)
+        stage = slot.stage
+        phase = "train" if stage == "train" else "evaluate"
+        slot.times[f"{phase}_returned_at"] = time.time()  # seen by the parent: overhead included
+        self._free_slots(stage, failed=future.cancelled() or future.exception() is not None)
+        try:
+            outcome = future.result()
+        except BaseException as exc:
+            self._fail(slot, stage, exc)
+            return
+        if isinstance(outcome, Pruned):
+            self._pruned(slot, outcome)
+        elif isinstance(outcome, TrainOutcome):
+            self._trained(slot, outcome)
+        else:
+            compiled, measured = outcome
+            self._complete(slot, compiled, measured)
+
+    def _free_slots(self, stage: str, *, failed: bool) -> None:
+        """Pipelined, the GPU slot is free as soon as training and export end; in the
+        blocking design it is held through compile and evaluation too."""
+        pipelined = self.config.orchestration.pipelined
+        if stage == "train":
+            if pipelined or failed:
+                self.in_train -= 1
+            return
+        self.in_eval -= 1
+        if not pipelined:
+            self.in_train -= 1
+
+    def _pruned(self, slot: Slot, outcome: Pruned) -> None:
+        if not self.config.orchestration.pipelined:
+            self.in_train -= 1
+        # What it spent and would have: the time saved.
+        slot.times.update(train_started=outcome.started_at, train_finished=outcome.finished_at)
+        slot.trial.set_user_attr("epochs_run", outcome.epochs_run)
+        slot.trial.set_user_attr("epochs_planned", outcome.epochs)
+        self._record(slot)
+        slot.trial.set_user_attr(ATTR_FAIL_REASON, outcome.reason)
+        self.study.tell(slot.trial, state=TrialState.PRUNED)
+        self._end_trial_run(slot.run_id, "PRUNED", "FINISHED")
+        self.logger.info("trial %d: %s", slot.number, outcome.reason)
+        self.hooks.on_trial_outcome(self, slot.trial)
+
+    def _trained(self, slot: Slot, outcome: TrainOutcome) -> None:
+        slot.float_metrics = outcome.metrics
+        slot.times.update(train_started=outcome.started_at, train_finished=outcome.finished_at)
+        slot.stage = "evaluate"
+        self.slots[_in_context(self.eval_pool, self._evaluate, slot)] = slot
+        self.in_eval += 1
+
+    def _evaluate(self, slot: Slot) -> tuple[CompileOutcome, DeviceOutcome]:
+        """Compile, then evaluate on the board; runs in an evaluation thread."""
+        slot.stage = "compile"
+        compiled = self.stages.compile(slot)
+        slot.times.update(
+            compile_started=compiled.started_at, compile_finished=compiled.finished_at
+        )
+        slot.stage = "device"
+        device = self.stages.evaluate(slot, compiled.artifact)
+        slot.times.update(device_started=device.started_at, device_finished=device.finished_at)
+        return compiled, device
+
+    # Telling ----------------------------------------------------------------------------------
+    def _record(self, slot: Slot) -> None:
+        for key, value in {**slot.float_metrics, **slot.times}.items():
+            slot.trial.set_user_attr(key, value)
+
+    def _end_trial_run(self, run_id: str, state: str, status: str, why: str = "") -> None:
+        tags = {"edgetune.state": state, **({"edgetune.fail_reason": why} if why else {})}
+        self.tracker.set_tags(run_id, tags)
+        self.tracker.end_run(run_id, status)
+
+    def _complete(self, slot: Slot, compiled: CompileOutcome, device: DeviceOutcome) -> None:
+        objective, trial = self.objective, slot.trial
+        self._record(slot)
+        measured = {**compiled.metrics, **device.metrics}
+        for key in (*objective.trial_attrs, "device_latency_ms", "compiled_size_mb"):
+            if key in measured:
+                trial.set_user_attr(key, measured[key])
+        trial.set_user_attr("compiled_artifact", compiled.artifact)
+        missing = [m for m in self.goals.metrics if m not in measured]
+        if missing:
+            self._fail(slot, "evaluate", RuntimeError(f"the stages measured no {missing[0]}"))
+            return
+        value = device.metrics[objective.metric]
+        broken = self.goals.constrain(trial, measured)
+        values = [float(measured[m]) for m in self.goals.metrics]
+        self.study.tell(trial, values if self.goals.multi else value)
+        self.board_failures.clear()
+        self._end_trial_run(slot.run_id, "COMPLETE", "FINISHED")
+        self.logger.info(
+            "trial %d: %s %.5f (float %.5f)%s",
+            slot.number,
+            objective.label,
+            value,
+            slot.float_metrics.get(objective.float_metric, float("nan")),
+            f"; infeasible: {'; '.join(broken)}" if broken else "",
+        )
+        self.hooks.on_trial_outcome(self, trial)
+
+    def _fail(self, slot: Slot, stage: str, exc: BaseException) -> None:
+        why = reason(exc)
+        where = slot.stage if stage == "evaluate" else stage
+        self._record(slot)
+        slot.trial.set_user_attr(ATTR_FAIL_STAGE, where)
+        slot.trial.set_user_attr(ATTR_FAIL_REASON, why)
+        self.study.tell(slot.trial, state=TrialState.FAIL)
+        self.tracker.set_tags(slot.run_id, {"edgetune.state": "FAIL", "edgetune.fail_reason": why})
+        self.tracker.log_text(slot.run_id, "".join(traceback.format_exception(exc)), "error.txt")
+        self.tracker.end_run(slot.run_id, "FAILED")
+        frozen = optuna_ops.fresh_trial(self.study, slot.trial_id)
+        # A board that is down is not the trial's fault: its retry is not charged.
+        retried = enqueue_retry(
+            self.study, frozen, self.config.study.retries, charge=not board_down(exc)
+        )
+        self.logger.warning(
+            "trial %d failed in %s: %s; %s",
+            slot.number,
+            where,
+            why,
+            "its parameters are enqueued again" if retried else "no retry left",
+        )
+        self.hooks.on_trial_outcome(self, slot.trial)
+        if where == "device":
+            self._board_failed(why)
+
+    def _board_failed(self, why: str) -> None:
+        self.board_failures.append(why)
+        limit = self.config.device.max_consecutive_failures
+        if len(self.board_failures) >= limit:
+            raise BoardPaused(
+                f"board {self.config.device.name!r} failed {limit} evaluations in a row (last: "
+                f"{why}); the study is paused and its trials in flight are enqueued again: "
+                f"check the board with 'edgetune device check CONFIG', then run the study again"
+            )
+
+    def abandon(self, why: str) -> None:
+        """Tell every trial still in flight FAIL, and enqueue it again, so none is lost."""
+        slots = list(self.slots.values())
+        self.slots.clear()
+        if slots:
+            try:
+                self.stages.cancel([s.number for s in slots])
+            except Exception as exc:  # the API is gone too: reconciliation cancels them later
+                self.logger.warning("could not cancel the stage runs: %s", reason(exc))
+        for slot in slots:
+            try:
+                slot.trial.set_user_attr(ATTR_FAIL_STAGE, slot.stage)
+                slot.trial.set_user_attr(ATTR_FAIL_REASON, why)
+                self.study.tell(slot.trial, state=TrialState.FAIL)
+                frozen = optuna_ops.fresh_trial(self.study, slot.trial_id)
+                enqueue_retry(self.study, frozen, self.config.study.retries, charge=False)
+            except Exception as exc:  # the database is gone: the next run reconciles it
+                self.logger.warning(
+                    "trial %d left for the next run to reconcile: %s", slot.number, reason(exc)
+                )
+            self._end_trial_run(slot.run_id, "FAIL", "KILLED", why)
+
+    # The end ----------------------------------------------------------------------------------
+    def _finish(self, status: str) -> None:
+        best = best_trial(self.study)
+        if best is not None and status == "FINISHED":
+            self._register(best)
+        record = summary(self.study)
+        self.tracker.log_text(self.parent_run_id, to_json(record), "study/summary.json")
+        self.tracker.log_metrics(
+            self.parent_run_id, {f"trials_{k.lower()}": v for k, v in record["counts"].items()}
+        )
+        if best is not None:
+            self.tracker.log_metrics(
+                self.parent_run_id,
+                {f"best_{self.objective.metric}": primary_value(best), "best_trial": best.number},
+            )
+        self.hooks.on_study_end(self, status)
+        self.tracker.end_run(self.parent_run_id, status)
+
+    def _register(self, best: FrozenTrial) -> None:
+        """Register the study's best trial; a variant's best takes the variant's alias."""
+        alias = variant_name(self.config) or CHAMPION
+        registered = self.workload.register_best(
+            self.tracker, best.user_attrs[ATTR_RUN_ID], best.number, primary_value(best), alias
+        )
+        if registered is not None:
+            self._champion(registered, best)
+
+    def _champion(self, registered: Registration, best: FrozenTrial) -> None:
+        won = registered.run_id == best.user_attrs[ATTR_RUN_ID]
+        trial = best.number if won else None
+        self.study.set_user_attr(
+            "champion",
+            {
+                "model": registered.model,
+                "version": registered.version,
+                "alias": registered.alias,
+                "trial": trial,
+            },
+        )
+        if trial is None:
+            self.logger.info(
+                "champion unchanged: %s version %s (run %s) is better than trial %d",
+                registered.model,
+                registered.version,
+                registered.run_id,
+                best.number,
+            )
+            return
+        self.logger.info(
+            "%s: trial %d registered as %s version %s (@%s)",
+            "champion" if registered.alias == CHAMPION else f"variant {registered.alias}",
+            trial,
+            registered.model,
+            registered.version,
+            registered.alias,
+        )
+
+
+def run_studies(loops: list[StudyLoop], parallel: int) -> list[dict[str, Any]]:
+    """Run studies in turn on ``parallel`` shared GPU slots; return their summaries.
+
+    The next study opens as soon as the open ones have nothing left to train, so its first
+    trials train while the last trials of the one before are compiled and measured on the
+    board: the GPU does not wait at the seam between studies (a variant run). Stopped by an
+    exception, every open study tells its trials in flight FAIL, enqueues them again and
+    ends KILLED.
+    """
+    pending, active = list(loops), list[StudyLoop]()
+    results: dict[int, dict[str, Any]] = {}
+    status = "FINISHED"
+    try:
+        while pending or active:
+            while pending and not any(loop.training() for loop in active):
+                loop = pending.pop(0)
+                loop.open()
+                active.append(loop)
+            _step(active, parallel, results)
+    except BaseException as exc:
+        status = "KILLED"
+        STOP.set()
+        for loop in active:
+            loop.abandon(f"study interrupted: {reason(exc)}")
+        raise
+    finally:
+        try:
+            for loop in active:
+                loop.shutdown()
+        finally:
+            STOP.clear()
+            for loop in active:
+                loop.close(status)
+    return [results[id(loop)] for loop in loops]
+
+
+def _step(active: list[StudyLoop], parallel: int, results: dict[int, dict[str, Any]]) -> None:
+    """One turn: ask into the free GPU slots, close finished studies, advance what returned."""
+    free = parallel - sum(loop.in_train for loop in active)
+    for loop in active:
+        free -= loop.fill(free)
+    for loop in [loop for loop in active if loop.done()]:
+        active.remove(loop)
+        loop.shutdown()
+        results[id(loop)] = loop.close("FINISHED")
+    futures = {future: loop for loop in active for future in loop.slots}
+    if futures:
+        finished, _ = wait(
+            list(futures),
+            timeout=min(loop.config.study.heartbeat_s for loop in active),
+            return_when=FIRST_COMPLETED,
+        )
+        for future in finished:
+            futures[future].advance(future)
+    for loop in active:
+        loop.beat()
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted MLflow params (URLs masked; the search space kept whole)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and name != "study.search_space":
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = mask_uri(value) if isinstance(value, str) else value
+    return flat
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)

@@ -1,0 +1,163 @@
+"""What runs where a stage runs, around the workload's own work.
+
+- ``train_stage``: trains one trial through its workload, reporting the float metric to
+  the trial each epoch (the configured pruner decides there), beating in the study storage
+  while a work-pool parent watches, and stopping at the next epoch when the study is
+  interrupted (``STOP``) or the trial was given up elsewhere.
+- ``compile_stage`` and ``device_stage``: the workload's compile and board evaluation, with
+  the same heartbeat.
+
+Each records its outcome in the trial's MLflow run, where a parent on another host reads it.
+The flows in ``flows/`` wrap these functions; the engine never imports a flow.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import optuna
+from prefect.runtime import flow_run
+
+from tasks.hpo.launch import ATTR_STAGE_BEAT
+from tasks.hpo.study import epoch_reporter
+from tasks.storage import open_storage
+from tasks.tracking import Tracker
+from tasks.workloads.base import (
+    CompileOutcome,
+    DeviceOutcome,
+    Pruned,
+    StudyTarget,
+    TrainOutcome,
+    save_outcome,
+)
+from tasks.workloads.registry import objective_for, workload_for
+
+#: Set by the parent when the study is interrupted: running trainings stop at the next epoch.
+STOP = threading.Event()
+
+
+class Interrupted(RuntimeError):
+    """The study was stopped while this trial trained."""
+
+
+@contextmanager
+def stage_heartbeat(
+    storage_url: str, trial_id: int | None, interval_s: float
+) -> Iterator[threading.Event]:
+    """Mark the trial's stage run alive every ``interval_s`` while the block runs.
+
+    The parent reads the beat to tell a stage that is working from one whose worker died
+    (its flow run then stays RUNNING on the server). The event yielded is set once the
+    trial has been finished elsewhere (the parent gave up on it): the stage should stop.
+    """
+    gone = threading.Event()
+    if trial_id is None:
+        yield gone
+        return
+    run_id = str(flow_run.id or "")
+    storage = open_storage(storage_url)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.set_trial_user_attr(
+                    trial_id, ATTR_STAGE_BEAT, {"flow_run": run_id, "at": time.time()}
+                )
+            except optuna.exceptions.UpdateFinishedTrialError:
+                gone.set()
+                return
+            except Exception:  # the database is restarting: beat again next time
+                pass
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=beat, name="stage-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield gone
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def train_stage(
+    config: StudyTarget,
+    trial_id: int,
+    params: dict[str, Any],
+    run_id: str,
+    parent_run_id: str,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> TrainOutcome | Pruned:
+    """Train, export and log one trial; a trial the pruner stops returns ``Pruned``."""
+    workload = workload_for(config)
+    report = epoch_reporter(config.storage_url, config.study, trial_id, objective_for(config))
+    # On a work pool the parent watches this beat; in its own process it beats for us.
+    remote = config.orchestration.mode == "deployments"
+    epochs_run = 0
+    tracker = Tracker(config.tracking_uri)
+    outcome: TrainOutcome | Pruned
+    with stage_heartbeat(
+        config.storage_url, trial_id if remote else None, config.study.heartbeat_s
+    ) as gone:
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            nonlocal epochs_run
+            epochs_run = epoch + 1
+            if STOP.is_set():
+                raise Interrupted(f"study interrupted during epoch {epoch}")
+            if gone.is_set():
+                raise Interrupted(f"the study gave this trial up (epoch {epoch})")
+            report(epoch, row)
+
+        started = time.time()
+        try:
+            outcome = workload.train(params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
+            if outcome.auto is not None and log is not None:  # optimizer / batch_size: auto
+                log(str(outcome.auto["summary"]))
+        except optuna.TrialPruned as pruned:
+            # What the pruned trial spent, and what it would have: for the time saved.
+            outcome = Pruned(
+                reason=str(pruned),
+                epochs_run=epochs_run,
+                epochs=workload.planned_epochs(params),
+                started_at=started,
+                finished_at=time.time(),
+            )
+    save_outcome(tracker, run_id, "train", outcome)
+    return outcome
+
+
+def compile_stage(
+    config: StudyTarget, run_id: str, parent_run_id: str, trial_id: int | None = None
+) -> CompileOutcome:
+    """Compile the trial. On a work pool (``trial_id`` given) it beats for the parent that
+    watches it and records its outcome for the parent to read."""
+    tracker = Tracker(config.tracking_uri)
+    with stage_heartbeat(config.storage_url, trial_id, config.study.heartbeat_s):
+        outcome = workload_for(config).compile(tracker, run_id, parent_run_id)
+    if trial_id is not None:
+        save_outcome(tracker, run_id, "compile", outcome)
+    return outcome
+
+
+def device_stage(
+    config: StudyTarget,
+    run_id: str,
+    parent_run_id: str,
+    artifact: str,
+    trial_id: int | None = None,
+) -> DeviceOutcome:
+    """Evaluate the compiled trial on the board, holding its slot while it runs there; on a
+    work pool (``trial_id`` given) with a heartbeat and a recorded outcome, as compiling."""
+    tracker = Tracker(config.tracking_uri)
+    with stage_heartbeat(config.storage_url, trial_id, config.study.heartbeat_s):
+        outcome = workload_for(config).evaluate(tracker, run_id, parent_run_id, artifact)
+    if trial_id is not None:
+        save_outcome(tracker, run_id, "device", outcome)
+    return outcome

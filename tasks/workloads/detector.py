@@ -1,0 +1,227 @@
+"""The detector workload: a YOLO detector in a study (``edgetune tune`` on a detector config).
+
+The same stages as ``detect train`` (``tasks.detection.pipeline``), cut where the study's
+pipeline cuts them, and passing everything through MLflow like the classifier's stages,
+so each can run on its own pool and host:
+
+- ``prepare``: once per study, the board's bundle and the calibration set → the parent run.
+- ``train``: Ultralytics training with the trial's settings (float mAP50-95 reported each
+  epoch for the pruner), ONNX export, the float model through the board's evaluator on
+  this host (``float_*``) → the trial run.
+- ``compile``: the trial's ONNX + the study's calibration set → the compiled artifact.
+- ``evaluate``: the compiled artifact on the board (holding its slot) → ``device_*`` and
+  the gap to the float model.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks import preflight as checks
+from tasks.config import ConfigError
+from tasks.detection.config import DetectorStudy, trial_train_settings
+from tasks.detection.dataset import read_data_yaml, write_resolved_yaml
+from tasks.detection.pipeline import (
+    DETECTOR_TAG,
+    KIND_TAG,
+    board_stage,
+    check_detector,
+    compile_stage,
+    export_stage,
+    float_reference,
+    local_artifact_location,
+    prepare_inputs,
+    select_champion,
+    train_stage,
+)
+from tasks.detection.ultra import DetectorError
+from tasks.devices import DeviceConfigError
+from tasks.tracking import CHAMPION, Tracker
+from tasks.workloads.base import (
+    Checked,
+    CompileOutcome,
+    DeviceOutcome,
+    EpochHook,
+    Objective,
+    Registration,
+    TrainOutcome,
+    Workload,
+    scratch,
+)
+
+BUNDLE = "inputs/val_bundle.npz"
+CALIBRATION = "inputs/calibration.npz"
+ONNX = "model/model.onnx"
+
+
+def trial_tags(config: DetectorStudy) -> dict[str, str]:
+    """Trial runs are runs of the detector: its champion is chosen among them too."""
+    return {KIND_TAG: "detector", DETECTOR_TAG: config.name}
+
+
+def prepare(config: DetectorStudy, tracker: Tracker, parent_run_id: str) -> dict[str, Any]:
+    with scratch(config, "inputs") as work:
+        prepare_inputs(config, tracker, parent_run_id, work, calibration=True)
+    dataset = read_data_yaml(Path(config.data.yaml))
+    return {
+        "classes": dataset.classes,
+        "counts": {split: len(files) for split, files in dataset.splits.items()},
+    }
+
+
+def train(
+    config: DetectorStudy,
+    params: dict[str, Any],
+    tracker: Tracker,
+    run_id: str,
+    parent_run_id: str,
+    *,
+    on_epoch: EpochHook | None = None,
+) -> TrainOutcome:
+    """Train, export and measure the float model of one trial; return its float metrics."""
+    started = time.time()
+    trial = config.model_copy(update={"train": trial_train_settings(config.train, params)})
+    with scratch(config, "train") as work:
+        # A study in one process keeps Ultralytics' folders in its run dir, like detect
+        # train; a stage on a work pool keeps nothing on its host.
+        root = config.run_path if config.orchestration.mode == "local" else work
+        data_yaml = write_resolved_yaml(read_data_yaml(Path(config.data.yaml)), work / "data.yaml")
+        run_name = f"{config.study.name}-{tracker.client.get_run(run_id).info.run_name}"
+        trained = train_stage(
+            trial, tracker, run_id, work / run_name, data_yaml, root=root, on_epoch=on_epoch
+        )
+        onnx = export_stage(trial, tracker, run_id, work / run_name, trained, root=root)
+        bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
+        reference = float_reference(trial, onnx["path"], bundle, work)
+    float_metrics = {f"float_{k}": v for k, v in reference.items()}
+    tracker.log_metrics(run_id, float_metrics)
+    metrics = {**trained["metrics"], **onnx["metrics"], **float_metrics}
+    return TrainOutcome(metrics=metrics, started_at=started, finished_at=time.time())
+
+
+def compile_model(
+    config: DetectorStudy, tracker: Tracker, run_id: str, parent_run_id: str
+) -> CompileOutcome:
+    started = time.time()
+    with scratch(config, "compile") as work:
+        onnx = tracker.download(run_id, ONNX, work / "in")
+        calibration = tracker.download(parent_run_id, CALIBRATION, work / "in")
+        compiled = compile_stage(
+            config, tracker, run_id, work, {"path": onnx}, {"calibration": calibration}
+        )
+    return CompileOutcome(
+        artifact=compiled["artifact"],
+        metrics=compiled["metrics"],
+        started_at=started,
+        finished_at=time.time(),
+    )
+
+
+def evaluate(
+    config: DetectorStudy, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
+) -> DeviceOutcome:
+    started = time.time()
+    logged = tracker.client.get_run(run_id).data.metrics
+    reference = {k.removeprefix("float_"): v for k, v in logged.items() if k.startswith("float_")}
+    with scratch(config, "device") as work:
+        compiled = tracker.download(run_id, artifact, work / "in")
+        bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
+        metrics = board_stage(config, tracker, run_id, compiled, bundle, work, reference)
+    return DeviceOutcome(metrics=metrics, started_at=started, finished_at=time.time())
+
+
+# The workload ------------------------------------------------------------------------------
+
+DETECTOR = Objective(
+    metric="device_map50_95",
+    direction="maximize",
+    label="device mAP50-95",
+    float_metric="float_map50_95",
+    epoch_metric="metrics/mAP50-95",
+    columns=(
+        ("device_map50", "device mAP50", ".4f"),
+        ("map50_95_gap", "gap to float", ".4f"),
+        ("device_latency_ms", "latency ms", ".3f"),
+    ),
+    kept=("device_precision", "device_recall"),
+)
+
+
+class DetectorWorkload(Workload[DetectorStudy]):
+    """Ultralytics YOLO detector; objective: validation mAP50-95 on the board (maximised).
+
+    Its champion is the best of all the detector's runs, ``detect train`` runs and study
+    trials alike: a study's best trial takes the alias only if it beats the champion.
+    """
+
+    name = "detector"
+    objective = DETECTOR
+    config_type = DetectorStudy
+
+    def preflight(self) -> Checked:
+        config = self.config
+        self.preflight_variant(0)
+        checks.check_shared_services(config)
+        checks.check_storage(config.storage_url)
+        checks.check_tracking(config.tracking_uri)
+        dataset = read_data_yaml(Path(config.data.yaml))
+        return Checked(dataset.classes, {k: len(v) for k, v in dataset.splits.items()})
+
+    def preflight_variant(self, num_classes: int) -> None:
+        try:
+            check_detector(self.config)
+        except (DetectorError, DeviceConfigError) as exc:
+            raise ConfigError(str(exc)) from None
+
+    def prepare(self, tracker: Tracker, parent_run_id: str) -> Checked:
+        found = prepare(self.config, tracker, parent_run_id)
+        return Checked(tuple(found["classes"]), found["counts"])
+
+    def train(
+        self,
+        params: dict[str, Any],
+        tracker: Tracker,
+        run_id: str,
+        parent_run_id: str,
+        *,
+        on_epoch: EpochHook | None = None,
+    ) -> TrainOutcome:
+        return train(self.config, params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
+
+    def compile(self, tracker: Tracker, run_id: str, parent_run_id: str) -> CompileOutcome:
+        return compile_model(self.config, tracker, run_id, parent_run_id)
+
+    def evaluate(
+        self, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
+    ) -> DeviceOutcome:
+        return evaluate(self.config, tracker, run_id, parent_run_id, artifact)
+
+    def planned_epochs(self, params: dict[str, Any]) -> int:
+        return trial_train_settings(self.config.train, params).epochs
+
+    def run_tags(self) -> dict[str, str]:
+        return trial_tags(self.config)
+
+    def artifact_location(self) -> str | None:
+        return local_artifact_location(self.config.tracking_uri)
+
+    def register_best(
+        self, tracker: Tracker, run_id: str, trial: int, value: float, alias: str
+    ) -> Registration | None:
+        """The best of all the detector's runs keeps (or takes) ``champion``; ``alias`` is
+        not used: a detector's variants are runs of the same detector."""
+        return self.crown(tracker, None)
+
+    def crown(self, tracker: Tracker, winner: dict[str, Any] | None) -> Registration | None:
+        chosen = select_champion(self.config, tracker)
+        if chosen is None:
+            return None
+        return Registration(
+            str(chosen["model"]),
+            str(chosen["version"]),
+            CHAMPION,
+            str(chosen["run_id"]),
+            extra={k: v for k, v in chosen.items() if k not in ("model", "version", "alias")},
+        )
