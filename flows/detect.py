@@ -33,7 +33,6 @@ def _resolve(config: dict[str, Any] | str, overrides: list[str] | None) -> Detec
 
 
 def _run_name() -> str:
-
     config = flow_run.parameters.get("config")
     if isinstance(config, dict):
         return f"detect-{config.get('name', 'detector')}"

@@ -53,7 +53,6 @@ def make_stages(config: StudyTarget, study: optuna.Study) -> Stages:
 
 
 def _run_name() -> str:
-
     config = flow_run.parameters.get("config")
     if isinstance(config, dict):
         return f"tune-{config.get('study', {}).get('name', 'study')}"

@@ -189,6 +189,7 @@ def write_digits(
     Idempotent: a folder written before with the same settings is left as it is; any other
     non-empty folder is refused rather than mixed into.
     """
+    # scikit-learn is needed only to write the bundled digits example.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

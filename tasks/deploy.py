@@ -60,6 +60,7 @@ def read_deployments(path: Path) -> list[dict[str, Any]]:
 
 
 def ensure_pool(client: Any, name: str, concurrency_limit: int | None) -> None:
+    # Prefect's client and worker APIs load only when deploying.
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
@@ -81,6 +82,7 @@ def ensure_pool(client: Any, name: str, concurrency_limit: int | None) -> None:
 
 
 def apply_deployment(spec: dict[str, Any]) -> str:
+    # Prefect's client and worker APIs load only when deploying.
     from prefect.deployments.runner import EntrypointType
     from prefect.flows import load_flow_from_entrypoint
 
@@ -108,6 +110,7 @@ def deploy(
     devices: Iterable[str] = ("local-cpu",),
 ) -> DeployReport:
     """Apply pools, per-device limits and deployments; safe to run again."""
+    # Prefect's client and worker APIs load only when deploying.
     from prefect.client.orchestration import get_client
 
     boards = sorted(set(devices))

@@ -43,6 +43,7 @@ def export_onnx(
     opset: int = 17,
 ) -> Path:
     """Write a single-file ONNX model (no external data) and run the ONNX checker on it."""
+    # onnx and ONNX Runtime load only where a model is exported.
     import onnx
 
     model = model.cpu().eval()
@@ -73,6 +74,7 @@ def export_onnx(
 
 def onnx_parity(model: nn.Module, onnx_path: Path, batch: np.ndarray) -> float:
     """Largest |ONNX Runtime − PyTorch| logit difference on ``batch`` (NCHW float32)."""
+    # onnx and ONNX Runtime load only where a model is exported.
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -51,6 +51,7 @@ class Architecture:
 
 def _torchvision(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
+        # torchvision loads only for its architectures.
         import torchvision
 
         return torchvision.models.get_model(name, weights=None)

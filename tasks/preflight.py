@@ -97,6 +97,7 @@ def check_weights(config: EdgetuneConfig, num_classes: int) -> None:
             f"model.weights: file {weights} not found; give a local weights file "
             f"or remove the key to train from scratch"
         )
+    # torch loads only when weights are checked.
     from tasks.models import ModelError, create_model
 
     try:

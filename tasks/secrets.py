@@ -49,6 +49,7 @@ def secret_block_name(reference: str, *, key: str) -> str:
 
 def _load_block(name: str) -> Any:
     """The stored value of the Secret block ``name`` (the Prefect API of this process)."""
+    # Prefect loads only when a secret is resolved: parsing a config stays light.
     from prefect.blocks.system import Secret
 
     # _sync: also from inside a running event loop (Block.load would return a coroutine)

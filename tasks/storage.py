@@ -17,7 +17,6 @@ _T = TypeVar("_T")
 
 
 def _transient(exc: BaseException) -> bool:
-
     if isinstance(exc, optuna.exceptions.StorageInternalError):
         return True
     if isinstance(exc, OperationalError):

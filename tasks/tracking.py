@@ -28,6 +28,7 @@ class TrackingError(RuntimeError):
 
 
 def _client(uri: str) -> Any:
+    # MLflow loads on first use, after the environment above is set.
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -48,6 +49,7 @@ class Tracker:
                 return str(existing.experiment_id)
             return str(self.client.create_experiment(name, artifact_location=artifact_location))
         except Exception as exc:
+            # MLflow loads on first use, after the environment above is set.
             from mlflow.exceptions import MlflowException
 
             if isinstance(exc, MlflowException) and "already exists" in str(exc):
@@ -76,6 +78,7 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        # MLflow loads on first use, after the environment above is set.
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -85,7 +88,7 @@ class Tracker:
     def log_metrics(
         self, run_id: str, metrics: Mapping[str, float], step: int | None = None
     ) -> None:
-
+        # MLflow loads on first use, after the environment above is set.
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -109,6 +112,7 @@ class Tracker:
 
     def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
         """Fetch a stage's input by run id: MLflow is the artifact bus between hosts."""
+        # MLflow loads on first use, after the environment above is set.
         from mlflow.artifacts import download_artifacts
 
         dst.mkdir(parents=True, exist_ok=True)
@@ -135,6 +139,7 @@ class Tracker:
 
         A study run again with the same best trial keeps its version: no duplicate is made.
         """
+        # MLflow loads on first use, after the environment above is set.
         from mlflow.exceptions import MlflowException
 
         try:

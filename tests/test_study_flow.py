@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,50 +96,6 @@ def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
     # The same champion keeps its version: running again registers nothing new.
     assert again["champion"]["version"] == str(champion.version)
     assert len(client.search_model_versions(f"name = '{config.registered_model_name}'")) == 1
-
-
-def test_device_evaluations_never_overlap(
-    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import tasks.workloads.classifier
-
-    real_run, real_inputs = (
-        tasks.workloads.classifier.run_on_device,
-        tasks.workloads.classifier.device_inputs,
-    )
-    windows: list[tuple[float, float, float]] = []  # (arrived, board taken, board released)
-    arrived: dict[int, float] = {}
-    second_arrival = threading.Event()
-
-    def arriving(*args: Any, **kwargs: Any) -> Any:
-        # A trial reaches the device stage (before the slot); same thread as its board call.
-        arrived[threading.get_ident()] = time.time()
-        if len(arrived) >= 2:
-            second_arrival.set()
-        return real_inputs(*args, **kwargs)
-
-    def slow_board(*args: Any, **kwargs: Any) -> Any:
-        started = time.time()
-        # Hold the board until another trial wants it: contention is certain, not timed.
-        assert second_arrival.wait(timeout=60), "no second trial reached the device stage"
-        time.sleep(0.5)
-        out = real_run(*args, **kwargs)
-        windows.append((arrived[threading.get_ident()], started, time.time()))
-        return out
-
-    monkeypatch.setattr(tasks.workloads.classifier, "run_on_device", slow_board)
-    monkeypatch.setattr(tasks.workloads.classifier, "device_inputs", arriving)
-    raw = tiny_config(digits_root, tmp_path / "board")
-    raw["study"].update(n_trials=4, parallel=2, max_pending=2)
-    _, _, study = _run(raw)
-    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 4
-    assert len(windows) == 4
-    boards = sorted((start, end) for _, start, end in windows)
-    for (_, end), (start, _) in itertools.pairwise(boards):
-        assert end <= start, f"device evaluations overlapped: {boards}"
-    # The lock was contended: two trials were in the device stage at once, one waiting.
-    stays = sorted((arrival, end) for arrival, _, end in windows)
-    assert any(b_arrival < a_end for (_, a_end), (b_arrival, _) in itertools.pairwise(stays))
 
 
 def test_a_board_left_taken_fails_clearly_and_release_frees_it(

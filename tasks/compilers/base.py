@@ -95,6 +95,7 @@ def normalise_nchw(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.
 
 def read_onnx_signature(onnx_path: Path) -> OnnxSignature:
     """Read input/output names and shapes without loading external weight data."""
+    # onnx loads only where a model is read (not at start-up).
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)

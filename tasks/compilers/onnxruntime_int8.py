@@ -72,6 +72,7 @@ class OnnxRuntimeInt8Compiler(Compiler):
     def check_available(cls) -> None:
         """onnx and onnxruntime.quantization must import."""
         try:
+            # onnx and ONNX Runtime load only where a model is compiled.
             import onnx  # noqa: F401
             import onnxruntime.quantization  # noqa: F401
         except ImportError as exc:
@@ -127,6 +128,7 @@ class OnnxRuntimeInt8Compiler(Compiler):
         self, model: Path, output: Path, reader: NpzCalibrationReader, excluded: list[str]
     ) -> None:
         """Static QDQ quantization with signed INT8 weights; `excluded` nodes stay float."""
+        # onnx and ONNX Runtime load only where a model is compiled.
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         quantize_static(
@@ -149,6 +151,7 @@ def tail_nodes(model: Path) -> list[str]:
     quantizing that join to 8 bits with a single scale (box pixels in the hundreds beside
     scores in 0..1) rounds every score to zero, so they stay in float.
     """
+    # onnx and ONNX Runtime load only where a model is compiled.
     import onnx
 
     graph = onnx.load(str(model), load_external_data=False).graph
@@ -228,6 +231,7 @@ def _calibration_batch(signature: OnnxSignature) -> tuple[int, bool]:
 
 def _preprocess(model: Path, out: Path, log: logging.Logger) -> Path:
     """Shape inference + graph cleanup recommended before quantization; optional."""
+    # onnx and ONNX Runtime load only where a model is compiled.
     from onnxruntime.quantization import quant_pre_process
 
     try:
@@ -245,6 +249,7 @@ def _preprocess(model: Path, out: Path, log: logging.Logger) -> Path:
 
 def _check_quantized(path: Path) -> dict[str, int]:
     """onnx.checker must accept the result and it must contain QDQ pairs."""
+    # onnx and ONNX Runtime load only where a model is compiled.
     import onnx
 
     onnx.checker.check_model(str(path))
@@ -259,6 +264,7 @@ def _check_quantized(path: Path) -> dict[str, int]:
 
 
 def _quant_type(name: str) -> Any:
+    # onnx and ONNX Runtime load only where a model is compiled.
     from onnxruntime.quantization import QuantType
 
     return {
@@ -270,6 +276,7 @@ def _quant_type(name: str) -> Any:
 
 
 def _calibration_method(name: str) -> Any:
+    # onnx and ONNX Runtime load only where a model is compiled.
     from onnxruntime.quantization import CalibrationMethod
 
     return {

@@ -193,7 +193,6 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-
     try:
         with Image.open(path) as img:
             return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)

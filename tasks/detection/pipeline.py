@@ -305,7 +305,6 @@ def compile_stage(
     onnx: dict[str, Any],
     inputs: dict[str, Any],
 ) -> dict[str, Any]:
-
     compiler = create_compiler(config.compile.backend, **config.compile.backend_options())
     out = work / "compiled"
     try:

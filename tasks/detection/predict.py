@@ -66,6 +66,7 @@ class OnnxDetector:
     """A detector ONNX on onnxruntime (CPU), with the board's decoding and NMS."""
 
     def __init__(self, path: Path, conf: float = 0.25, iou: float = 0.7, max_det: int = 300):
+        # ONNX Runtime loads only where a detector runs.
         import onnxruntime as ort
 
         if not 0 <= conf < 1 or not 0 < iou <= 1 or max_det < 1:

@@ -64,6 +64,7 @@ def ultralytics(run_dir: Path) -> Any:
     if "ultralytics" not in sys.modules:
         os.environ["YOLO_CONFIG_DIR"] = str(run_dir / CONFIG_DIR)
     threads = os.environ.get("OMP_NUM_THREADS")
+    # Ultralytics (and torch) load only where a detector trains.
     import ultralytics
     from ultralytics.engine import trainer as trainer_module
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
@@ -90,6 +91,7 @@ def ultralytics(run_dir: Path) -> Any:
 
 
 def _restore_pillow() -> None:
+    # Ultralytics (and torch) load only where a detector trains.
     from PIL import Image
     from ultralytics.utils import patches
 
@@ -104,6 +106,7 @@ def _install_fonts(folder: Path) -> None:
     missing = [name for name in FONTS if not (folder / name).is_file()]
     if not missing:
         return
+    # Ultralytics (and torch) load only where a detector trains.
     import matplotlib
 
     source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
@@ -113,6 +116,7 @@ def _install_fonts(folder: Path) -> None:
 
 def offline_check_amp(model: Any) -> bool:
     """AMP on CUDA unless the GPU is known to break it; never downloads a model."""
+    # Ultralytics (and torch) load only where a detector trains.
     import torch
 
     device = next(model.parameters()).device
@@ -128,6 +132,7 @@ def offline_check_amp(model: Any) -> bool:
 def resolve_device(setting: str) -> str:
     if setting != "auto":
         return setting
+    # Ultralytics (and torch) load only where a detector trains.
     import torch
 
     return "0" if torch.cuda.is_available() else "cpu"

@@ -335,6 +335,7 @@ def on_study_end(run: StudyRun, state: str) -> None:
 
 def _figure(width: float = 7.0, height: float = 4.5, columns: int = 1) -> tuple[Any, Any]:
     """A figure on the Agg canvas, without pyplot (no global state, safe in threads)."""
+    # matplotlib, fANOVA and optuna-dashboard load only where a plot or the dashboard is made.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -410,6 +411,7 @@ def plot_importances(study: optuna.Study, path: Path, seed: int = 0) -> dict[str
     Returns the importances, or None (nothing drawn) with fewer than 2 complete trials or
     no parameter that varies.
     """
+    # matplotlib, fANOVA and optuna-dashboard load only where a plot or the dashboard is made.
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     params = varying_params(study)
@@ -606,6 +608,7 @@ def dashboard_server(storage: optuna.storages.BaseStorage, host: str, port: int)
     downloaded. Raises OSError when the address cannot be bound.
     """
 
+    # matplotlib, fANOVA and optuna-dashboard load only where a plot or the dashboard is made.
     from optuna_dashboard import wsgi
 
     class Server(ThreadingMixIn, WSGIServer):

@@ -175,6 +175,7 @@ def _auto_choices(
 ) -> AutoChoices:
     """Settings left to ``auto`` (optimizer, batch size), decided on train and val (never
     on test: with ``train+val`` the choice is made on val before the final training)."""
+    # torch loads only where a trial trains: compile and device stages never need it.
     from tasks.training.auto import resolve_auto
     from tasks.training.loaders import bundle_tensors
 
@@ -202,6 +203,7 @@ def _save_model(
     config: EdgetuneConfig, tracker: Tracker, run_id: str, model: Any, sample: Any, work: Path
 ) -> Any:
     """The trained weights and their ONNX export (checked against ``sample``) → the run."""
+    # torch loads only where a trial trains: compile and device stages never need it.
     import torch
 
     from tasks.export import export_checked

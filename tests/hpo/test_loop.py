@@ -230,7 +230,9 @@ def test_a_trial_with_no_retry_left_counts_as_an_outcome(tmp_path: Path) -> None
     assert result["best"] is None and result["champion"] is None
 
 
-def test_a_board_down_pauses_the_study_and_loses_no_trial(tmp_path: Path) -> None:
+def test_a_board_down_pauses_the_study_loses_no_trial_and_a_rerun_finishes_it(
+    tmp_path: Path,
+) -> None:
     loop, _, tracker, _ = make_loop(
         tmp_path,
         {
@@ -258,6 +260,23 @@ def test_a_board_down_pauses_the_study_and_loses_no_trial(tmp_path: Path) -> Non
     assert {t.user_attrs[ATTR_RETRY_OF] for t in waiting} == {t.number for t in failed}
     assert all(t.user_attrs["attempt"] == 0 for t in waiting)
     assert tracker.named(f"study-{loop.config.study.name}").status == "KILLED"
+    assert all(r.status != "RUNNING" for r in tracker.runs.values())
+
+    # the board is back: the study runs again and finishes, the failed trials retried
+    stages = FakeStages(loop.config)
+    again = StudyLoop(
+        loop.config,
+        loop.study,
+        stages=stages,
+        logger=LOG,
+        tracker=tracker,  # type: ignore[arg-type]
+    )
+    result = again.run()
+    assert result["counts"]["COMPLETE"] == 6
+    trials = loop.study.get_trials()
+    assert {t.state for t in trials} == {TrialState.COMPLETE, TrialState.FAIL}
+    retried = {t.user_attrs.get(ATTR_RETRY_OF) for t in trials if t.state == TrialState.COMPLETE}
+    assert {t.number for t in failed} <= retried
     assert all(r.status != "RUNNING" for r in tracker.runs.values())
 
 
@@ -438,3 +457,50 @@ def _dead_pid() -> int:
 def _fast_optuna() -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     yield
+
+
+def test_an_interrupted_run_of_two_studies_loses_no_trial_and_a_rerun_finishes_both(
+    tmp_path: Path,
+) -> None:
+    """A variant run stopped while both studies have trials in flight: every trial in
+    flight, in both, is told FAIL and enqueued again; running both again finishes them."""
+
+    class Crashing(StudyLoop):
+        def beat(self, force: bool = False) -> None:
+            others = [loop for loop in loops if loop is not self]
+            if self.slots and any(other.slots for other in others):
+                raise RuntimeError("the study process crashed")
+            super().beat(force)
+
+    configs = {
+        "a": fake_config(tmp_path / "a", n_trials=2, parallel=2),
+        "b": fake_config(tmp_path / "b", n_trials=1, parallel=2),
+    }
+    studies = {name: memory_study(config) for name, config in configs.items()}
+    trackers = {name: FakeTracker() for name in configs}
+
+    def make(kind: type[StudyLoop], name: str, **stages: Any) -> StudyLoop:
+        return kind(
+            configs[name],
+            studies[name],
+            stages=FakeStages(configs[name], **stages),
+            logger=LOG,
+            tracker=trackers[name],  # type: ignore[arg-type]
+        )
+
+    # a's trials wait on a slow board while b trains: both have trials in flight
+    loops = [make(StudyLoop, "a", device_s=0.3), make(Crashing, "b", train_s=0.3)]
+    with pytest.raises(RuntimeError, match="the study process crashed"):
+        run_studies(loops, parallel=2)
+
+    for name, in_flight in (("a", 2), ("b", 1)):
+        trials = studies[name].get_trials()
+        assert [t.state.name for t in trials] == ["FAIL"] * in_flight + ["WAITING"] * in_flight
+        for trial in trials[:in_flight]:
+            assert trial.user_attrs["fail_reason"].startswith("study interrupted: RuntimeError")
+        assert all(r.status != "RUNNING" for r in trackers[name].runs.values())
+
+    results = run_studies([make(StudyLoop, "a"), make(StudyLoop, "b")], parallel=2)
+    assert [r["counts"]["COMPLETE"] for r in results] == [2, 1]
+    for name in configs:
+        assert all(r.status != "RUNNING" for r in trackers[name].runs.values())

@@ -197,53 +197,6 @@ def test_a_killed_study_process_resumes_without_losing_a_trial(
     assert "is gone" in killed_parents[0].data.tags["edgetune.end_reason"]
 
 
-# The board keeps failing: the study pauses -----------------------------------------------------
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.usefixtures("prefect_server")
-def test_a_board_that_keeps_failing_pauses_the_study_and_resume_finishes_it(
-    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import tasks.workloads.classifier
-    from flows.tune import BoardPaused, tune
-    from tasks.devices.base import DeviceUnreachableError
-
-    attempts: list[float] = []
-
-    def board_down(*args: Any, **kwargs: Any) -> Any:  # injected: the board does not answer
-        attempts.append(time.time())
-        raise DeviceUnreachableError("cannot reach the device at 192.0.2.1:22 (injected)")
-
-    real = tasks.workloads.classifier.run_on_device
-    monkeypatch.setattr(tasks.workloads.classifier, "run_on_device", board_down)
-    raw = tiny_config(digits_root, tmp_path / "paused")
-    raw["study"].update(n_trials=3, parallel=1, retries=0)
-    raw["device"]["max_consecutive_failures"] = 2
-    config = parse_config(raw)
-    with pytest.raises(BoardPaused, match=r"failed 2 evaluations in a row .*edgetune device check"):
-        tune(config.model_dump(mode="json"))
-    assert len(attempts) == 2
-    study = open_study(config.storage_url, config.study, 0, create=False)
-    trials = study.get_trials()
-    assert TrialState.RUNNING not in {t.state for t in trials}
-    failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert [t.user_attrs["fail_stage"] for t in failed] == ["device", "device"]
-    # Even with retries: 0, the board's failures are not the trials': both are enqueued again.
-    retried = {t.user_attrs.get("retry_of") for t in trials}
-    assert {t.number for t in failed} <= retried
-    assert [t.state for t in trials].count(TrialState.WAITING) == 1
-    _no_run_left_running(config.tracking_uri)
-
-    monkeypatch.setattr(tasks.workloads.classifier, "run_on_device", real)  # the board is back
-    result = tune(config.model_dump(mode="json"))
-    assert result["counts"]["COMPLETE"] == 3
-    trials = study.get_trials()
-    assert {t.state for t in trials} == {TrialState.COMPLETE, TrialState.FAIL}
-    _no_run_left_running(config.tracking_uri)
-
-
 # Resume, restart, reuse ----------------------------------------------------------------------
 
 
@@ -298,41 +251,6 @@ def test_changed_space_is_refused_restart_starts_afresh_and_reuse_best_retrains(
         changed.registered_model_name, "champion"
     )
     assert version.run_id == trial["mlflow_run_id"]
-
-
-# Compile failures keep their log ---------------------------------------------------------------
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.usefixtures("prefect_server")
-def test_a_compile_failure_is_told_fail_with_the_compiler_log_kept(
-    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import tasks.workloads.classifier
-    from flows.tune import tune
-    from tasks.compilers import CompilerError
-
-    class BrokenCompiler:  # a stand-in compiler that writes its log, then fails
-        name = "broken"
-
-        def compile(self, onnx_path: Path, calibration: Path, out: Path) -> Any:
-            (out / "compile.log").write_text("parsing model.onnx\nunsupported layer: Foo\n")
-            raise CompilerError("unsupported layer: Foo")
-
-    monkeypatch.setattr(
-        tasks.workloads.classifier, "create_compiler", lambda *a, **k: BrokenCompiler()
-    )
-    raw = tiny_config(digits_root, tmp_path / "nocompile")
-    raw["study"].update(n_trials=1, retries=0)
-    config = parse_config(raw)
-    result = tune(config.model_dump(mode="json"))
-    [row] = result["trials"]
-    assert row["state"] == "FAIL" and row["reason"] == "CompilerError: unsupported layer: Foo"
-    client = MlflowClient(config.tracking_uri)
-    assert client.get_run(row["mlflow_run_id"]).info.status == "FAILED"
-    log = client.download_artifacts(row["mlflow_run_id"], "compile/compile.log", str(tmp_path))
-    assert "unsupported layer: Foo" in Path(log).read_text()
 
 
 # The link to the board drops mid-upload --------------------------------------------------------

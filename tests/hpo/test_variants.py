@@ -355,52 +355,6 @@ def test_report_compares_the_variants_in_one_table(variant_run: dict[str, Any]) 
     assert json.loads(as_json.output)["winner"] == winner
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.usefixtures("prefect_server")
-def test_an_interrupted_variant_run_loses_no_trial_and_a_rerun_finishes_it(
-    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mlflow import MlflowClient
-
-    from flows.tune import tune
-    from tasks.hpo.loop import StudyLoop
-
-    config = parse_config(
-        _variants(digits_root, tmp_path / "vi", {"name": "a"}, {"name": "b", "search": False})
-    )
-    crashed = threading.Event()
-    seam = _Seam(monkeypatch, "vi", release=crashed)
-    real_beat = StudyLoop.beat
-
-    def crash(self: Any, force: bool = False) -> None:
-        # b trains while a's trials wait for the board: both studies have trials in flight
-        if self.config.study.name == "vi-b" and self.slots and seam.next_trains.is_set():
-            crashed.set()
-            raise RuntimeError("the study process crashed")
-        real_beat(self, force)
-
-    monkeypatch.setattr(StudyLoop, "beat", crash)
-    with pytest.raises(RuntimeError, match="the study process crashed"):
-        tune(config.model_dump(mode="json"))
-    a, b = _study(config, "vi-a"), _study(config, "vi-b")
-    # every trial in flight was told FAIL and enqueued again (WAITING), in both studies
-    assert [t.state.name for t in a.get_trials()] == ["FAIL", "FAIL", "WAITING", "WAITING"]
-    assert [t.state.name for t in b.get_trials()] == ["FAIL", "WAITING"]
-    for study in (a, b):
-        for trial in study.get_trials(states=(optuna.trial.TrialState.FAIL,)):
-            assert trial.user_attrs["fail_reason"].startswith("study interrupted: RuntimeError")
-    client = MlflowClient(config.tracking_uri)
-    experiment = client.get_experiment_by_name("vi").experiment_id
-    assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
-
-    monkeypatch.setattr(StudyLoop, "beat", real_beat)
-    result = tune(config.model_dump(mode="json"))
-    assert [row["counts"]["COMPLETE"] for row in result["variants"]] == [2, 1]
-    assert result["winner"] in ("a", "b") and result["champion"]["alias"] == "champion"
-    assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
-
-
 def test_a_trial_of_a_space_without_parameters_is_retried(tmp_path: Path) -> None:
     from optuna.trial import TrialState
 

@@ -17,6 +17,7 @@ finiteness and consistency, not for quality.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,3 +373,50 @@ def test_a_pruning_epoch_hook_stops_the_training(ran: Ran) -> None:
         tracker.end_run(run, "FINISHED")  # the engine ends a pruned trial's run FINISHED
     assert seen == [ran.epochs[0][0]]  # stopped at its first epoch
     assert not [p for p in artifacts(tracker, run) if p.endswith(".onnx")]  # nothing exported
+
+
+def test_a_compile_failure_raises_and_keeps_the_compilers_log(
+    ran: Ran, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiler's log goes to the trial's run even when it fails: it says why."""
+    from tasks.compilers import COMPILERS, CompilerError
+
+    class BrokenCompiler:  # a stand-in compiler that writes its log, then fails
+        name = "broken"
+
+        def __init__(self, **options: Any) -> None:
+            pass
+
+        def compile(self, onnx_path: Path, calibration: Path, out: Path) -> Any:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "compile.log").write_text("parsing model.onnx\nunsupported layer: Foo\n")
+            raise CompilerError("unsupported layer: Foo")
+
+    monkeypatch.setitem(COMPILERS, ran.config.compile.backend, BrokenCompiler)
+    tracker = ran.tracker
+    run = tracker.start_run(ran.experiment, "trial-broken", parent_id=ran.parent)
+    for artifact in artifacts(tracker, ran.run):  # the trained trial's model, as training left it
+        if artifact.startswith("model/") and artifact.endswith(".onnx"):
+            onnx = tracker.download(ran.run, artifact, ran.tmp / "broken")
+            tracker.log_artifact(run, onnx, "model")
+    try:
+        with pytest.raises(CompilerError, match="unsupported layer: Foo"):
+            ran.workload.compile(tracker, run, ran.parent)
+    finally:
+        tracker.end_run(run, "FAILED")
+    log = tracker.download(run, "compile/compile.log", ran.tmp / "broken-log")
+    assert "unsupported layer: Foo" in log.read_text()
+
+
+def test_evaluate_waits_for_the_boards_slot(ran: Ran) -> None:
+    """While another holder has the board, evaluation waits (up to device.wait_timeout_s)
+    and then fails clearly: the board runs one evaluation at a time, whatever the workload."""
+    from tasks.board import BoardBusyError, hold_board
+
+    device = ran.config.device.model_copy(update={"wait_timeout_s": 0.5})
+    config = ran.config.model_copy(update={"device": device})
+    workload = type(ran.workload)(config)
+    started = time.monotonic()
+    with hold_board(config), pytest.raises(BoardBusyError, match=r"stayed busy for 0\.5 s"):
+        workload.evaluate(ran.tracker, ran.run, ran.parent, ran.compiled.artifact)
+    assert time.monotonic() - started >= 0.5
