@@ -55,9 +55,9 @@ class _RefusingEngine:
 def test_a_driver_message_that_quotes_the_password_is_masked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import sqlalchemy
+    import tasks.preflight
 
-    monkeypatch.setattr(sqlalchemy, "create_engine", lambda *a, **k: _RefusingEngine())
+    monkeypatch.setattr(tasks.preflight, "create_engine", lambda *a, **k: _RefusingEngine())
 
     with pytest.raises(StudyError) as caught:
         check_storage(f"postgresql+psycopg2://optuna:{SECRET}@db:5432/optuna")

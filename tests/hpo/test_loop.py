@@ -18,6 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import tasks.board
 from tasks.compilers import CompilerError
 from tasks.devices.base import DeviceUnreachableError
 from tasks.hpo.launch import Slot
@@ -454,9 +455,11 @@ def _dead_pid() -> int:
 
 
 @pytest.fixture(autouse=True)
-def _fast_optuna() -> Any:
+def _no_prefect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The board's slot is the one-machine file lock, whether or not a Prefect server runs
+    in this test session: the engine's tests need no Prefect."""
+    monkeypatch.setattr(tasks.board, "embedded", lambda: True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
 
 
 def test_an_interrupted_run_of_two_studies_loses_no_trial_and_a_rerun_finishes_both(

@@ -27,6 +27,7 @@ import optuna
 import pytest
 import yaml
 
+from tasks.board import embedded, ensure_device_limit
 from tasks.config import SearchParam
 from tasks.tracking import CHAMPION, Tracker
 from tasks.workloads.base import (
@@ -164,6 +165,8 @@ def ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     patch.chdir(cwd)
     try:
         config = SETUPS[name](tmp, request)
+        if not embedded():  # a Prefect server runs in this session: the board's limit on it
+            ensure_device_limit(config.device.concurrency_limit)
         workload = workload_for(config)
         found = workload.preflight()
         tracker = Tracker(config.tracking_uri)
