@@ -188,6 +188,8 @@ def _config_text(digits_root: Path, tmp_path: Path, case: str) -> tuple[str, lis
         space["batch_size"] = {"type": "int", "low": 64, "high": 8}
     elif case == "log range from zero":
         space["lr"]["low"] = 0
+    elif case == "selection on test":
+        overrides = ["data.eval_split=test"]
     elif case == "zero epochs":
         raw["train"]["epochs"] = 0
     elif case == "negative batch size":
@@ -233,6 +235,11 @@ BAD_INPUT = [
         r"device\.ssh\.hostname: unknown key \(did you mean 'host'\?\); allowed keys here: .*port",
     ),
     ("wrong type", r"train\.epochs: Input should be a valid integer, but got 'ten'"),
+    (
+        "selection on test",
+        r"data\.eval_split: test would choose the hyperparameters on the test split, which is "
+        r"kept for the final report",
+    ),
     ("string for a number", r"train\.lr: Input should be a valid number, but got '0\.1'"),
     ("empty choices", r"study\.search_space\.momentum: categorical needs a non-empty 'choices'"),
     ("missing bound", r"study\.search_space\.lr: float needs both 'low' and 'high'"),

@@ -897,6 +897,18 @@ class EdgetuneConfig(_Strict):
     )
 
     @model_validator(mode="after")
+    def _no_selection_on_test(self) -> EdgetuneConfig:
+        """A search measures its objective on val; only a final model (a study derived from
+        a search, as ``study.retrain: train+val`` makes) is measured on test."""
+        if self.data.eval_split == "test" and self.study.derived_from is None:
+            raise ValueError(
+                "data.eval_split: test would choose the hyperparameters on the test split, "
+                "which is kept for the final report; keep eval_split: val (study.retrain: "
+                "train+val measures the final model on test)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _swa_inside_epochs(self) -> EdgetuneConfig:
         """In every trial, SWA starts before the last epoch (checked at the space's corners)."""
         base = self.train.model_dump()

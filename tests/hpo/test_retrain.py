@@ -25,6 +25,17 @@ def test_data_splits_are_checked(digits_root: Path, tmp_path: Path) -> None:
         parse_config(raw)
 
 
+def test_a_search_on_the_test_split_is_refused(digits_root: Path, tmp_path: Path) -> None:
+    raw = tiny_config(digits_root, tmp_path / "r", data={"eval_split": "test"})
+    with pytest.raises(
+        ConfigError, match=r"data\.eval_split: test would choose the hyper"
+    ) as caught:
+        parse_config(raw)
+    assert "\n" not in str(caught.value)
+    raw["study"]["derived_from"] = "r"  # the final model of a search: measured on test
+    assert parse_config(raw).data.eval_split == "test"
+
+
 def test_train_and_val_needs_a_test_split(digits_root: Path, tmp_path: Path) -> None:
     from tasks.preflight import preflight
 
@@ -34,7 +45,10 @@ def test_train_and_val_needs_a_test_split(digits_root: Path, tmp_path: Path) -> 
     config = parse_config(tiny_config(root, tmp_path / "r", study={"retrain": "train+val"}))
     with pytest.raises(DataError, match=r"study\.retrain: train\+val measures the final model on"):
         preflight(config)
-    other = parse_config(tiny_config(root, tmp_path / "r2", data={"eval_split": "test"}))
+    # a final model (a study derived from a search) is measured on test
+    other = parse_config(
+        tiny_config(root, tmp_path / "r2", data={"eval_split": "test"}, study={"derived_from": "s"})
+    )
     with pytest.raises(DataError, match=r"data\.eval_split: test/ not found in"):
         preflight(other)
 
