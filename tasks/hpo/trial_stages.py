@@ -34,7 +34,7 @@ from tasks.workloads.base import (
     TrainOutcome,
     save_outcome,
 )
-from tasks.workloads.registry import objective_for, workload_for
+from tasks.workloads.registry import workload_for
 
 #: Set by the parent when the study is interrupted: running trainings stop at the next epoch.
 STOP = threading.Event()
@@ -96,7 +96,7 @@ def train_stage(
 ) -> TrainOutcome | Pruned:
     """Train, export and log one trial; a trial the pruner stops returns ``Pruned``."""
     workload = workload_for(config)
-    report = epoch_reporter(config.storage_url, config.study, trial_id, objective_for(config))
+    report = epoch_reporter(config.storage_url, config.study, trial_id, workload.objective)
     # On a work pool the parent watches this beat; in its own process it beats for us.
     remote = config.orchestration.mode == "deployments"
     epochs_run = 0

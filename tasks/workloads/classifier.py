@@ -19,7 +19,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,13 +62,7 @@ CHECKPOINT = "model/checkpoint.pt"
 COMPILED_DIR = "compiled"
 
 
-@dataclass(frozen=True)
-class StudyInputs:
-    classes: tuple[str, ...]
-    counts: dict[str, int]
-
-
-def prepare_inputs(config: EdgetuneConfig, tracker: Tracker, parent_run_id: str) -> StudyInputs:
+def prepare_inputs(config: EdgetuneConfig, tracker: Tracker, parent_run_id: str) -> Checked:
     info = inspect_dataset(config.data.root)
     with scratch(config, "inputs") as work:
         evaluated = split_items(info, config.data.eval_split, config.data.root)
@@ -87,7 +80,7 @@ def prepare_inputs(config: EdgetuneConfig, tracker: Tracker, parent_run_id: str)
         config_file = work / "config.yaml"
         config_file.write_text(dump_config(config))
         tracker.log_artifact(parent_run_id, config_file)
-    return StudyInputs(classes=info.classes, counts=info.counts())
+    return Checked(info.classes, info.counts())
 
 
 # Training ---------------------------------------------------------------------------------
@@ -340,8 +333,7 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
         COMPILERS[self.config.compile.backend].check_available()
 
     def prepare(self, tracker: Tracker, parent_run_id: str) -> Checked:
-        inputs = prepare_inputs(self.config, tracker, parent_run_id)
-        return Checked(inputs.classes, inputs.counts)
+        return prepare_inputs(self.config, tracker, parent_run_id)
 
     def train(
         self,

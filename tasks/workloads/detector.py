@@ -56,82 +56,6 @@ CALIBRATION = "inputs/calibration.npz"
 ONNX = "model/model.onnx"
 
 
-def trial_tags(config: DetectorStudy) -> dict[str, str]:
-    """Trial runs are runs of the detector: its champion is chosen among them too."""
-    return {KIND_TAG: "detector", DETECTOR_TAG: config.name}
-
-
-def prepare(config: DetectorStudy, tracker: Tracker, parent_run_id: str) -> dict[str, Any]:
-    with scratch(config, "inputs") as work:
-        prepare_inputs(config, tracker, parent_run_id, work, calibration=True)
-    dataset = read_data_yaml(Path(config.data.yaml))
-    return {
-        "classes": dataset.classes,
-        "counts": {split: len(files) for split, files in dataset.splits.items()},
-    }
-
-
-def train(
-    config: DetectorStudy,
-    params: dict[str, Any],
-    tracker: Tracker,
-    run_id: str,
-    parent_run_id: str,
-    *,
-    on_epoch: EpochHook | None = None,
-) -> TrainOutcome:
-    """Train, export and measure the float model of one trial; return its float metrics."""
-    started = time.time()
-    trial = config.model_copy(update={"train": trial_train_settings(config.train, params)})
-    with scratch(config, "train") as work:
-        # A study in one process keeps Ultralytics' folders in its run dir, like detect
-        # train; a stage on a work pool keeps nothing on its host.
-        root = config.run_path if config.orchestration.mode == "local" else work
-        data_yaml = write_resolved_yaml(read_data_yaml(Path(config.data.yaml)), work / "data.yaml")
-        run_name = f"{config.study.name}-{tracker.client.get_run(run_id).info.run_name}"
-        trained = train_stage(
-            trial, tracker, run_id, work / run_name, data_yaml, root=root, on_epoch=on_epoch
-        )
-        onnx = export_stage(trial, tracker, run_id, work / run_name, trained, root=root)
-        bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
-        reference = float_reference(trial, onnx["path"], bundle, work)
-    float_metrics = {f"float_{k}": v for k, v in reference.items()}
-    tracker.log_metrics(run_id, float_metrics)
-    metrics = {**trained["metrics"], **onnx["metrics"], **float_metrics}
-    return TrainOutcome(metrics=metrics, started_at=started, finished_at=time.time())
-
-
-def compile_model(
-    config: DetectorStudy, tracker: Tracker, run_id: str, parent_run_id: str
-) -> CompileOutcome:
-    started = time.time()
-    with scratch(config, "compile") as work:
-        onnx = tracker.download(run_id, ONNX, work / "in")
-        calibration = tracker.download(parent_run_id, CALIBRATION, work / "in")
-        compiled = compile_stage(
-            config, tracker, run_id, work, {"path": onnx}, {"calibration": calibration}
-        )
-    return CompileOutcome(
-        artifact=compiled["artifact"],
-        metrics=compiled["metrics"],
-        started_at=started,
-        finished_at=time.time(),
-    )
-
-
-def evaluate(
-    config: DetectorStudy, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
-) -> DeviceOutcome:
-    started = time.time()
-    logged = tracker.client.get_run(run_id).data.metrics
-    reference = {k.removeprefix("float_"): v for k, v in logged.items() if k.startswith("float_")}
-    with scratch(config, "device") as work:
-        compiled = tracker.download(run_id, artifact, work / "in")
-        bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
-        metrics = board_stage(config, tracker, run_id, compiled, bundle, work, reference)
-    return DeviceOutcome(metrics=metrics, started_at=started, finished_at=time.time())
-
-
 # The workload ------------------------------------------------------------------------------
 
 DETECTOR = Objective(
@@ -166,7 +90,10 @@ class DetectorWorkload(Workload[DetectorStudy]):
         checks.check_shared_services(config)
         checks.check_storage(config.storage_url)
         checks.check_tracking(config.tracking_uri)
-        dataset = read_data_yaml(Path(config.data.yaml))
+        return self._dataset()
+
+    def _dataset(self) -> Checked:
+        dataset = read_data_yaml(Path(self.config.data.yaml))
         return Checked(dataset.classes, {k: len(v) for k, v in dataset.splits.items()})
 
     def preflight_variant(self, num_classes: int) -> None:
@@ -176,8 +103,9 @@ class DetectorWorkload(Workload[DetectorStudy]):
             raise ConfigError(str(exc)) from None
 
     def prepare(self, tracker: Tracker, parent_run_id: str) -> Checked:
-        found = prepare(self.config, tracker, parent_run_id)
-        return Checked(tuple(found["classes"]), found["counts"])
+        with scratch(self.config, "inputs") as work:
+            prepare_inputs(self.config, tracker, parent_run_id, work, calibration=True)
+        return self._dataset()
 
     def train(
         self,
@@ -188,21 +116,66 @@ class DetectorWorkload(Workload[DetectorStudy]):
         *,
         on_epoch: EpochHook | None = None,
     ) -> TrainOutcome:
-        return train(self.config, params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
+        """Train, export and measure the float model of one trial; return its float metrics."""
+        config = self.config
+        started = time.time()
+        trial = config.model_copy(update={"train": trial_train_settings(config.train, params)})
+        with scratch(config, "train") as work:
+            # A study in one process keeps Ultralytics' folders in its run dir, like detect
+            # train; a stage on a work pool keeps nothing on its host.
+            root = config.run_path if config.orchestration.mode == "local" else work
+            data_yaml = write_resolved_yaml(
+                read_data_yaml(Path(config.data.yaml)), work / "data.yaml"
+            )
+            run_name = f"{config.study.name}-{tracker.client.get_run(run_id).info.run_name}"
+            trained = train_stage(
+                trial, tracker, run_id, work / run_name, data_yaml, root=root, on_epoch=on_epoch
+            )
+            onnx = export_stage(trial, tracker, run_id, work / run_name, trained, root=root)
+            bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
+            reference = float_reference(trial, onnx["path"], bundle, work)
+        float_metrics = {f"float_{k}": v for k, v in reference.items()}
+        tracker.log_metrics(run_id, float_metrics)
+        metrics = {**trained["metrics"], **onnx["metrics"], **float_metrics}
+        return TrainOutcome(metrics=metrics, started_at=started, finished_at=time.time())
 
     def compile(self, tracker: Tracker, run_id: str, parent_run_id: str) -> CompileOutcome:
-        return compile_model(self.config, tracker, run_id, parent_run_id)
+        config = self.config
+        started = time.time()
+        with scratch(config, "compile") as work:
+            onnx = tracker.download(run_id, ONNX, work / "in")
+            calibration = tracker.download(parent_run_id, CALIBRATION, work / "in")
+            compiled = compile_stage(
+                config, tracker, run_id, work, {"path": onnx}, {"calibration": calibration}
+            )
+        return CompileOutcome(
+            artifact=compiled["artifact"],
+            metrics=compiled["metrics"],
+            started_at=started,
+            finished_at=time.time(),
+        )
 
     def evaluate(
         self, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
     ) -> DeviceOutcome:
-        return evaluate(self.config, tracker, run_id, parent_run_id, artifact)
+        config = self.config
+        started = time.time()
+        logged = tracker.client.get_run(run_id).data.metrics
+        reference = {
+            k.removeprefix("float_"): v for k, v in logged.items() if k.startswith("float_")
+        }
+        with scratch(config, "device") as work:
+            compiled = tracker.download(run_id, artifact, work / "in")
+            bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
+            metrics = board_stage(config, tracker, run_id, compiled, bundle, work, reference)
+        return DeviceOutcome(metrics=metrics, started_at=started, finished_at=time.time())
 
     def planned_epochs(self, params: dict[str, Any]) -> int:
         return trial_train_settings(self.config.train, params).epochs
 
     def run_tags(self) -> dict[str, str]:
-        return trial_tags(self.config)
+        """Trial runs are runs of the detector: its champion is chosen among them too."""
+        return {KIND_TAG: "detector", DETECTOR_TAG: self.config.name}
 
     def artifact_location(self) -> str | None:
         return local_artifact_location(self.config.tracking_uri)
