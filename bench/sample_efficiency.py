@@ -256,8 +256,10 @@ def measure_point(
     from tasks.export import export_checked
     from tasks.metrics import classification_metrics
     from tasks.models import create_model
-    from tasks.training.fmfp import seed_everything, train_fmfp
+    from tasks.seeding import trial_seed
+    from tasks.training.fmfp import train_fmfp
     from tasks.training.loaders import train_loader
+    from tasks.training.rng import build_model
 
     config = inputs.config
     settings = trial_train_config(config, params)
@@ -266,17 +268,17 @@ def measure_point(
     seconds: dict[str, float] = row["seconds"]
     stage = "train"
     started = time.perf_counter()
+    seed = trial_seed(config.seed, params)
     try:
         loader = train_loader(
             inputs.info.files["train"],
             config.data.image_size,
             config.data.augment,
             settings.batch_size,
-            seed=config.seed,
+            seed=seed,
             num_workers=config.data.num_workers,
         )
-        seed_everything(config.seed)  # the initial weights are part of the trial
-        model = create_model(config.model.arch, len(inputs.info.classes))
+        model = build_model(seed, lambda: create_model(config.model.arch, len(inputs.info.classes)))
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             history.append(
@@ -294,7 +296,6 @@ def measure_point(
             inputs.val_x,
             inputs.val_y,
             settings,
-            seed=config.seed,
             on_epoch=on_epoch,
         )
         seconds["train"] = time.perf_counter() - started

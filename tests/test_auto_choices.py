@@ -21,8 +21,8 @@ from tasks.training.auto import (
     largest_fitting,
     resolve_auto,
 )
-from tasks.training.fmfp import seed_everything
 from tasks.training.loaders import bundle_tensors
+from tasks.training.rng import build_model
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
@@ -244,8 +244,7 @@ def _resolve(digits: dict[str, Any], settings: TrainConfig) -> auto.AutoChoices:
     info = digits["info"]
 
     def make_model() -> torch.nn.Module:
-        seed_everything(0)
-        return create_model("tinycnn", len(info.classes))
+        return build_model(0, lambda: create_model("tinycnn", len(info.classes)))
 
     return resolve_auto(
         settings,

@@ -13,8 +13,9 @@ from tasks.config import AugmentConfig, TrainConfig
 from tasks.data import inspect_dataset, load_bundle, make_bundle
 from tasks.export import ExportError, export_checked, onnx_parity
 from tasks.models import ARCHITECTURES, ModelError, create_model
-from tasks.training.fmfp import seed_everything, train_fmfp
+from tasks.training.fmfp import train_fmfp
 from tasks.training.loaders import bundle_tensors, train_loader
+from tasks.training.rng import build_model
 from tasks.training.sam import SAM
 
 
@@ -84,10 +85,8 @@ def _train(small_task, seed: int = 0, epochs: int = 3, swa_start: int = 1, repor
         epochs=epochs, batch_size=128, lr=0.05, swa_start=swa_start, swa_lr=0.02, device="cpu"
     )
     on_epoch = (lambda e, row: reports.append((e, row))) if reports is not None else None
-    seed_everything(seed)
-    return train_fmfp(
-        create_model("tinycnn", 10), loader, val_x, val_y, params, seed=seed, on_epoch=on_epoch
-    )
+    model = build_model(seed, lambda: create_model("tinycnn", 10))
+    return train_fmfp(model, loader, val_x, val_y, params, on_epoch=on_epoch)
 
 
 def test_fmfp_learns_reports_each_epoch_and_is_reproducible(small_task) -> None:
@@ -177,8 +176,8 @@ def test_fmfp_trains_on_cuda_with_bf16(small_task) -> None:
     params = TrainConfig(
         epochs=3, batch_size=128, lr=0.05, swa_start=1, swa_lr=0.02, device="cuda", amp=True
     )
-    seed_everything(0)
-    result = train_fmfp(create_model("tinycnn", 10), loader, val_x, val_y, params, seed=0)
+    model = build_model(0, lambda: create_model("tinycnn", 10))
+    result = train_fmfp(model, loader, val_x, val_y, params)
     assert result.device.startswith("cuda")
     assert result.metrics["accuracy"] > 0.5
     assert next(result.model.parameters()).device.type == "cpu"  # returned ready to export

@@ -250,7 +250,6 @@ def resolve_auto(
                 val_images,
                 val_labels,
                 candidate,
-                seed=seed,
                 stop_after=epochs,
             )
             return result.history[-1]["val_loss"]

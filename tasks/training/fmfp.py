@@ -11,7 +11,6 @@ be the result are passed to ``on_epoch``, which may raise to stop the run (pruni
 from __future__ import annotations
 
 import copy
-import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -38,12 +37,6 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     device: str = "cpu"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -151,11 +144,14 @@ def train_fmfp(
     val_labels: torch.Tensor,
     params: TrainConfig,
     *,
-    seed: int,
     on_epoch: EpochCallback | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train with FMFP and return the SWA model (BatchNorm refreshed) on the CPU.
+
+    Nothing here draws from a global generator: the model's initial weights and noise,
+    and the loader's order and augmentation, come from the trial's seed (``rng``,
+    ``loaders``); SAM and SWA are deterministic.
 
     ``stop_after`` ends the run after that many epochs of the full schedule (a short run
     that compares settings; its model is not the result of a trial).
@@ -170,7 +166,6 @@ def train_fmfp(
             "train_fmfp needs a chosen optimizer, but got optimizer='auto'; "
             "resolve it first with tasks.training.auto.resolve_auto"
         )
-    seed_everything(seed)
     device = resolve_device(params.device)
     model = model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]

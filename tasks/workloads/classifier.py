@@ -39,6 +39,7 @@ from tasks.data import (
 )
 from tasks.devices import create_runner
 from tasks.metrics import classification_metrics
+from tasks.seeding import trial_seed
 from tasks.tracking import CHAMPION, Tracker
 from tasks.workloads.base import (
     Checked,
@@ -98,10 +99,13 @@ def train(
     """Train one trial, export it, log checkpoint and ONNX; return the float metrics."""
     # torch is imported where it is used: the compile and device stages never need it.
     from tasks.models import create_model
-    from tasks.training.fmfp import seed_everything, train_fmfp
+    from tasks.training.fmfp import train_fmfp
     from tasks.training.loaders import bundle_tensors, train_loader
+    from tasks.training.rng import build_model
 
     started = time.time()
+    seed = trial_seed(config.seed, params)
+    tracker.log_params(run_id, {"trial_seed": seed})
     settings = trial_train_config(config, params)
     info = inspect_dataset(config.data.root, verify_images=False)
     with scratch(config, "train") as work:
@@ -110,15 +114,17 @@ def train(
         items = [item for split in config.data.train_splits for item in info.files[split]]
 
         def make_model() -> Any:
-            seed_everything(config.seed)  # the initial weights are part of the trial
-            return create_model(
-                config.model.arch,
-                len(info.classes),
-                weights=config.model.weights,
-                finetune=config.model.finetune,
+            return build_model(
+                seed,
+                lambda: create_model(
+                    config.model.arch,
+                    len(info.classes),
+                    weights=config.model.weights,
+                    finetune=config.model.finetune,
+                ),
             )
 
-        choices = _auto_choices(config, settings, info, make_model, (val_x, val_y), work)
+        choices = _auto_choices(config, settings, info, make_model, (val_x, val_y), work, seed)
         if choices.chosen:
             tracker.log_params(run_id, choices.params())
             tracker.log_metrics(run_id, choices.metrics())
@@ -129,7 +135,7 @@ def train(
             config.data.image_size,
             config.data.augment,
             settings.batch_size,
-            seed=config.seed,
+            seed=seed,
             num_workers=config.data.num_workers,
         )
         model = make_model()
@@ -139,9 +145,7 @@ def train(
             if on_epoch is not None:
                 on_epoch(epoch, row)
 
-        result = train_fmfp(
-            model, loader, val_x, val_y, settings, seed=config.seed, on_epoch=log_epoch
-        )
+        result = train_fmfp(model, loader, val_x, val_y, settings, on_epoch=log_epoch)
         exported = _save_model(config, tracker, run_id, result.model, val_x[:32].numpy(), work)
     metrics = {f"float_{k}": v for k, v in result.metrics.items()}
     metrics["onnx_max_abs_diff"] = exported.max_abs_diff
@@ -165,6 +169,7 @@ def _auto_choices(
     make_model: Callable[[], Any],
     val: tuple[Any, Any],
     work: Path,
+    seed: int,
 ) -> AutoChoices:
     """Settings left to ``auto`` (optimizer, batch size), decided on train and val (never
     on test: with ``train+val`` the choice is made on val before the final training)."""
@@ -187,7 +192,7 @@ def _auto_choices(
         image_size=config.data.image_size,
         augment=config.data.augment,
         num_classes=len(info.classes),
-        seed=config.seed,
+        seed=seed,
         num_workers=config.data.num_workers,
     )
 
