@@ -244,6 +244,83 @@ def report(
         render_summary(result)
 
 
+@app.command()
+def evaluate(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, or a study config or run "
+            "directory (its champion)",
+            show_default=False,
+        ),
+    ],
+    split: Annotated[
+        str, typer.Option("--split", help="the split to measure: test (the final report) or val")
+    ] = "test",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="study config for the data, board and tracking (default: the model's own)",
+        ),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Measure a registered classifier on a split, on the board and in float (test_* names)."""
+    _quiet_services(False)
+    from tasks.config import TRACKING_ENV
+    from tasks.devices import DeviceError
+    from tasks.tracking import Tracker
+    from tasks.workloads.evaluation import (
+        EvaluationError,
+        champion_of,
+        evaluate_version,
+        parse_model_uri,
+        resolve_version,
+    )
+
+    if split not in ("val", "test"):
+        raise _fail(f"--split {split}: choose test (the final report) or val")
+    cfg = None
+    try:
+        source = Path(model)
+        if source.exists():
+            cfg = _load(source / "config.yaml" if source.is_dir() else source, [], None, None)
+            model = champion_of(cfg)
+        else:
+            parse_model_uri(model)
+            if config is not None:
+                cfg = _load(config, [], None, None)
+        uri = tracking_uri or os.environ.get(TRACKING_ENV) or (cfg.tracking_uri if cfg else None)
+        if uri is None:
+            raise _fail(f"{model}: no tracking URI; give --tracking-uri URI or --config CONFIG")
+        tracker = Tracker(uri)
+        record = evaluate_version(tracker, resolve_version(tracker, model), split, cfg)
+    except DeviceError as exc:
+        raise _fail(f"the board failed: {exc}", 1) from None
+    except (EvaluationError, *_user_errors()) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    m, p = record["metrics"], f"{split}_"
+    typer.echo(
+        f"{model} (version {record['version']}) on {split} ({m[p + 'images']:.0f} images), "
+        f"board {record['device']}:"
+    )
+    typer.echo(
+        f"  {split} device AUGRC {m[p + 'device_augrc']:.5f} "
+        f"[{m[p + 'device_augrc_ci_low']:.5f}, {m[p + 'device_augrc_ci_high']:.5f}]  "
+        f"float {m[p + 'float_augrc']:.5f}  gap {m[p + 'augrc_gap']:+.5f}"
+    )
+    typer.echo(
+        f"  {split} device accuracy {m[p + 'device_accuracy']:.4f}  "
+        f"float {m[p + 'float_accuracy']:.4f}  gap {m[p + 'accuracy_gap']:+.4f}  "
+        f"latency {m['device_latency_ms']:.3f} ms"
+    )
+
+
 def _variants_champion(result: dict[str, Any]) -> dict[str, Any] | None:
     """The winning variant's registration, as the run that compared them crowned it."""
     winner = next((row for row in result["variants"] if row["winner"]), None)

@@ -148,6 +148,10 @@ def results_table(result: dict[str, Any]) -> Table:
         state = row["state"] if not row["reason"] else f"{row['state']}: {row['reason'][:60]}"
         if row.get("infeasible"):
             state = f"{state} (infeasible: {row['infeasible'][:60]})"
+        for flag, why in (row.get("flags") or {}).items():
+            state = f"{state} ({flag}: {why[:60]})"
+        if row.get("repeat_of") is not None:
+            state = f"{state} (repeat of trial {row['repeat_of']}: not trained)"
         mark = "*" if row["trial"] == best else "+" if row["trial"] in front else ""
         table.add_row(
             mark + str(row["trial"]),
@@ -177,8 +181,11 @@ def pruning_line(saved: dict[str, Any]) -> str:
 
 
 def retrained_line(retrained: dict[str, Any], label: str, metric: str) -> str:
-    """The final model trained again from the best trial's parameters."""
+    """The final model trained again from the best trial's parameters (measured on test, it
+    reports under its own names: ``test device AUGRC``, never the selection metric's)."""
     best = retrained.get("best")
+    label = retrained.get("objective_label", label)
+    metric = retrained.get("objective", metric)
     where = "train and val, measured on test" if retrained["data"] == "train+val" else "train"
     head = (
         f"final model: trial {retrained['from_trial']}'s parameters trained again on {where} "
@@ -205,10 +212,12 @@ def render_summary(result: dict[str, Any]) -> None:
     out.print(results_table(result))
     counts = result["counts"]
     rejected = counts.get("REJECTED", 0)
+    repeats = sum(1 for row in result["trials"] if row.get("repeat_of") is not None)
     out.print(
         f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
         f"{counts['RUNNING']} running"
         + (f"; {rejected} samples rejected by the constraints" if rejected else "")
+        + (f"; {repeats} repeated parameter sets answered without training" if repeats else "")
     )
     saved = result.get("pruning_saved")
     if saved:
@@ -237,7 +246,16 @@ def render_summary(result: dict[str, Any]) -> None:
     objective = _objective(result)
     champion = result.get("champion")
     best = result.get("best")
-    if champion and best and champion.get("trial") is not None:
+    confirmation = result.get("confirmation")
+    if confirmation:
+        out.print(confirmation_table(confirmation, objective.label))
+        out.print(confirmation_line(confirmation, objective.label))
+    if champion and confirmation and champion.get("trial") is not None:
+        out.print(
+            f"champion: trial {champion['trial']} (best mean) → "
+            f"models:/{champion['model']}@{champion['alias']} (version {champion['version']})"
+        )
+    elif champion and best and champion.get("trial") is not None:
         what = "champion" if champion["alias"] == "champion" else "best of the variant"
         out.print(
             f"{what}: trial {champion['trial']} ({objective.label} "
@@ -251,6 +269,39 @@ def render_summary(result: dict[str, Any]) -> None:
         )
     if result.get("retrained"):
         out.print(retrained_line(result["retrained"], objective.label, objective.metric))
+
+
+def confirmation_table(record: dict[str, Any], label: str) -> Table:
+    """The seed check: each top trial's runs, mean and spread; the winner marked *."""
+    table = Table(title=f"seed check: the top trials with {record['seeds']} more seed(s)")
+    for title in ("trial", f"mean {label}", "std", "runs", "values"):
+        table.add_column(title, justify="right")
+    for row in record["rows"]:
+        mark = "*" if row["trial"] == record["winner"] else ""
+        table.add_row(
+            f"{mark}{row['trial']}",
+            f"{row['mean']:.5f}",
+            f"{row['std']:.5f}",
+            str(row["runs"]),
+            " ".join(f"{v:.5f}" for v in row["values"]),
+        )
+    return table
+
+
+def confirmation_line(record: dict[str, Any], label: str) -> str:
+    """Whether the winner stands out from the runner-up by more than the seed noise."""
+    if "separated" not in record:
+        return f"seed check: trial {record['winner']} alone (no runner-up to compare)"
+    verdict = (
+        "separated from"
+        if record["separated"]
+        else "NOT separated from (treat them as equal, or add seeds)"
+    )
+    return (
+        f"seed check: trial {record['winner']} is {verdict} trial {record['runner_up']}: "
+        f"means differ by {record['difference']:.5f} {label}, noise (2 standard errors) "
+        f"{record['noise']:.5f}"
+    )
 
 
 def variants_table(result: dict[str, Any]) -> Table:

@@ -12,12 +12,15 @@ functions ``min``, ``max``, ``abs``, ``round``.
 from __future__ import annotations
 
 import ast
+import functools
 import itertools
 import math
 import operator
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import numpy as np
 
 
 class SearchParam(Protocol):
@@ -78,8 +81,12 @@ class Expr:
         return _evaluate(self.tree, values)
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_expr(text: str) -> Expr:
-    """Parse ``text``; raise ExpressionError naming what is not allowed in it."""
+    """Parse ``text``; raise ExpressionError naming what is not allowed in it.
+
+    Cached: a study evaluates the same few expressions for every sample and random draw.
+    """
     try:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as exc:
@@ -220,6 +227,131 @@ def violated(constraints: list[str], values: Mapping[str, Any]) -> str | None:
             shown = ", ".join(f"{n}={values.get(n)!r}" for n in sorted(expr.names))
             return f"constraint {text!r} is violated ({shown})"
     return None
+
+
+#: The shortfall of a strict comparison broken by a tie (``a < b`` with ``a == b``).
+_LEAST_SHORTFALL = 1e-6
+
+
+def shortfalls(constraints: list[str], values: Mapping[str, Any]) -> dict[str, float]:
+    """How far ``values`` are from meeting each constraint, by its text: 0 where it holds,
+    in (0, 1] where it is broken.
+
+    The study records them on a rejected sample as Optuna constraint values, so that a
+    sampler that reads them (TPE) ranks the samples nearer to the feasible region above
+    those further away instead of learning nothing from a rejection.
+    """
+    amounts: dict[str, float] = {}
+    for text in constraints:
+        try:
+            amounts[text] = _shortfall(parse_expr(text).tree, values)
+        except (ArithmeticError, TypeError, ExpressionError):
+            amounts[text] = 1.0
+    return amounts
+
+
+def _shortfall(node: ast.expr, values: Mapping[str, Any]) -> float:
+    """0 when ``node`` holds, else how far it is from holding, in (0, 1].
+
+    A broken numeric comparison gives its gap relative to the size of its sides (``a <= b``:
+    ``(a - b) / (|a| + |b|)``), so constraints over small and large settings weigh alike;
+    ``and`` gives its largest shortfall, ``or`` its smallest; anything else broken (``in``,
+    ``not``, strings) 1.
+    """
+    if isinstance(node, ast.BoolOp):
+        parts = [_shortfall(v, values) for v in node.values]
+        return max(parts) if isinstance(node.op, ast.And) else min(parts)
+    if _evaluate(node, values):
+        return 0.0
+    if not isinstance(node, ast.Compare):
+        return 1.0
+    sides = [_evaluate(node.left, values), *(_evaluate(c, values) for c in node.comparators)]
+    return max(
+        _gap(op, a, b) for op, (a, b) in zip(node.ops, itertools.pairwise(sides), strict=True)
+    )
+
+
+def _gap(op: ast.cmpop, a: Any, b: Any) -> float:
+    """The shortfall of one link of a comparison (0 where it holds)."""
+    if _COMPARE[type(op)](a, b):
+        return 0.0
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
+    if not numbers or isinstance(op, ast.NotEq | ast.In | ast.NotIn):
+        return 1.0
+    scale = abs(a) + abs(b)
+    ratio = abs(a - b) / scale if scale else 0.0
+    if not math.isfinite(ratio):
+        return 1.0
+    return min(max(ratio, _LEAST_SHORTFALL), 1.0)
+
+
+def draw(
+    space: Mapping[str, SearchParam], base: Mapping[str, Any], rng: np.random.Generator
+) -> dict[str, Any]:
+    """Parameters drawn at random from ``space``, in space order, as a trial would take
+    them: a parameter whose condition fails is left out, a range end written as an
+    expression is computed from the values drawn before it (or from ``base``), ``log``
+    draws on a log scale, ``step`` gives multiples of the step (rounded to it on a log
+    scale). Raises EmptyRange when a range leaves nothing to draw.
+
+    It costs no trial: the study draws many, cheaply, when its sampler keeps proposing
+    samples that break the constraints.
+    """
+    values: dict[str, Any] = dict(base)
+    params: dict[str, Any] = {}
+    for name, spec in space.items():
+        if not condition_holds(spec, values):
+            continue
+        if spec.type == "categorical":
+            choices = list(spec.choices or [])
+            value = choices[int(rng.integers(len(choices)))]
+        else:
+            value = _draw_number(name, spec, values, rng)
+        params[name] = value
+        values[name] = value
+    return params
+
+
+def _draw_number(
+    name: str, spec: SearchParam, values: Mapping[str, Any], rng: np.random.Generator
+) -> float | int:
+    low, high = bounds(name, spec, values)
+    whole = spec.type == "int"
+    if spec.log:
+        pad = 0.5 if whole else 0.0  # each whole number gets its share of the log range
+        value = math.exp(rng.uniform(math.log(low - pad), math.log(high + pad)))
+        value = min(max(round(value) if whole else value, low), high)
+        if spec.step:
+            value = snap(value, low, high, float(spec.step))
+    elif spec.step or whole:
+        step = float(spec.step or 1)
+        count = math.floor((high - low) / step + 1e-9)
+        value = round(low + int(rng.integers(count + 1)) * step, 12)
+    else:
+        value = float(rng.uniform(low, high))
+    return round(value) if whole else float(value)
+
+
+def feasible_draw(
+    space: Mapping[str, SearchParam],
+    constraints: list[str],
+    base: Mapping[str, Any],
+    rng: np.random.Generator,
+    tries: int,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The first of up to ``tries`` random draws (``draw``) that meets the constraints, and
+    None; or None and why the last draw was refused."""
+    why: str | None = None
+    for _ in range(tries):
+        try:
+            params = draw(space, base, rng)
+        except EmptyRange as exc:
+            why = f"empty range: {exc}"
+            continue
+        why = violated(constraints, {**base, **params})
+        if why is None:
+            return params, None
+    return None, why
 
 
 # Static checks -------------------------------------------------------------------------------

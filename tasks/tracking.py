@@ -100,6 +100,10 @@ class Tracker:
         if items:
             self.client.log_batch(run_id, metrics=items)
 
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of a run."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, str(value)[:5000])

@@ -43,6 +43,7 @@ LAYERS = (
         "tasks.storage",
         "tasks.secrets",
         "tasks.host",
+        "tasks.seeding",
         "tasks",
     ),
 )

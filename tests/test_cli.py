@@ -504,3 +504,19 @@ def test_device_check_on_a_closed_port_is_a_fault_not_bad_input(
         f"attempt(s) (device.ssh.retries=0); last error: {lines[0].split('last error: ')[1]}"
     ]
     assert "ConnectionRefusedError" in lines[0]
+
+
+def test_evaluate_names_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cases = [
+        (["nonsense"], "expected models:/NAME@ALIAS, models:/NAME/VERSION or a study config"),
+        (["models:/m@champion"], "models:/m@champion: no tracking URI; give --tracking-uri"),
+        (["models:/m@champion", "--tracking-uri", uri], "model 'models:/m@champion' is not in"),
+        (["models:/m/1", "--split", "train"], "--split train: choose test"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["evaluate", *args])
+        assert result.exit_code == 2, result.output
+        # one line (MLflow's own start-up logging may come before it in this process)
+        [error] = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert message in error, result.output

@@ -41,6 +41,12 @@ def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
         )
         assert trial.user_attrs["train_finished"] <= trial.user_attrs["compile_started"]
         assert trial.user_attrs["compile_finished"] <= trial.user_attrs["device_started"]
+        # The float→device gaps of every trial (device − float)
+        attrs = trial.user_attrs
+        assert attrs["augrc_gap"] == pytest.approx(trial.value - attrs["float_augrc"])
+        assert attrs["accuracy_gap"] == pytest.approx(
+            attrs["device_accuracy"] - attrs["float_accuracy"]
+        )
         # The objective of pruning is the objective's own metric: one report per epoch.
         assert sorted(trial.intermediate_values) == [0, 1]
 
@@ -65,6 +71,8 @@ def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
             "device_accuracy",
             "device_latency_ms",
             "val_augrc",
+            "augrc_gap",
+            "accuracy_gap",
         } <= set(child.data.metrics)
         paths = {
             a.path

@@ -188,6 +188,12 @@ class TrainConfig(_Strict):
     swa_start: int = Field(120, ge=0)
     swa_lr: float = Field(0.05, gt=0)
     eta_min: float = Field(1e-5, ge=0)
+    early_stop_patience: int | None = Field(
+        None,
+        gt=0,
+        description="after swa_start: stop when the float validation AUGRC has not improved "
+        "for this many epochs (null: train all epochs)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast when training on CUDA")
 
@@ -260,6 +266,19 @@ class HailoOptions(_Strict):
 class CompileConfig(_Strict):
     backend: Literal["onnxruntime-int8", "hailo"] = "onnxruntime-int8"
     calibration_samples: int = Field(256, gt=0, description="train images used to calibrate")
+    max_accuracy_drop: float | None = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="device accuracy this far below the float model's: the compiled model "
+        "collapsed (null: no check)",
+    )
+    max_augrc_gap: float | None = Field(
+        None, ge=0, le=0.5, description="device AUGRC this far above the float one: collapsed"
+    )
+    on_collapse: Literal["flag", "fail"] = Field(
+        "flag", description="a collapsed trial: flag it (kept, marked) or fail it"
+    )
     onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
     hailo: HailoOptions = HailoOptions()
 
@@ -624,6 +643,12 @@ class StudyConfig(_Strict):
     pruner: Literal["none", "median", "asha", "hyperband"] = Field(
         "none", description="decides on the float metric each epoch, before compile and board"
     )
+    pruner_warmup: int | None = Field(
+        None,
+        ge=0,
+        description="epochs the pruner never judges (default: a classifier trial's "
+        "swa_start, so none is judged before SWA starts; a detector's 0)",
+    )
     storage: str | None = Field(None, description="Optuna RDB URL; default: a file in run_dir")
     search_space: dict[str, SearchParam] = Field(default_factory=_original_space)
     constraints: list[str] = Field(
@@ -671,6 +696,21 @@ class StudyConfig(_Strict):
         "none",
         description="after the search, train the best parameters again (seed + 1) on train, "
         "or on train and val measured on test, then compile, evaluate and register",
+    )
+    repeats: Literal["reuse", "train"] = Field(
+        "reuse",
+        description="a parameter set the study already finished: answer it from that trial "
+        "(reuse) or train it again (train)",
+    )
+    confirm_seeds: int = Field(
+        0,
+        ge=0,
+        description="before crowning, train each of the confirm_top_k best trials again with "
+        "this many other seeds; the champion is the best mean (0: off)",
+    )
+    confirm_top_k: int = Field(3, gt=0, description="the trials confirm_seeds trains again")
+    replicate: int = Field(
+        0, ge=0, description="the seed replicate of a confirmation study (set by edgetune)"
     )
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUGRC interval")
     retries: int = Field(1, ge=0, description="times a failed trial's parameters are run again")
@@ -752,6 +792,12 @@ class StudyConfig(_Strict):
             raise ValueError(
                 f"pruner: {self.pruner!r} decides on one metric, and this study has "
                 f"{len(names)} objectives; set pruner: none, or keep one objective"
+            )
+        if len(names) > 1 and self.confirm_seeds:
+            raise ValueError(
+                f"confirm_seeds: the seed check ranks trials by the mean of one metric, and "
+                f"this study has {len(names)} objectives; set confirm_seeds: 0 or keep one "
+                f"objective"
             )
         if len(names) > 1 and self.sampler == "cmaes":
             raise ValueError(

@@ -191,6 +191,11 @@ class DetectorStudyConfig(StudyConfig):
                 "retrain: train+val needs a test split, and a detector's data.yaml names train "
                 "and val only; use retrain: train"
             )
+        if self.confirm_seeds:
+            raise ValueError(
+                "confirm_seeds: a detector trial's seed comes from Ultralytics' own seed, "
+                "which its replicas would share; set confirm_seeds: 0"
+            )
         return self
 
 

@@ -23,6 +23,7 @@ import optuna
 from tasks.config import dump_config
 from tasks.config.variants import expand
 from tasks.hpo import reports
+from tasks.hpo.confirm import confirm
 from tasks.hpo.launch import Stages
 from tasks.hpo.loop import Hooks, Logger, StudyLoop, run_studies, to_json
 from tasks.hpo.recovery import (
@@ -81,8 +82,14 @@ class Campaign:
         (cfg.run_path / saved).write_text(dump_config(cfg))
         started = time.time()
         result = self.loop(cfg, study).run()
+        chosen = None
+        if cfg.study.confirm_seeds and not reuse_best and result.get("best"):
+            result["confirmation"] = self.confirm_champion(cfg, study)
+            if result["confirmation"] is not None:
+                chosen = int(result["confirmation"]["winner"])
+                result["champion"] = result["confirmation"]["champion"]
         if cfg.study.retrain != "none" and not reuse_best and result.get("best"):
-            result["retrained"] = self.retrain_best(cfg)
+            result["retrained"] = self.retrain_best(cfg, chosen)
         result["seconds"] = time.time() - started
         return result
 
@@ -192,15 +199,72 @@ class Campaign:
             "variant": winner["variant"] if won and winner else None,
         }
 
-    def retrain_best(self, cfg: StudyTarget) -> dict[str, Any]:
-        """After the search: train the best parameters again as ``<study>-final`` (on train,
-        or on train and val), compile, evaluate on the board and register.
+    def confirm_champion(self, cfg: StudyTarget, study: optuna.Study) -> dict[str, Any] | None:
+        """Train the top trials again with other seeds (``study.confirm_seeds``); the best
+        mean becomes the champion, registered with its mean and spread."""
+        self.logger.info(
+            "seed check: the %d best trials of %s, each trained again with %d other seed(s)",
+            cfg.study.confirm_top_k,
+            cfg.study.name,
+            cfg.study.confirm_seeds,
+        )
+        record = confirm(
+            cfg, study, self.loop, lambda loops: run_studies(loops, cfg.study.parallel)
+        )
+        if record is None:
+            return None
+        winner, row = study.trials[record["winner"]], record["rows"][0]
+        tracker = Tracker(cfg.tracking_uri)
+        registered = workload_for(cfg).register_best(
+            tracker, winner.user_attrs["mlflow_run_id"], winner.number, row["mean"], CHAMPION
+        )
+        champion = None
+        if registered is not None:
+            metric = record["objective"]
+            for key, value in {f"{metric}_mean": row["mean"], f"{metric}_std": row["std"]}.items():
+                tracker.client.set_model_version_tag(
+                    registered.model, registered.version, key, value
+                )
+            champion = {
+                "model": registered.model,
+                "version": registered.version,
+                "alias": registered.alias,
+                "trial": winner.number,
+            }
+            study.set_user_attr("champion", champion)
+        record["champion"] = champion
+        study.set_user_attr("confirmation", record)
+        tracker.log_text(
+            study.user_attrs["mlflow_parent_run_id"], to_json(record), "confirmation.json"
+        )
+        self.logger.info(
+            "seed check: trial %d has the best mean %s %.5f ± %.5f over %d runs%s",
+            winner.number,
+            record["objective"],
+            row["mean"],
+            row["std"],
+            row["runs"],
+            ""
+            if "separated" not in record
+            else (
+                "; separated from the runner-up"
+                if record["separated"]
+                else "; NOT separated from the runner-up by more than the noise"
+            ),
+        )
+        return record
+
+    def retrain_best(self, cfg: StudyTarget, chosen: int | None = None) -> dict[str, Any]:
+        """After the search: train the best parameters (or trial ``chosen``'s, the seed
+        check's winner) again as ``<study>-final`` (on train, or on train and val), compile,
+        evaluate on the board and register.
 
         Running the study again after the search ended resumes (or reuses) this one trial.
         """
-        final_cfg, best = reuse_best_config(cfg, retrain=cfg.study.retrain)
+        final_cfg, best = reuse_best_config(cfg, retrain=cfg.study.retrain, chosen=chosen)
+        objective = objective_for(final_cfg)  # measured on test: its own names (test_*)
         final = open_study(
-            final_cfg.storage_url, final_cfg.study, final_cfg.seed, objective=objective_for(cfg)
+            final_cfg.storage_url, final_cfg.study, final_cfg.seed, objective=objective
         )
         enqueue_best(final, best)
         self.logger.info(
@@ -216,6 +280,8 @@ class Campaign:
             "from_trial": best.number,
             "data": cfg.study.retrain,
             "seed": final_cfg.seed,
+            "objective": objective.metric,
+            "objective_label": objective.label,
             "best": outcome.get("best"),
             "counts": outcome["counts"],
             "champion": outcome.get("champion"),

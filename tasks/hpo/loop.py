@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -44,21 +45,25 @@ from tasks.hpo.recovery import (
     gone_reason,
     still_to_ask,
 )
+from tasks.hpo.repeats import answer, earlier_result
 from tasks.hpo.study import (
+    ATTR_DRAWN,
     ATTR_FAIL_REASON,
     ATTR_FAIL_STAGE,
+    ATTR_FLAGS,
     ATTR_REJECTED,
     ATTR_RUN_ID,
     best_trial,
     budget_stop,
     goals_for,
+    learns_from_rejections,
     primary_value,
     study_budget,
     suggest,
     summary,
 )
 from tasks.hpo.trial_stages import STOP
-from tasks.space import EmptyRange, violated
+from tasks.space import EmptyRange, feasible_draw, shortfalls, violated
 from tasks.tracking import CHAMPION, Tracker, mask_uri
 from tasks.workloads.base import (
     CompileOutcome,
@@ -73,15 +78,22 @@ from tasks.workloads.registry import workload_for
 
 
 class SampleRejected(RuntimeError):
-    """The sampler kept drawing parameters that break the study's constraints."""
+    """No parameters meet the study's constraints: its feasible region looks empty."""
+
+
+class QualityFailed(RuntimeError):
+    """The measured model is broken in a way the config fails trials for (a collapse)."""
 
 
 class BoardPaused(RuntimeError):
     """The board failed ``device.max_consecutive_failures`` times in a row."""
 
 
-#: Samples in a row that may break the constraints before the study gives up.
-MAX_REJECTED = 100
+#: Samples in a row the sampler may propose that break the constraints before parameters
+#: drawn at random are asked instead (each rejected sample is a stored trial, cheap but kept).
+MAX_REJECTED = 20
+#: Random draws that may all break the constraints before the study gives up.
+MAX_DRAWS = 10_000
 #: Failures of the board rather than of the trial (bounded by device.max_consecutive_failures).
 BOARD_DOWN = (DeviceUnreachableError, BoardBusyError)
 
@@ -153,7 +165,7 @@ class StudyLoop:
         self.tracker = tracker if tracker is not None else Tracker(config.tracking_uri)
         self.hooks: Hooks = hooks if hooks is not None else NoHooks()
         self.workload = workload if workload is not None else workload_for(config)
-        self.objective = self.workload.objective
+        self.objective = self.workload.study_objective
         self.goals = goals_for(config.study, self.objective)
         self.group_run_id = group_run_id  # the MLflow run of a variant run, if any
         self.me = current_owner()
@@ -270,9 +282,9 @@ class StudyLoop:
         while to_ask and asked < gpu_free and self.in_train < cfg.parallel:
             if self.in_eval >= max_pending:
                 break
-            self._ask()
             to_ask -= 1
-            asked += 1
+            if self._ask():  # a repeat answered from an earlier trial takes no GPU slot
+                asked += 1
         return asked
 
     def training(self) -> bool:
@@ -352,36 +364,85 @@ class StudyLoop:
     def _sample(self) -> tuple[optuna.Trial, dict[str, Any]]:
         """Ask for a trial whose parameters meet the study's constraints.
 
-        A sample that breaks a constraint (or whose range is empty for it) is told FAIL
-        with the reason and marked rejected: it ran nothing and does not count as a trial.
+        A sample that breaks a constraint (or whose range is empty for it) is rejected
+        (``_reject``): it runs nothing and counts as no trial, and TPE learns from it. After
+        MAX_REJECTED of them in a row, parameters drawn at random that meet the constraints
+        are enqueued and asked (``_enqueue_feasible``): a sampler that keeps proposing
+        infeasible samples never stops a study whose feasible region is not empty.
         """
-        study = self.config.study
+        cfg = self.config.study
         base = self.config.train.model_dump()
         why: str | None = None
-        for _ in range(MAX_REJECTED):
+        for attempt in range(MAX_REJECTED + 2):
+            if attempt >= MAX_REJECTED:
+                self._enqueue_feasible(base, attempt)
             trial = self.study.ask()
             trial.set_user_attr(ATTR_OWNER, self.me)
             trial.set_user_attr(ATTR_HEARTBEAT, time.time())
             trial.set_user_attr(ATTR_STAGE, "train")
             try:
-                params = suggest(trial, study.search_space, base)
-                why = violated(study.constraints, {**base, **params})
+                params = suggest(trial, cfg.search_space, base)
+                why = violated(cfg.constraints, {**base, **params})
+                amounts = shortfalls(cfg.constraints, {**base, **params})
             except EmptyRange as exc:
-                why = f"empty range: {exc}"
+                why, amounts = f"empty range: {exc}", {"empty range": 1.0}
             if why is None:
                 return trial, params
-            trial.set_user_attr(ATTR_REJECTED, True)
-            trial.set_user_attr(ATTR_FAIL_STAGE, "sample")
-            trial.set_user_attr(ATTR_FAIL_REASON, why)
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.logger.info("trial %d: sample rejected: %s", trial.number, why)
+            self._reject(trial, why, amounts)
+        # Only parameters drawn to meet the constraints, then rejected when asked, get here
+        # (another process of the study asked the enqueued parameters first).
         raise SampleRejected(
-            f"study {study.name}: {MAX_REJECTED} samples in a row broke the constraints (last: "
-            f"{why}); loosen study.constraints or narrow the ranges to where they hold"
+            f"study {cfg.name}: parameters drawn at random to meet the constraints were "
+            f"rejected when asked (last: {why}); run the study again"
         )
 
-    def _ask(self) -> None:
+    def _reject(self, trial: optuna.Trial, why: str, amounts: dict[str, float]) -> None:
+        """Tell a rejected sample PRUNED, with how far it is from each constraint where the
+        sampler reads it (TPE ranks it with the worst trials, and asks elsewhere); FAIL
+        would teach the sampler nothing. It carries no value and no intermediate value,
+        so no pruner reads it, and ``state_name`` shows it as REJECTED."""
+        trial.set_user_attr(ATTR_REJECTED, True)
+        trial.set_user_attr(ATTR_FAIL_STAGE, "sample")
+        trial.set_user_attr(ATTR_FAIL_REASON, why)
+        if learns_from_rejections(self.study.sampler):
+            for key, amount in amounts.items():
+                trial.set_constraint(key[:200], amount)
+        self.study.tell(trial, state=TrialState.PRUNED)
+        self.logger.info("trial %d: sample rejected: %s", trial.number, why)
+
+    def _enqueue_feasible(self, base: dict[str, Any], attempt: int) -> None:
+        """Enqueue parameters drawn at random from the space that meet the constraints
+        (draws cost no trial); raise SampleRejected when MAX_DRAWS draws all break them.
+
+        The generator is seeded by the study's seed and its trial count: a rerun draws the
+        same parameters, and each fallback of a study draws new ones.
+        """
+        cfg = self.config.study
+        salt = len(self.study.get_trials(deepcopy=False)) + attempt
+        rng = np.random.default_rng([self.config.seed % 2**32, salt])
+        params, why = feasible_draw(cfg.search_space, cfg.constraints, base, rng, MAX_DRAWS)
+        if params is None:
+            raise SampleRejected(
+                f"study {cfg.name}: {MAX_REJECTED} samples in a row from the sampler and "
+                f"{MAX_DRAWS} drawn at random broke the constraints (last: {why}); the "
+                f"feasible region looks empty: loosen study.constraints or widen the ranges "
+                f"to where they hold"
+            )
+        self.study.enqueue_trial(params, user_attrs={ATTR_DRAWN: True}, skip_if_exists=False)
+        self.logger.warning(
+            "study %s: the sampler proposed %d samples in a row that break the constraints; "
+            "asking parameters drawn at random that meet them: %s",
+            cfg.name,
+            MAX_REJECTED,
+            params,
+        )
+
+    def _ask(self) -> bool:
+        """Ask a trial and start its training; False when it was answered from an earlier
+        trial with the same parameters instead (``study.repeats: reuse``)."""
         trial, params = self._sample()
+        if self._answered(trial):
+            return False
         run_id = self.tracker.start_run(
             self.experiment_id,
             f"trial-{trial.number}",
@@ -406,6 +467,24 @@ class StudyLoop:
             params,
             f" (retry of trial {retry_of})" if retry_of is not None else "",
         )
+        return True
+
+    def _answered(self, trial: optuna.Trial) -> bool:
+        """Tell a repeated parameter set the earlier trial's result: no second training."""
+        earlier = (
+            earlier_result(self.study, trial) if self.config.study.repeats == "reuse" else None
+        )
+        if earlier is None:
+            return False
+        state = answer(self.study, trial, earlier, self.goals)
+        self.logger.info(
+            "trial %d: the parameters of trial %d again; its result is reused (%s, no training)",
+            trial.number,
+            earlier.number,
+            state.name,
+        )
+        self.hooks.on_trial_outcome(self, trial)
+        return True
 
     # Advancing a trial when its stage returns ------------------------------------------------
     def advance(self, future: Future[Any]) -> None:
@@ -491,6 +570,15 @@ class StudyLoop:
             if key in measured:
                 trial.set_user_attr(key, measured[key])
         trial.set_user_attr("compiled_artifact", compiled.artifact)
+        if device.flags:
+            trial.set_user_attr(ATTR_FLAGS, device.flags)
+            self.tracker.set_tags(
+                slot.run_id, {f"edgetune.{k}": v for k, v in device.flags.items()}
+            )
+            if device.fails:  # the model's fault, not the board's: no pause is counted
+                self.board_failures.clear()
+                self._fail(slot, "quality", QualityFailed("; ".join(device.flags.values())))
+                return
         missing = [m for m in self.goals.metrics if m not in measured]
         if missing:
             self._fail(slot, "evaluate", RuntimeError(f"the stages measured no {missing[0]}"))
@@ -523,9 +611,9 @@ class StudyLoop:
         self.tracker.end_run(slot.run_id, "FAILED")
         frozen = optuna_ops.fresh_trial(self.study, slot.trial_id)
         # A board that is down is not the trial's fault: its retry is not charged.
-        retried = enqueue_retry(
-            self.study, frozen, self.config.study.retries, charge=not board_down(exc)
-        )
+        # A collapse is the parameters' (and the seed's): the same trial would collapse again.
+        retries = 0 if isinstance(exc, QualityFailed) else self.config.study.retries
+        retried = enqueue_retry(self.study, frozen, retries, charge=not board_down(exc))
         self.logger.warning(
             "trial %d failed in %s: %s; %s",
             slot.number,
@@ -572,7 +660,8 @@ class StudyLoop:
     # The end ----------------------------------------------------------------------------------
     def _finish(self, status: str) -> None:
         best = best_trial(self.study)
-        if best is not None and status == "FINISHED":
+        # A seed replica (study.replicate) is compared, not registered: see tasks.hpo.confirm.
+        if best is not None and status == "FINISHED" and not self.config.study.replicate:
             self._register(best)
         record = summary(self.study)
         self.tracker.log_text(self.parent_run_id, to_json(record), "study/summary.json")

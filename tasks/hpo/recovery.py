@@ -175,18 +175,18 @@ def enqueue_retry(
 def outcome_count(trials: Iterable[FrozenTrial]) -> int:
     """Trials with an outcome: COMPLETE, PRUNED, or FAIL with no retry enqueued for it.
 
-    A sample rejected by the study's constraints ran nothing and is not counted.
+    A sample rejected by the study's constraints ran nothing and is not counted (it is told
+    PRUNED, for the sampler; studies before that told it FAIL).
     """
     trials = list(trials)
     retried = retried_numbers(trials)
     return sum(
         1
         for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        or (
-            t.state == TrialState.FAIL
-            and t.number not in retried
-            and not t.user_attrs.get(ATTR_REJECTED)
+        if not t.user_attrs.get(ATTR_REJECTED)
+        and (
+            t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.FAIL and t.number not in retried)
         )
     )
 
@@ -268,8 +268,34 @@ class NothingToReuseError(RuntimeError):
     """``--reuse-best`` on a study without a COMPLETE trial."""
 
 
+def derived_config(config: StudyTarget, name: str, n_trials: int, **study: Any) -> StudyTarget:
+    """The config of a study derived from ``config``'s search (``<name>-best``, ``-final``,
+    ``-seed<r>``): its own name, no search features, the same tracking and run directory;
+    ``study`` items go over the study section."""
+    data = config.model_dump(mode="json")
+    data["study"].update(
+        name=name,
+        n_trials=n_trials,
+        max_pending=None,
+        pruner="none",  # the trials run to the end
+        retrain="none",
+        derived_from=config.study.name,
+        variant_of=None,  # registered as the champion, not under a variant's alias
+        time_budget=None,
+        hpo_time_ratio=None,
+        patience=None,
+        confirm_seeds=0,
+        **study,
+    )
+    data["tracking"].update(
+        experiment=config.experiment_name, registered_model=config.registered_model_name
+    )
+    data["run_dir"] = str(config.run_path)  # the same default storage and tracking files
+    return config.model_validate(data)
+
+
 def reuse_best_config(
-    config: StudyTarget, retrain: str | None = None
+    config: StudyTarget, retrain: str | None = None, chosen: int | None = None
 ) -> tuple[StudyTarget, FrozenTrial]:
     """The config of a one-trial study that retrains the best parameters of ``config``'s study.
 
@@ -285,33 +311,20 @@ def reuse_best_config(
             f"study {config.study.name!r} is not in its storage; run the search first "
             f"(edgetune tune CONFIG) or check study.storage"
         ) from None
-    best = best_trial(study)
+    best = best_trial(study) if chosen is None else study.trials[chosen]
     if best is None:
         raise NothingToReuseError(
             f"study {config.study.name!r} has no COMPLETE trial to reuse; run the search first"
         )
-    data = config.model_dump(mode="json")
-    data["study"].update(
-        name=f"{config.study.name}-{'final' if retrain else 'best'}",
-        n_trials=1,
-        parallel=1,
-        max_pending=None,
-        pruner="none",  # the one trial runs to the end
-        retrain="none",
-        derived_from=config.study.name,
-        variant_of=None,  # registered as the champion, not under a variant's alias
-        time_budget=None,
-        hpo_time_ratio=None,
-        patience=None,
+    derived = derived_config(
+        config, f"{config.study.name}-{'final' if retrain else 'best'}", 1, parallel=1
     )
-    if retrain:
-        data["seed"] = config.seed + 1
+    if not retrain:
+        return derived, best
+    data = derived.model_dump(mode="json")
+    data["seed"] = config.seed + 1
     if retrain == "train+val":
         data["data"].update(train_splits=["train", "val"], eval_split="test")
-    data["tracking"].update(
-        experiment=config.experiment_name, registered_model=config.registered_model_name
-    )
-    data["run_dir"] = str(config.run_path)  # the same default storage and tracking files
     return config.model_validate(data), best
 
 

@@ -35,7 +35,16 @@ ATTR_FAIL_STAGE = "fail_stage"
 #: with log and step is drawn on the log scale, then rounded to the step).
 ATTR_APPLIED = "applied_params"
 #: Set on a trial whose sample broke a constraint: it ran nothing and counts as no trial.
+#: It is told PRUNED with how far it was from each constraint (Optuna's constraint values),
+#: the state and values TPE reads; ``state_name`` shows it as REJECTED.
 ATTR_REJECTED = "rejected"
+#: Set on a trial whose parameters were drawn at random to meet the constraints, after the
+#: sampler kept proposing samples that break them (``tasks.hpo.loop.StudyLoop._sample``).
+ATTR_DRAWN = "drawn_at_random"
+#: What looks wrong with a trial's measured model (``{"collapsed": why}``), by name.
+ATTR_FLAGS = "flags"
+#: Set on a trial answered from an earlier one with the same parameters (``repeats``).
+ATTR_REPEAT_OF = "repeat_of"
 #: Study user attribute: the objectives, limits and champion rule (``Goals.record``).
 ATTR_GOALS = "goals"
 #: Trial user attributes: whether a complete trial met the limits, and which it broke.
@@ -73,8 +82,9 @@ def make_sampler(
 ) -> optuna.samplers.BaseSampler:
     """The configured sampler, seeded (the same seed asks the same first trials).
 
-    tpe, gp and nsga2 also read each trial's constraint values (``Goals.constrain``) and
-    steer away from trials that broke the study's limits.
+    tpe, gp and nsga2 also read each complete trial's constraint values (``Goals.constrain``)
+    and steer away from trials that broke the study's limits; tpe alone also learns from
+    the samples the study's constraints rejected (``learns_from_rejections``).
     """
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -89,6 +99,16 @@ def make_sampler(
         grid = {key: grid_values(spec) for key, spec in (space or {}).items()}
         return AskTellGridSampler(grid, seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+def learns_from_rejections(sampler: optuna.samplers.BaseSampler) -> bool:
+    """Whether the sampler learns from a rejected sample, told PRUNED with its constraint
+    values: TPE splits COMPLETE and PRUNED trials and ranks every trial with a positive
+    constraint value with the worst (``optuna/samplers/_tpe/sampler.py: _split_trials``).
+    GP and NSGA-II read complete trials only, and a rejected sample has no value to tell;
+    CMA-ES warns that it ignores constraint values; random and grid read nothing.
+    """
+    return isinstance(sampler, optuna.samplers.TPESampler)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -121,9 +141,14 @@ def full_training_s(trials: list[FrozenTrial]) -> float | None:
 
 
 def trials_since_best(trials: list[FrozenTrial], maximize: bool) -> tuple[int, int | None]:
-    """Finished trials (complete or pruned) since the best one finished, and its number."""
+    """Finished trials (complete or pruned) since the best one finished, and its number;
+    samples the constraints rejected ran nothing and are not counted."""
     finished = sorted(
-        (t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+        (
+            t
+            for t in trials
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not rejected(t)
+        ),
         key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number),
     )
     sign = -1.0 if maximize else 1.0
@@ -265,13 +290,19 @@ def suggest(
 
 
 def epoch_reporter(
-    storage_url: str, config: StudyConfig, trial_id: int, objective: Objective = CLASSIFIER
+    storage_url: str,
+    config: StudyConfig,
+    trial_id: int,
+    objective: Objective = CLASSIFIER,
+    warmup: int = 0,
 ) -> Callable[[int, dict[str, float]], None]:
     """Report the float validation metric to the trial each epoch; raise TrialPruned if told.
 
     The pruning signal is the objective's own metric (AUGRC, or mAP50-95 for a detector),
     measured on the float model, and the decision is the configured pruner's
-    (``load_study`` alone would use Optuna's default median pruner).
+    (``load_study`` alone would use Optuna's default median pruner). Epochs before
+    ``warmup`` are reported but never judged: an FMFP trial is not judged before its SWA
+    starts, when its validation AUGRC does not predict the final one.
     """
     study = optuna.load_study(
         study_name=config.name, storage=open_storage(storage_url), pruner=make_pruner(config.pruner)
@@ -286,7 +317,7 @@ def epoch_reporter(
         if several or value is None or not math.isfinite(value):
             return
         trial.report(value, epoch)
-        if trial.should_prune():
+        if epoch >= warmup and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch} with {name} {value:.4f}")
 
     return report
@@ -305,6 +336,10 @@ def trial_row(trial: FrozenTrial, objective: Objective = CLASSIFIER) -> dict[str
     row["compiled_size_mb"] = attrs.get("compiled_size_mb")
     if attrs.get(ATTR_FEASIBLE) is False:
         row["infeasible"] = attrs.get(ATTR_INFEASIBLE)
+    if attrs.get(ATTR_FLAGS):
+        row["flags"] = dict(attrs[ATTR_FLAGS])
+    if attrs.get(ATTR_REPEAT_OF) is not None:
+        row["repeat_of"] = attrs[ATTR_REPEAT_OF]
     for key, _, _ in objective.columns:
         row[key] = attrs.get(key)
     row["latency_ms"] = row.pop("device_latency_ms", None)
@@ -317,9 +352,15 @@ def trial_row(trial: FrozenTrial, objective: Objective = CLASSIFIER) -> dict[str
     return row
 
 
+def rejected(trial: FrozenTrial) -> bool:
+    """Whether the trial is a sample the study's constraints rejected (it ran nothing)."""
+    return bool(trial.user_attrs.get(ATTR_REJECTED))
+
+
 def state_name(trial: FrozenTrial) -> str:
-    """The trial's state; a sample rejected by the constraints is REJECTED, not FAIL."""
-    if trial.state == TrialState.FAIL and trial.user_attrs.get(ATTR_REJECTED):
+    """The trial's state; a sample rejected by the constraints is REJECTED, not PRUNED (the
+    state it is told, for the sampler) nor FAIL (the state studies before it were told)."""
+    if rejected(trial):
         return "REJECTED"
     return trial.state.name
 
@@ -399,14 +440,20 @@ class Goals:
 
 
 def goals_for(config: StudyConfig, objective: Objective = CLASSIFIER) -> Goals:
-    names = config.objective_names
+    """The study's goals; the first is the objective's metric under the name it is measured
+    by (``test_device_augrc`` for a final model measured on test)."""
+    first, *others = config.objective_names
+    names = (objective.metric, *others)
+    weights = {
+        (objective.metric if k == first else k): w for k, w in config.champion_weights.items()
+    }
     return Goals(
-        metrics=tuple(names),
-        directions=(objective.direction, *("minimize" for _ in names[1:])),
+        metrics=names,
+        directions=(objective.direction, *("minimize" for _ in others)),
         max_latency_ms=config.max_latency_ms,
         max_size_mb=config.max_size_mb,
         champion=config.champion,
-        weights=tuple(sorted(config.champion_weights.items())),
+        weights=tuple(sorted(weights.items())),
     )
 
 
@@ -518,6 +565,7 @@ def pruning_savings(trials: list[FrozenTrial]) -> dict[str, Any] | None:
         t
         for t in trials
         if t.state == TrialState.PRUNED
+        and not rejected(t)
         and t.user_attrs.get("epochs_run")
         and "epochs_planned" in t.user_attrs
         and stage_span(t, "train") is not None

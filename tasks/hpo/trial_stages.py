@@ -96,7 +96,13 @@ def train_stage(
 ) -> TrainOutcome | Pruned:
     """Train, export and log one trial; a trial the pruner stops returns ``Pruned``."""
     workload = workload_for(config)
-    report = epoch_reporter(config.storage_url, config.study, trial_id, workload.objective)
+    report = epoch_reporter(
+        config.storage_url,
+        config.study,
+        trial_id,
+        workload.study_objective,
+        warmup=workload.pruning_warmup(params),
+    )
     # On a work pool the parent watches this beat; in its own process it beats for us.
     remote = config.orchestration.mode == "deployments"
     epochs_run = 0

@@ -37,6 +37,28 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     device: str = "cpu"
+    #: The epoch early stopping ended the run after (None: it trained every epoch).
+    stopped_early_at: int | None = None
+
+
+@dataclass
+class EarlyStop:
+    """After ``swa_start``: stop when the validation AUGRC of the averaged model has not
+    improved for ``patience`` epochs (the later HI4Lines recipe; ``None``: never)."""
+
+    swa_start: int
+    patience: int | None
+    best: float = float("inf")
+    since: int = 0
+
+    def done(self, epoch: int, augrc: float) -> bool:
+        if self.patience is None or epoch < self.swa_start:
+            return False
+        if augrc < self.best:  # nan never improves
+            self.best, self.since = augrc, 0
+        else:
+            self.since += 1
+        return self.since >= self.patience
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -178,6 +200,8 @@ def train_fmfp(
     started = time.perf_counter()
     history: list[dict[str, float]] = []
     epochs = params.epochs if stop_after is None else min(stop_after, params.epochs)
+    early = EarlyStop(params.swa_start, params.early_stop_patience)
+    stopped_early_at: int | None = None
     for epoch in range(epochs):
         train_loss = _train_epoch(model, loader, optimizer, device, params.amp)
         if epoch >= params.swa_start:
@@ -198,6 +222,9 @@ def train_fmfp(
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch, row)
+        if early.done(epoch, row["val_augrc"]):
+            stopped_early_at = epoch
+            break
     result_model = copy.deepcopy(swa_model.module).cpu().eval()
     return TrainResult(
         model=result_model,
@@ -205,4 +232,5 @@ def train_fmfp(
         metrics={k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")},
         seconds=time.perf_counter() - started,
         device=str(device),
+        stopped_early_at=stopped_early_at,
     )

@@ -126,6 +126,11 @@ class DeviceOutcome:
     metrics: dict[str, float]
     started_at: float
     finished_at: float
+    #: What looks wrong with the measured model, by name (``collapsed``: the compiled model
+    #: lost what the float one had); kept on the trial and shown in the results table.
+    flags: dict[str, str] = field(default_factory=dict)
+    #: Whether the flags fail the trial (told FAIL, stage ``quality``) or only mark it.
+    fails: bool = False
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,11 +194,23 @@ class Workload(ABC, Generic[C]):
     name: ClassVar[str]
     #: What its studies optimise.
     objective: ClassVar[Objective]
+    #: Other objectives a study of it may have (the final model measured on the test split
+    #: reports under ``test_*`` names); a stored study names its objective's metric.
+    other_objectives: ClassVar[tuple[Objective, ...]] = ()
     #: The validated config type it runs.
     config_type: ClassVar[type[StudyTarget]]
 
     def __init__(self, config: C) -> None:
         self.config = config
+
+    @classmethod
+    def objective_on(cls, config: StudyTarget) -> Objective:
+        """The objective of a study of ``config`` (by default the workload's own)."""
+        return cls.objective
+
+    @property
+    def study_objective(self) -> Objective:
+        return self.objective_on(self.config)
 
     @abstractmethod
     def preflight(self) -> Checked: ...
@@ -226,6 +243,12 @@ class Workload(ABC, Generic[C]):
 
     @abstractmethod
     def planned_epochs(self, params: dict[str, Any]) -> int: ...
+
+    def pruning_warmup(self, params: dict[str, Any]) -> int:
+        """The first epoch the pruner may judge a trial with ``params`` at
+        (``study.pruner_warmup``; by default 0)."""
+        warmup = self.config.study.pruner_warmup
+        return 0 if warmup is None else warmup
 
     @abstractmethod
     def register_best(

@@ -48,6 +48,7 @@ from tasks.workloads.base import (
     EpochHook,
     Objective,
     Registration,
+    StudyTarget,
     TrainOutcome,
     Workload,
     scratch,
@@ -61,6 +62,21 @@ CALIBRATION = "inputs/calibration.npz"
 ONNX = "model/model.onnx"
 CHECKPOINT = "model/checkpoint.pt"
 COMPILED_DIR = "compiled"
+
+
+def split_prefix(config: EdgetuneConfig) -> str:
+    """``test_`` when the study measures on the test split (a final model): its metrics
+    then never carry the names of the validation metrics that selected it."""
+    return "" if config.data.eval_split == "val" else f"{config.data.eval_split}_"
+
+
+def _per_epoch(config: EdgetuneConfig, row: dict[str, float]) -> dict[str, float]:
+    """The trainer's ``val_*`` keys renamed after the split actually measured."""
+    split = config.data.eval_split
+    return {
+        (f"{split}_{k.removeprefix('val_')}" if k.startswith("val_") else k): v
+        for k, v in row.items()
+    }
 
 
 def prepare_inputs(config: EdgetuneConfig, tracker: Tracker, parent_run_id: str) -> Checked:
@@ -104,7 +120,7 @@ def train(
     from tasks.training.rng import build_model
 
     started = time.time()
-    seed = trial_seed(config.seed, params)
+    seed = trial_seed(config.seed, params, replicate=config.study.replicate)
     tracker.log_params(run_id, {"trial_seed": seed})
     settings = trial_train_config(config, params)
     info = inspect_dataset(config.data.root, verify_images=False)
@@ -141,16 +157,20 @@ def train(
         model = make_model()
 
         def log_epoch(epoch: int, row: dict[str, float]) -> None:
+            row = _per_epoch(config, row)
             tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             if on_epoch is not None:
                 on_epoch(epoch, row)
 
         result = train_fmfp(model, loader, val_x, val_y, settings, on_epoch=log_epoch)
         exported = _save_model(config, tracker, run_id, result.model, val_x[:32].numpy(), work)
-    metrics = {f"float_{k}": v for k, v in result.metrics.items()}
+    metrics = {f"{split_prefix(config)}float_{k}": v for k, v in result.metrics.items()}
     metrics["onnx_max_abs_diff"] = exported.max_abs_diff
     metrics["train_seconds"] = result.seconds
     metrics["train_images"] = float(len(items))
+    metrics["epochs_run"] = float(len(result.history))
+    if result.stopped_early_at is not None:  # early stopping (train.early_stop_patience)
+        metrics["stopped_early_at"] = float(result.stopped_early_at)
     tracker.log_metrics(run_id, metrics)
     metrics.update({k: v for k, v in choices.metrics().items() if np.isfinite(v)})
     return TrainOutcome(
@@ -286,15 +306,23 @@ def score_device_result(
     result: Any,
     labels: np.ndarray,
 ) -> DeviceOutcome:
-    """Compute the device metrics on the controller and log them with the raw outputs."""
+    """Compute the device metrics on the controller and log them with the raw outputs;
+    the gaps to the trial's float metrics flag a compiled model that collapsed."""
+    p = split_prefix(config)
     metrics = classification_metrics(
         result.probs, labels, bootstrap=config.study.bootstrap, seed=config.seed
     )
-    device_metrics = {f"device_{k}": v for k, v in metrics.items() if k != "n"}
+    device_metrics = {f"{p}device_{k}": v for k, v in metrics.items() if k != "n"}
+    float_metrics = tracker.run_metrics(run_id)
+    for name in ("augrc", "accuracy"):
+        if f"{p}float_{name}" in float_metrics:
+            gap = device_metrics[f"{p}device_{name}"] - float_metrics[f"{p}float_{name}"]
+            device_metrics[f"{p}{name}_gap"] = gap
     device_metrics["device_latency_ms"] = result.latency_ms["mean"]
     device_metrics["device_latency_p95_ms"] = result.latency_ms["p95"]
     device_metrics["device_throughput_fps"] = result.throughput_fps
     tracker.log_metrics(run_id, device_metrics)
+    flags = collapse_flags(config, device_metrics)
     with tempfile.TemporaryDirectory() as tmp:
         probs = Path(tmp) / "device_probs.npy"
         np.save(probs, result.probs.astype(np.float32))
@@ -303,22 +331,59 @@ def score_device_result(
         summary.write_text(json.dumps(result.info, indent=2, default=str))
         tracker.log_artifact(run_id, summary, "device")
     return DeviceOutcome(
-        metrics=device_metrics, started_at=result.started_at, finished_at=result.finished_at
+        metrics=device_metrics,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        flags=flags,
+        fails=bool(flags) and config.compile.on_collapse == "fail",
     )
+
+
+def collapse_flags(config: EdgetuneConfig, device_metrics: dict[str, float]) -> dict[str, str]:
+    """``{"collapsed": why}`` when the compiled model lost more than the config allows."""
+    p, limits = split_prefix(config), config.compile
+    found = []
+    drop = -device_metrics.get(f"{p}accuracy_gap", 0.0)
+    if limits.max_accuracy_drop is not None and drop > limits.max_accuracy_drop:
+        found.append(
+            f"device accuracy {drop:.3f} below the float model's "
+            f"(compile.max_accuracy_drop {limits.max_accuracy_drop:g})"
+        )
+    rise = device_metrics.get(f"{p}augrc_gap", 0.0)
+    if limits.max_augrc_gap is not None and rise > limits.max_augrc_gap:
+        found.append(
+            f"device AUGRC {rise:.4f} above the float model's "
+            f"(compile.max_augrc_gap {limits.max_augrc_gap:g})"
+        )
+    return {"collapsed": "; ".join(found)} if found else {}
 
 
 # The workload ------------------------------------------------------------------------------
 
-CLASSIFIER = Objective(
-    metric="device_augrc",
-    direction="minimize",
-    label="device AUGRC",
-    float_metric="float_augrc",
-    epoch_metric="val_augrc",
-    columns=(("device_accuracy", "device acc", ".3f"), ("device_latency_ms", "latency ms", ".3f")),
-    kept=("device_augrc_ci_low", "device_augrc_ci_high", "device_e_augrc"),
-    confidences=True,
-)
+
+def _objective(split: str) -> Objective:
+    """The classifier's objective measured on ``split``; off val, every name says where."""
+    p = "" if split == "val" else f"{split}_"
+    return Objective(
+        metric=f"{p}device_augrc",
+        direction="minimize",
+        label=f"{p.replace('_', ' ')}device AUGRC",
+        float_metric=f"{p}float_augrc",
+        epoch_metric=f"{split}_augrc",
+        columns=(
+            (f"{p}device_accuracy", f"{p.replace('_', ' ')}device acc", ".3f"),
+            ("device_latency_ms", "latency ms", ".3f"),
+            (f"{p}augrc_gap", "AUGRC gap", "+.4f"),
+            (f"{p}accuracy_gap", "acc gap", "+.3f"),
+        ),
+        kept=(f"{p}device_augrc_ci_low", f"{p}device_augrc_ci_high", f"{p}device_e_augrc"),
+        confidences=True,
+    )
+
+
+CLASSIFIER = _objective("val")
+#: A final model measured on the test split (``study.retrain: train+val``).
+CLASSIFIER_ON_TEST = _objective("test")
 
 
 class ClassifierWorkload(Workload[EdgetuneConfig]):
@@ -326,7 +391,14 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
 
     name = "classifier"
     objective = CLASSIFIER
+    other_objectives = (CLASSIFIER_ON_TEST,)
     config_type = EdgetuneConfig
+
+    @classmethod
+    def objective_on(cls, config: StudyTarget) -> Objective:
+        if isinstance(config, EdgetuneConfig) and config.data.eval_split == "test":
+            return CLASSIFIER_ON_TEST
+        return CLASSIFIER
 
     def preflight(self) -> Checked:
         info = checks.preflight(self.config)
@@ -369,6 +441,12 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
     def planned_epochs(self, params: dict[str, Any]) -> int:
         return trial_train_config(self.config, params).epochs
 
+    def pruning_warmup(self, params: dict[str, Any]) -> int:
+        """By default the trial's ``swa_start``: no FMFP trial is judged before its SWA
+        starts (before it, validation AUGRC predicts the final one poorly)."""
+        warmup = self.config.study.pruner_warmup
+        return trial_train_config(self.config, params).swa_start if warmup is None else warmup
+
     def artifact_location(self) -> str | None:
         """Beside the run directory's SQLite tracking file (else ./mlruns of the cwd)."""
         if self.config.tracking.uri is None:
@@ -389,13 +467,13 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
             tags={
                 "study": cfg.study.name,
                 "trial": trial,
-                self.objective.metric: value,
+                self.study_objective.metric: value,
                 "compiler": cfg.compile.backend,
                 "device": cfg.device.name,
                 **({"variant": variant} if variant else {}),
             },
             description=(
-                f"Best trial of study {cfg.study.name} by {self.objective.label} "
+                f"Best trial of study {cfg.study.name} by {self.study_objective.label} "
                 f"({cfg.device.name})."
             ),
         )

@@ -22,7 +22,9 @@ WORKLOADS: dict[str, type[Workload[Any]]] = {
     DetectorWorkload.name: DetectorWorkload,
 }
 #: Every workload's objective by its metric (a stored study names its objective's metric).
-OBJECTIVES: dict[str, Objective] = {w.objective.metric: w.objective for w in WORKLOADS.values()}
+OBJECTIVES: dict[str, Objective] = {
+    o.metric: o for w in WORKLOADS.values() for o in (w.objective, *w.other_objectives)
+}
 
 
 def workload_class(config: StudyTarget) -> type[Workload[Any]]:
@@ -40,7 +42,7 @@ def workload_for(config: StudyTarget) -> Workload[Any]:
 
 
 def objective_for(config: StudyTarget) -> Objective:
-    return workload_class(config).objective
+    return workload_class(config).objective_on(config)
 
 
 def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyTarget:

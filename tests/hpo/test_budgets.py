@@ -145,7 +145,8 @@ def test_a_pruned_trial_skips_the_board_and_patience_ends_the_study(
     raw = tiny_config(
         digits_root,
         tmp_path / "budget",
-        train={"epochs": 4, "swa_start": 3, "batch_size": 128, "lr": 0.05, "swa_lr": 0.02},
+        # the pruner judges from swa_start (its default warm-up): here from epoch 1
+        train={"epochs": 4, "swa_start": 1, "batch_size": 128, "lr": 0.05, "swa_lr": 0.02},
         study={
             "n_trials": 6,
             "parallel": 1,

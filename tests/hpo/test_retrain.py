@@ -97,11 +97,49 @@ def test_the_best_parameters_retrain_on_train_and_val(digits_root: Path, tmp_pat
     bundle = client.download_artifacts(parent, "inputs/val_bundle.npz", str(tmp_path))
     assert len(np.load(bundle)["labels"]) == counts["test"]
     run = client.get_run(trial.user_attrs["mlflow_run_id"])
-    assert run.data.metrics["device_augrc"] == pytest.approx(trial.values[0])
+    # measured on test, reported under test names: never under the selection metric's
+    assert run.data.metrics["test_device_augrc"] == pytest.approx(trial.values[0])
+    assert run.data.metrics["test_float_augrc"] == trial.user_attrs["test_float_augrc"]
+    assert run.data.metrics["test_augrc_gap"] == pytest.approx(
+        trial.values[0] - run.data.metrics["test_float_augrc"]
+    )
+    names = set(run.data.metrics)
+    assert not {"device_augrc", "float_augrc", "val_augrc", "device_accuracy"} & names
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_augrc")] == [0, 1]
+    assert final.user_attrs["objective"] == "test_device_augrc"
+    assert retrained["objective"] == "test_device_augrc"
+    assert retrained["best"]["test_device_augrc"] == pytest.approx(trial.values[0])
+    from edgetune.progress import retrained_line
+
+    line = retrained_line(retrained, "device AUGRC", "device_augrc")
+    assert f"test device AUGRC {trial.values[0]:.5f}" in line
     # the final model is the champion now
     version = client.get_model_version_by_alias(config.registered_model_name, "champion")
     assert version.run_id == run.info.run_id and version.tags["study"] == "rt-final"
     assert str(retrained["champion"]["version"]) == str(version.version)
+    # the final report: `edgetune evaluate` measures the champion on test again, and says so
+    from typer.testing import CliRunner
+
+    from edgetune.cli import app
+
+    run_dir = str(config.run_path)
+    shown = CliRunner().invoke(app, ["evaluate", run_dir, "--split", "test", "--json"])
+    assert shown.exit_code == 0, shown.output
+    record = json.loads(shown.output)
+    assert record["version"] == str(version.version) and record["split"] == "test"
+    measured = record["metrics"]
+    assert measured["test_device_augrc"] == pytest.approx(trial.values[0], abs=1e-12)
+    assert measured["test_float_augrc"] == pytest.approx(
+        trial.user_attrs["test_float_augrc"], abs=1e-9
+    )
+    assert measured["test_images"] == counts["test"]
+    assert not [k for k in measured if k.startswith(("device_augrc", "float_", "val_"))]
+    tagged = client.get_model_version(config.registered_model_name, version.version).tags
+    assert float(tagged["test_device_augrc"]) == pytest.approx(measured["test_device_augrc"])
+    # a model trained on val is not measured on val
+    refused = CliRunner().invoke(app, ["evaluate", run_dir, "--split", "val"])
+    assert refused.exit_code == 2
+    assert "the model trained on val" in refused.output and "\n" not in refused.output.strip()
     # each study keeps its own records: the search's in hpo/, the final one's beside them
     status = json.loads((config.run_path / "hpo" / "status.json").read_text())
     assert status["study"] == "rt" and len(status["trials"]) == 2
