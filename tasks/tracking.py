@@ -34,6 +34,19 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def local_artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts for the tracking URI ``uri``.
+
+    Beside a SQLite tracking file (MLflow would use ./mlruns of the working folder, which
+    for a worker is a temporary folder deleted after its run); None for a tracking server,
+    whose artifact proxy (``--serve-artifacts``) stores them where every host reaches them.
+    """
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        return (database.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 class Tracker:
     """A thin, thread-safe facade over one MLflow tracking URI."""
 

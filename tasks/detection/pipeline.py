@@ -46,7 +46,7 @@ from tasks.detection.metrics import detection_metrics, gap_to_float
 from tasks.detection.ultra import DetectorError, export_onnx, train_detector
 from tasks.devices import LocalRunner, create_runner
 from tasks.host import pid_alive
-from tasks.tracking import CHAMPION, Tracker, mask_text
+from tasks.tracking import CHAMPION, Tracker, local_artifact_location, mask_text
 
 KIND_TAG = "edgetune.kind"
 DETECTOR_TAG = "edgetune.detector"
@@ -190,14 +190,6 @@ def check_detector(config: DetectorConfig) -> None:
         )
     create_compiler(config.compile.backend, **config.compile.backend_options()).check_available()
     create_runner(config.device.runner, **config.device.runner_options()).check_config()
-
-
-def local_artifact_location(uri: str) -> str | None:
-    """Beside a SQLite tracking file (MLflow would use ./mlruns of the working folder)."""
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        return (database.parent / "mlartifacts").resolve().as_uri()
-    return None
 
 
 def prepare_inputs(

@@ -40,7 +40,7 @@ from tasks.data import (
 from tasks.devices import create_runner
 from tasks.metrics import classification_metrics
 from tasks.seeding import trial_seed
-from tasks.tracking import CHAMPION, Tracker
+from tasks.tracking import CHAMPION, Tracker, local_artifact_location
 from tasks.workloads.base import (
     Checked,
     CompileOutcome,
@@ -448,10 +448,9 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
         return trial_train_config(self.config, params).swa_start if warmup is None else warmup
 
     def artifact_location(self) -> str | None:
-        """Beside the run directory's SQLite tracking file (else ./mlruns of the cwd)."""
-        if self.config.tracking.uri is None:
-            return (self.config.run_path / "mlartifacts").resolve().as_uri()
-        return None
+        """Beside a SQLite tracking file; a tracking server's artifact proxy otherwise
+        (whether the URI comes from tracking.uri or $MLFLOW_TRACKING_URI)."""
+        return local_artifact_location(self.config.tracking_uri)
 
     def register_best(
         self, tracker: Tracker, run_id: str, trial: int, value: float, alias: str

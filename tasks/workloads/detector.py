@@ -31,14 +31,13 @@ from tasks.detection.pipeline import (
     compile_stage,
     export_stage,
     float_reference,
-    local_artifact_location,
     prepare_inputs,
     select_champion,
     train_stage,
 )
 from tasks.detection.ultra import DetectorError
 from tasks.devices import DeviceConfigError
-from tasks.tracking import CHAMPION, Tracker
+from tasks.tracking import CHAMPION, Tracker, local_artifact_location
 from tasks.workloads.base import (
     Checked,
     CompileOutcome,
