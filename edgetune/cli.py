@@ -5,9 +5,13 @@ Heavy imports (torch, prefect, mlflow) happen inside the commands, so ``--help``
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,9 +43,8 @@ def _quiet_services(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    _project_prefect_state()
     if not verbose:
-        import logging
-
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
         for name in ("alembic", "optuna"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -50,15 +53,42 @@ def _quiet_services(verbose: bool) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+#: Where the embedded Prefect server keeps its runs: in the folder edgetune runs in.
+PROJECT_PREFECT_DB = Path(".prefect") / "prefect.db"
+_PREFECT_PLACES = (
+    "PREFECT_API_URL",
+    "PREFECT_HOME",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+)
+
+
+def _project_prefect_state() -> None:
+    """Without a Prefect server (``PREFECT_API_URL``), Prefect starts a temporary one on a
+    database in ``~/.prefect``, shared by every study on the machine; edgetune gives it the
+    project's own, ``.prefect/prefect.db`` in the current folder. Set before Prefect is
+    imported; anything the user set about Prefect's location wins."""
+    if any(os.environ.get(name) for name in _PREFECT_PLACES):
+        return
+    database = PROJECT_PREFECT_DB.resolve()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{database}"
+
+
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors the user can fix: shown as one ``error:`` line, never as a traceback."""
     from tasks.compilers import CompilerUnavailableError
     from tasks.config import ConfigError
     from tasks.data import DataError
+    from tasks.detection.dataset import DatasetError
+    from tasks.detection.predict import PredictError
+    from tasks.detection.ultra import DetectorError
+    from tasks.hpo.recovery import NothingToReuseError, StudyChangedError
     from tasks.models import ModelError
     from tasks.secrets import SecretError
     from tasks.storage import StudyError
@@ -72,7 +102,41 @@ def _user_errors() -> tuple[type[Exception], ...]:
         StudyError,
         TrackingError,
         SecretError,
+        DatasetError,
+        DetectorError,
+        PredictError,
+        StudyChangedError,
+        NothingToReuseError,
     )
+
+
+class _HideExpected(logging.Filter):
+    """Drops a log record whose exception is an expected error (see ``_untraced``)."""
+
+    def __init__(self, expected: tuple[type[Exception], ...]) -> None:
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, self.expected)
+
+
+@contextlib.contextmanager
+def _untraced(verbose: bool, *also: type[Exception]) -> Iterator[None]:
+    """Prefect logs a failed flow run's exception with its traceback on the console; the
+    command prints an expected error (or one of ``also``) as one ``error:`` line instead.
+    The record still reaches the Prefect API (the run's logs in the UI); --verbose shows it
+    here too."""
+    hide = _HideExpected((*_user_errors(), *also))
+    handlers = [] if verbose else list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(hide)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hide)
 
 
 def _load(config: Path, overrides: list[str], storage: str | None, tracking_uri: str | None) -> Any:
@@ -91,7 +155,23 @@ def _load(config: Path, overrides: list[str], storage: str | None, tracking_uri:
     if tracking_uri:
         os.environ[TRACKING_ENV] = tracking_uri
         extra.append("tracking.uri=null")
-    return load_study_config(config, extra)
+    with _warning_lines():
+        return load_study_config(config, extra)
+
+
+@contextlib.contextmanager
+def _warning_lines() -> Iterator[None]:
+    """A config's warnings (an override that replaced variants' settings) as one line each."""
+    from tasks.config import OverrideWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OverrideWarning)
+        yield
+    for shown in caught:
+        if issubclass(shown.category, OverrideWarning):
+            typer.echo(f"warning: {shown.message}", err=True)
+        else:
+            warnings.warn_explicit(shown.message, shown.category, shown.filename, shown.lineno)
 
 
 ConfigArg = Annotated[Path, typer.Argument(help="study config (YAML)", show_default=False)]
@@ -106,6 +186,12 @@ TrackingOpt = Annotated[
     str | None,
     typer.Option("--tracking-uri", help="MLflow tracking URI (default: a file in the run dir)"),
 ]
+WideOpt = Annotated[
+    bool, typer.Option("--wide", help="every column of the tables (each parameter, the gaps)")
+]
+CsvOpt = Annotated[
+    bool, typer.Option("--csv", help="print the results as CSV: one row per trial, every column")
+]
 
 
 @app.command()
@@ -117,6 +203,8 @@ def tune(
     as_json: Annotated[
         bool, typer.Option("--json", help="print the final summary as JSON")
     ] = False,
+    as_csv: CsvOpt = False,
+    wide: WideOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
     restart: Annotated[
         bool, typer.Option("--restart", help="delete the stored study and start afresh")
@@ -148,6 +236,9 @@ def tune(
     _quiet_services(verbose)
     if restart and reuse_best:
         raise _fail("--restart and --reuse-best exclude each other; choose one")
+    if as_json and as_csv:
+        raise _fail("--json and --csv exclude each other; choose one")
+    from tasks.hpo.recovery import check_resume
     from tasks.workloads.registry import objective_for, preflight
 
     budgets = {
@@ -159,9 +250,11 @@ def tune(
     try:
         cfg = _load(config, [*(overrides or []), *given], storage, tracking_uri)
         info = preflight(cfg)
+        check_resume(cfg, restart=restart, reuse_best=reuse_best)  # before the flow starts
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
-    from edgetune.progress import Progress, render_summary
+    from edgetune.progress import Progress
+    from edgetune.tables import print_result
     from tasks.hpo.study import study_budget
 
     if cfg.variants:
@@ -182,25 +275,22 @@ def tune(
     )
     from flows.tune import tune as tune_flow
 
-    progress = Progress(cfg, enabled=not (as_json or reuse_best) and sys.stderr.isatty())
+    # On a terminal a live view; in a log, a pipe or CI one line per event (on stderr).
+    progress = Progress(cfg, enabled=not reuse_best, live=sys.stderr.isatty(), fresh=restart)
     from flows.tune import BoardPaused, SampleRejected
-    from tasks.hpo.recovery import NothingToReuseError, StudyChangedError
 
     try:
-        with progress:
+        with progress, _untraced(verbose, BoardPaused, SampleRejected):
             result = tune_flow(cfg, restart=restart, reuse_best=reuse_best)  # parsed once, above
     except KeyboardInterrupt:
         raise _fail(
             "interrupted; trials in flight were told FAIL, re-run to continue", 130
         ) from None
-    except (*_user_errors(), StudyChangedError, NothingToReuseError) as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from None
     except (BoardPaused, SampleRejected) as exc:
         raise _fail(str(exc), 1) from None
-    if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
-    else:
-        render_summary(result)
+    print_result(result, as_json=as_json, as_csv=as_csv, wide=wide)
     if result["counts"]["COMPLETE"] == 0:
         raise _fail("no trial completed; see the reasons above", 1)
 
@@ -212,10 +302,14 @@ def report(
     ],
     storage: StorageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the table as JSON")] = False,
+    as_csv: CsvOpt = False,
+    wide: WideOpt = False,
 ) -> None:
-    """Print a study's results table from its storage."""
+    """Print a study's results table from its storage (compact: --wide for every column)."""
     _quiet_services(False)
-    from edgetune.progress import render_summary
+    if as_json and as_csv:
+        raise _fail("--json and --csv exclude each other; choose one")
+    from edgetune.tables import print_result
     from tasks.hpo.study import open_study
     from tasks.hpo.study import summary as study_summary
 
@@ -238,10 +332,7 @@ def report(
         ) from None
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
-    if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
-    else:
-        render_summary(result)
+    print_result(result, as_json=as_json, as_csv=as_csv, wide=wide)
 
 
 @app.command()
@@ -295,6 +386,12 @@ def evaluate(
         uri = tracking_uri or os.environ.get(TRACKING_ENV) or (cfg.tracking_uri if cfg else None)
         if uri is None:
             raise _fail(f"{model}: no tracking URI; give --tracking-uri URI or --config CONFIG")
+        store = Path(uri.removeprefix("sqlite:///"))
+        if uri.startswith("sqlite:///") and not store.is_file():  # opening it would create it
+            raise _fail(
+                f"{model}: no MLflow tracking store {store}; run 'edgetune tune' first, or give "
+                f"--tracking-uri URI"
+            )
         tracker = Tracker(uri)
         record = evaluate_version(tracker, resolve_version(tracker, model), split, cfg)
     except DeviceError as exc:
@@ -521,14 +618,6 @@ def data_shapes(
     typer.echo(f"shapes dataset in {directory}: {train} train, {val} val images; {data_yaml}")
 
 
-def _detector_errors() -> tuple[type[Exception], ...]:
-    from tasks.detection.dataset import DatasetError
-    from tasks.detection.predict import PredictError
-    from tasks.detection.ultra import DetectorError
-
-    return (*_user_errors(), DatasetError, DetectorError, PredictError)
-
-
 @detect_app.command("train")
 def detect_train_command(
     config: Annotated[Path, typer.Argument(help="detector config (YAML)", show_default=False)],
@@ -552,9 +641,10 @@ def detect_train_command(
     from tasks.devices import DeviceConfigError
 
     try:
-        cfg = load_detector_config(config, extra)
+        with _warning_lines():
+            cfg = load_detector_config(config, extra)
         check_detector(cfg)
-    except (*_detector_errors(), DeviceConfigError) as exc:
+    except (*_user_errors(), DeviceConfigError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(
         f"detector {cfg.name}: {cfg.model.arch}, imgsz {cfg.train.imgsz}, "
@@ -562,13 +652,16 @@ def detect_train_command(
         f"run dir {cfg.run_path}",
         err=True,
     )
+    from edgetune.progress import epoch_lines
     from flows.detect import detect_train
+    from tasks.detection.ultra import EPOCH_LOG
 
-    try:
-        outcome = detect_train(cfg.model_dump(mode="json"))
+    try:  # one line per training epoch on stderr; Ultralytics' own output stays off
+        with _untraced(verbose, DeviceError, BoardBusyError), epoch_lines(EPOCH_LOG.name):
+            outcome = detect_train(cfg.model_dump(mode="json"))
     except KeyboardInterrupt:
         raise _fail("interrupted; the MLflow run was ended KILLED", 130) from None
-    except _detector_errors() as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from None
     except (DeviceError, BoardBusyError) as exc:
         raise _fail(f"device {cfg.device.name}: {exc}", 1) from None
@@ -622,6 +715,12 @@ DetectTrackingOpt = Annotated[
         "--tracking-uri", help="MLflow with the registered detectors (default: runs/detectors)"
     ),
 ]
+IouOpt = Annotated[
+    float, typer.Option(help="NMS: drop a box overlapping a better one by more than this")
+]
+AgnosticOpt = Annotated[
+    bool, typer.Option(help="NMS across classes: one box per object, whatever its class")
+]
 
 
 @detect_app.command("crops")
@@ -634,6 +733,8 @@ def detect_crops(
         typer.Option("--label-with", help="detector whose classes label the crops (l-ml)"),
     ] = None,
     conf: ConfOpt = 0.25,
+    iou: IouOpt = 0.7,
+    agnostic: AgnosticOpt = True,
     margin: Annotated[float, typer.Option(help="box share added on each side")] = 0.1,
     min_size: Annotated[int, typer.Option(help="smallest crop side in pixels")] = 16,
     val_fraction: Annotated[float, typer.Option(help="share of images for val/")] = 0.2,
@@ -644,25 +745,38 @@ def detect_crops(
     _quiet_services(False)
     import tempfile
 
-    from tasks.detection.predict import CropSettings, OnnxDetector, resolve_model, write_crops
+    from tasks.detection.predict import (
+        CropSettings,
+        OnnxDetector,
+        describe_model,
+        resolve_model,
+        write_crops,
+    )
 
     uri = _detector_tracking(tracking_uri)
     try:
         with tempfile.TemporaryDirectory(prefix="edgetune-crops-") as tmp:
-            detector = OnnxDetector(resolve_model(model, uri, Path(tmp) / "model"), conf=conf)
-            labels = None
-            if labeller:
-                labels = OnnxDetector(resolve_model(labeller, uri, Path(tmp) / "labeller"), conf)
+
+            def load(ref: str, folder: str) -> OnnxDetector:
+                path = resolve_model(ref, uri, Path(tmp) / folder)
+                return OnnxDetector(
+                    path, conf=conf, iou=iou, agnostic=agnostic, source=describe_model(ref)
+                )
+
+            detector = load(model, "model")
+            labels = load(labeller, "labeller") if labeller else None
             settings = CropSettings(
                 margin=margin, min_size=min_size, val_fraction=val_fraction, seed=seed
             )
             summary = write_crops(detector, images, out, settings, labels)
-    except _detector_errors() as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from None
     typer.echo(
         f"{summary['crops']} crops from {summary['images']} images in {out}: "
         + ", ".join(f"{k} {v}" for k, v in summary["folders"].items())
     )
+    if summary["warning"]:
+        typer.echo(f"warning: {summary['warning']}", err=True)
 
 
 @detect_app.command("annotate")
@@ -671,20 +785,30 @@ def detect_annotate(
     images: ImagesArg,
     out: OutArg,
     conf: ConfOpt = 0.25,
+    iou: IouOpt = 0.7,
+    agnostic: AgnosticOpt = True,
     tracking_uri: DetectTrackingOpt = None,
 ) -> None:
     """Write YOLO label files and a CVAT-for-images XML of the detector's boxes."""
     _quiet_services(False)
     import tempfile
 
-    from tasks.detection.predict import OnnxDetector, annotate_images, resolve_model
+    from tasks.detection.predict import (
+        OnnxDetector,
+        annotate_images,
+        describe_model,
+        resolve_model,
+    )
 
     uri = _detector_tracking(tracking_uri)
     try:
         with tempfile.TemporaryDirectory(prefix="edgetune-annotate-") as tmp:
-            detector = OnnxDetector(resolve_model(model, uri, Path(tmp)), conf=conf)
+            path = resolve_model(model, uri, Path(tmp))
+            detector = OnnxDetector(
+                path, conf=conf, iou=iou, agnostic=agnostic, source=describe_model(model)
+            )
             summary = annotate_images(detector, images, out)
-    except _detector_errors() as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from None
     typer.echo(
         f"{summary['boxes']} boxes on {summary['images']} images in {out}: labels/, "
@@ -692,8 +816,32 @@ def detect_annotate(
     )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"edgetune {version('edgetune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Hardware-in-the-loop hyperparameter tuning for edge vision models."""
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except _user_errors() as exc:  # one a command missed: still one line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
 
 
 if __name__ == "__main__":

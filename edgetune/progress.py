@@ -1,42 +1,296 @@
-"""Live study progress (polled from the Optuna storage) and the results table."""
+"""Progress of a study while it runs, read from its Optuna storage.
+
+Every ``interval`` seconds the study's trials are read into a ``Snapshot``: the outcomes so
+far, and each running trial's stage (the loop's ``stage`` attribute) and epoch (the float
+metric it reports each epoch). Two views of the snapshots:
+
+- on a terminal, a live panel redrawn in place (one line per study and per running trial,
+  each cut to the terminal's width, never wrapped);
+- anywhere else (a log file, a pipe, CI), one plain line per event: a trial started,
+  changed stage, began an epoch or finished, each with the elapsed time and an ETA.
+
+In the Prefect UI the flow's progress artifact shows the same (``flows.tune``).
+
+Reading the storage, like any other observer, needs no hook in the flow and works the same
+when the stages run on other hosts.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
+
+# The tables, printed after the study, are in edgetune.tables; these are imported from here.
+from edgetune.tables import (
+    confirmation_line,
+    pruning_line,
+    render_summary,
+    results_table,
+    retrained_line,
+)
+
+__all__ = [
+    "Progress",
+    "Running",
+    "Snapshot",
+    "clock",
+    "confirmation_line",
+    "epoch_lines",
+    "eta_s",
+    "events",
+    "live_view",
+    "pruning_line",
+    "read_snapshot",
+    "render_summary",
+    "results_table",
+    "retrained_line",
+]
 
 console = Console(stderr=True)
 
+#: What each stage of the loop (its ``stage`` trial attribute) is called in a progress line.
+STAGES = {"evaluate": "waiting for the compiler", "compile": "compile", "device": "device"}
+#: Without any event for this long, the plain view prints the study's status again.
+QUIET_S = 300.0
+
+
+def clock(seconds: float) -> str:
+    """``75`` → ``1:15``; ``3725`` → ``1:02:05``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+@dataclass(frozen=True)
+class Running:
+    """A trial in flight: its stage, and while it trains, its epochs done and planned."""
+
+    number: int
+    stage: str
+    epochs_done: int
+    epochs: int | None
+    age_s: float
+
+    def text(self) -> str:
+        if self.stage == "train" and self.epochs:
+            epoch = min(self.epochs_done + 1, self.epochs)  # the one it trains now
+            return f"trial {self.number}: train epoch {epoch}/{self.epochs}"
+        return f"trial {self.number}: {STAGES.get(self.stage, self.stage)}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One study as read from its storage at one moment."""
+
+    study: str
+    label: str  # the variant's name in a variant run, else ""
+    total: int  # the trials it runs (study.n_trials, or the grid's size)
+    done: int  # trials with an outcome (a failed trial retried is not one yet)
+    to_ask: int  # trials not asked yet
+    counts: dict[str, int]
+    running: tuple[Running, ...]
+    finished: dict[int, str]  # trial number → its outcome, as a progress line says it
+    durations: tuple[float, ...]  # seconds from start to outcome of the finished trials
+    best: str  # "best device AUGRC 0.01234 (trial 2)", or "no result yet"
+    parallel: int
+
+    def status(self) -> str:
+        failed, pruned = self.counts.get("FAIL", 0), self.counts.get("PRUNED", 0)
+        return (
+            f"{self.done}/{self.total} done · {len(self.running)} running · "
+            f"{pruned} pruned · {failed} failed"
+        )
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else (end - start).total_seconds()
+
+
+def _outcome(trial: Any, label: str, best: int | None) -> str:
+    """A finished trial in a few words: its value, or why it was pruned or failed."""
+    from tasks.hpo.study import ATTR_FAIL_REASON, ATTR_FAIL_STAGE, ATTR_REPEAT_OF, state_name
+
+    attrs, state = trial.user_attrs, state_name(trial)
+    took = _seconds(trial.datetime_start, trial.datetime_complete)
+    after = f" after {clock(took)}" if took is not None else ""
+    if state == "COMPLETE":
+        value = float((trial.values or [float("nan")])[0])
+        text = f"COMPLETE, {label} {value:.5f}{after}"
+        if attrs.get(ATTR_REPEAT_OF) is not None:
+            text += f" (repeat of trial {attrs[ATTR_REPEAT_OF]}: not trained)"
+        return text + (" · best so far" if trial.number == best else "")
+    why = str(attrs.get(ATTR_FAIL_REASON) or "")[:200]
+    if state == "FAIL":
+        return f"FAIL in {attrs.get(ATTR_FAIL_STAGE, 'unknown stage')}{after}: {why}"
+    return f"{state}{after}" + (f": {why}" if why else "")
+
+
+def read_snapshot(
+    study: Any, target: Any, label: str = "", now: datetime | None = None
+) -> Snapshot:
+    """The study's progress now: outcomes, running trials with stage and epoch, the best."""
+    from optuna.trial import TrialState
+
+    from tasks.hpo.recovery import ATTR_STAGE, outcome_count
+    from tasks.hpo.study import ATTR_APPLIED, best_trial, state_name, study_budget
+    from tasks.workloads.registry import objective_for, workload_for
+
+    now = now or datetime.now()
+    trials = study.get_trials(deepcopy=False)
+    objective, workload = objective_for(target), workload_for(target)
+    best = best_trial(study)
+    counts: dict[str, int] = {}
+    running: list[Running] = []
+    finished: dict[int, str] = {}
+    durations: list[float] = []
+    for trial in trials:
+        state = state_name(trial)
+        counts[state] = counts.get(state, 0) + 1
+        if trial.state == TrialState.RUNNING:
+            params = trial.user_attrs.get(ATTR_APPLIED) or trial.params
+            try:
+                epochs: int | None = workload.planned_epochs(dict(params))
+            except Exception:  # a parameter set the workload cannot read: no epoch count
+                epochs = None
+            age = _seconds(trial.datetime_start, now) or 0.0
+            stage = str(trial.user_attrs.get(ATTR_STAGE, "train"))
+            running.append(
+                Running(trial.number, stage, len(trial.intermediate_values), epochs, age)
+            )
+        elif state != "REJECTED" and trial.state != TrialState.WAITING:
+            finished[trial.number] = _outcome(
+                trial, objective.label, None if best is None else best.number
+            )
+            took = _seconds(trial.datetime_start, trial.datetime_complete)
+            if took is not None:
+                durations.append(took)
+    total = study_budget(target.study)
+    done = outcome_count(trials)
+    return Snapshot(
+        study=study.study_name,
+        label=label,
+        total=total,
+        done=done,
+        to_ask=max(total - done - len(running), 0),
+        counts=counts,
+        running=tuple(running),
+        finished=finished,
+        durations=tuple(durations),
+        best=(
+            f"best {objective.label} {float(best.values[0]):.5f} (trial {best.number})"
+            if best is not None
+            else "no result yet"
+        ),
+        parallel=target.study.parallel,
+    )
+
+
+def eta_s(snapshots: list[Snapshot], budget_left_s: float | None = None) -> float | None:
+    """Seconds until the run's last trial has its outcome, or None before any trial finished.
+
+    The work left is each study's trials still to ask at the mean duration of its finished
+    trials (of all studies' while it has none), plus what its running trials have left of
+    that mean; the studies share their ``parallel`` slots, and no estimate is shorter than
+    the longest running trial's rest. With a time budget, no new trial starts after
+    ``budget_left_s``: the trials then in flight still finish.
+    """
+    every = [d for s in snapshots for d in s.durations]
+    if not every:
+        return None if any(s.to_ask or s.running for s in snapshots) else 0.0
+    overall = sum(every) / len(every)
+    work, longest = 0.0, 0.0
+    for snap in snapshots:
+        mean = sum(snap.durations) / len(snap.durations) if snap.durations else overall
+        rests = [max(mean - t.age_s, 0.0) for t in snap.running]
+        work += snap.to_ask * mean + sum(rests)
+        longest = max([longest, *rests])
+    parallel = max(max((s.parallel for s in snapshots), default=1), 1)
+    eta = max(work / parallel, longest)
+    if budget_left_s is not None:
+        eta = min(eta, max(budget_left_s, 0.0) + overall)
+    return eta
+
+
+def events(before: Snapshot | None, after: Snapshot) -> list[str]:
+    """What happened to a study between two snapshots, one line each: trials that finished,
+    then trials that started, changed stage or began an epoch. With ``before`` None (a
+    study first seen) every trial in it is news; so is every trial of a study that lost a
+    finished trial since ``before`` (it was deleted and started afresh)."""
+    if before is not None and not set(before.finished) <= set(after.finished):
+        before = None
+    finished = before.finished if before is not None else {}
+    was = {t.number: t for t in before.running} if before is not None else {}
+    lines = [
+        f"trial {number}: {after.finished[number]} ({after.done}/{after.total} done)"
+        for number in sorted(set(after.finished) - set(finished))
+    ]
+    for trial in after.running:
+        old = was.get(trial.number)
+        if old is None:
+            lines.append(trial.text().replace(":", " started:", 1))
+        elif old.text() != trial.text():
+            lines.append(trial.text())
+    return lines
+
 
 class Progress:
-    """Shows done / running / failed and the best so far while the study runs.
+    """Shows the study's progress on stderr while the block runs: live on a terminal
+    (``live``), else one line per event (see the module). ``fresh``: the run deletes the
+    stored study first (``--restart``): where it stands now is not worth a line."""
 
-    It reads the study's storage, like any other observer would, so it needs no hook in
-    the flow and works the same when the stages run on other hosts.
-    """
-
-    def __init__(self, config: Any, *, enabled: bool = True, interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        config: Any,
+        *,
+        enabled: bool = True,
+        live: bool = True,
+        fresh: bool = False,
+        interval: float = 2.0,
+        out: TextIO | None = None,
+        quiet_s: float = QUIET_S,
+    ) -> None:
         self.config = config
         self.enabled = enabled
+        self.live = live
+        self.fresh = fresh
         self.interval = interval
+        self.out = out
+        self.quiet_s = quiet_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._live: Live | None = None
+        self._studies: dict[str, Any] = {}
+        self._last: dict[str, Snapshot] = {}
+        self._started = self._said = time.monotonic()
 
     def __enter__(self) -> Progress:
-        if self.enabled:
+        self._started = self._said = time.monotonic()
+        if not self.enabled:
+            return self
+        if self.live:
             self._live = Live(
                 Text("starting…"), console=console, refresh_per_second=2, transient=True
             )
             self._live.__enter__()
-            self._thread = threading.Thread(target=self._poll, name="progress", daemon=True)
-            self._thread.start()
+        else:  # what is stored already is no news; a study run again says where it stands
+            for snap in self.snapshots():
+                self._last[snap.study] = snap
+                if not self.fresh:
+                    self._say([f"{snap.label or snap.study}: {snap.status()} · {snap.best}"])
+        self._thread = threading.Thread(target=self._poll, name="progress", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(
@@ -45,327 +299,103 @@ class Progress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            if not self.live and kind is None:
+                with contextlib.suppress(Exception):  # a display never fails the command
+                    self.tick()  # the last outcomes, before the summary
         if self._live is not None:
             self._live.__exit__(kind, exc, tb)
 
     def _poll(self) -> None:
-        import optuna
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception:  # a display never stops the study; the next poll tries again
+                continue
 
-        from tasks.hpo.study import best_trial, study_budget
-        from tasks.workloads.registry import objective_for
-
-        label = objective_for(self.config).label
+    def _targets(self) -> list[tuple[str, Any]]:
         from tasks.config.variants import expand, variant_name
 
         targets = [variant for _, variant in expand(self.config)] or [self.config]
-        studies: dict[str, Any] = {}
-        while not self._stop.wait(self.interval):
-            lines = []
-            for target in targets:
-                name = target.study.name
-                try:
-                    if name not in studies:
-                        studies[name] = optuna.load_study(
-                            study_name=name, storage=target.storage_url
-                        )
-                    study = studies[name]
-                    line = status_line(study, study_budget(target.study), best_trial(study), label)
-                except Exception:  # the study may not exist yet while the flow starts
-                    continue
-                lines.append(f"{variant_name(target)}: {line}" if len(targets) > 1 else line)
-            if lines and self._live is not None:
-                self._live.update(Text("\n".join(lines)))
+        many = len(targets) > 1
+        return [((variant_name(t) or "") if many else "", t) for t in targets]
+
+    def snapshots(self) -> list[Snapshot]:
+        """Each study of the run that exists yet, read now."""
+        import optuna
+
+        found = []
+        for label, target in self._targets():
+            name = target.study.name
+            try:
+                if name not in self._studies:
+                    self._studies[name] = optuna.load_study(
+                        study_name=name, storage=target.storage_url
+                    )
+                found.append(read_snapshot(self._studies[name], target, label))
+            except Exception:  # not created yet, deleted to start afresh, or the database
+                self._studies.pop(name, None)  # is busy: load it again next time
+        return found
+
+    def _when(self, snaps: list[Snapshot]) -> str:
+        elapsed = time.monotonic() - self._started
+        budget = self.config.study.time_budget_s
+        eta = eta_s(snaps, None if budget is None else budget - elapsed)
+        return f"{clock(elapsed)} elapsed, ETA {'?' if eta is None else clock(eta)}"
+
+    def _say(self, lines: list[str], snaps: list[Snapshot] | None = None) -> None:
+        when = self._when(snaps if snaps is not None else list(self._last.values()))
+        for line in lines:
+            print(f"[{when}] {line}", file=self.out or sys.stderr, flush=True)
+        if lines:
+            self._said = time.monotonic()
+
+    def tick(self) -> None:
+        """Read the studies once and show what changed."""
+        snaps = self.snapshots()
+        if not snaps:
+            return
+        if self._live is not None:
+            self._live.update(live_view(snaps, self._when(snaps)))
+            return
+        lines = []
+        for snap in snaps:
+            prefix = f"{snap.label}: " if snap.label else ""
+            lines += [prefix + line for line in events(self._last.get(snap.study), snap)]
+            self._last[snap.study] = snap
+        if not lines and time.monotonic() - self._said >= self.quiet_s:
+            lines = [f"{s.label or s.study}: {s.status()} · {s.best}" for s in snaps]
+        self._say(lines, snaps)
 
 
-def status_line(study: Any, total: int, best: Any, label: str = "device AUGRC") -> str:
-    from tasks.hpo.study import state_name
+def live_view(snaps: list[Snapshot], when: str) -> Group:
+    """The live panel: the time, then per study its status, best and running trials; each
+    line cut to the terminal's width rather than wrapped."""
 
-    counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[state_name(trial)] = counts.get(state_name(trial), 0) + 1
-    done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) + counts.get("FAIL", 0)
-    best_text = (
-        f"best {label} {float(best.values[0]):.5f} (trial {best.number})"
-        if best
-        else "no result yet"
-    )
-    return (
-        f"trials {done}/{total} done · {counts.get('RUNNING', 0)} running · "
-        f"{counts.get('FAIL', 0)} failed · {counts.get('PRUNED', 0)} pruned · {best_text}"
-    )
+    def line(text: str) -> Text:
+        return Text(text, no_wrap=True, overflow="ellipsis")
+
+    lines = [line(when)]
+    for snap in snaps:
+        prefix = f"{snap.label}: " if snap.label else ""
+        lines += [line(f"{prefix}{snap.status()}"), line(f"  {snap.best}")]
+        lines += [line(f"  {t.text()}") for t in snap.running]
+    return Group(*lines)
 
 
-def _fmt(value: Any, spec: str = ".5f") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return format(value, spec)
-    return str(value)
-
-
-def _objective(result: dict[str, Any]) -> Any:
-    from tasks.workloads.classifier import CLASSIFIER
-    from tasks.workloads.registry import OBJECTIVES
-
-    return OBJECTIVES.get(result.get("objective", ""), CLASSIFIER)
-
-
-def metric_columns(result: dict[str, Any], table: Table) -> list[tuple[str, str, str]]:
-    """Add the metric columns of a result's objective to ``table``: (row key, title, format)."""
-    objective = _objective(result)
-    float_label = objective.label.replace("device ", "float ")
-    columns = [
-        (objective.float_metric, float_label, ".5f"),
-        (objective.metric, objective.label, ".5f"),
-        *[
-            ("latency_ms" if key == "device_latency_ms" else key, title, spec)
-            for key, title, spec in objective.columns
-        ],
-    ]
-    goals = result.get("goals") or {}
-    if "compiled_size_mb" in goals.get("metrics", ()) or goals.get("max_size_mb") is not None:
-        columns.append(("compiled_size_mb", "size MB", ".3f"))
-    for _, title, _ in columns:
-        table.add_column(title, justify="right")
-    return columns
-
-
-def results_table(result: dict[str, Any]) -> Table:
-    objective = _objective(result)
-    # Samples the constraints rejected ran nothing: the line below the table counts them.
-    rows = [row for row in result["trials"] if row["state"] != "REJECTED"]
-    names = sorted({name for row in rows for name in row["params"]})
-    better = "higher" if objective.maximize else "lower"
-    table = Table(title=f"study {result['study']}: {objective.metric} ({better} is better)")
-    table.add_column("trial", justify="right")
-    for name in names:
-        table.add_column(name, justify="right")
-    columns = metric_columns(result, table)
-    table.add_column("state", justify="right")
-    best = result["best"]["trial"] if result.get("best") else None
-    front = set(result.get("pareto_front") or ())
-    for row in rows:
-        state = row["state"] if not row["reason"] else f"{row['state']}: {row['reason'][:60]}"
-        if row.get("infeasible"):
-            state = f"{state} (infeasible: {row['infeasible'][:60]})"
-        for flag, why in (row.get("flags") or {}).items():
-            state = f"{state} ({flag}: {why[:60]})"
-        if row.get("repeat_of") is not None:
-            state = f"{state} (repeat of trial {row['repeat_of']}: not trained)"
-        mark = "*" if row["trial"] == best else "+" if row["trial"] in front else ""
-        table.add_row(
-            mark + str(row["trial"]),
-            *[_fmt(row["params"].get(name), ".4g") for name in names],
-            *[_fmt(row.get(key), spec) for key, _, spec in columns],
-            state,
-        )
-    return table
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-def pruning_line(saved: dict[str, Any]) -> str:
-    """What pruning saved: GPU epochs, compilations and board evaluations not spent."""
-    n = saved["trials"]
-    s = "" if n == 1 else "s"
-    parts = [f"{saved['epochs']} training epochs ({_duration(saved['train_s'])})"]
-    if saved.get("compile_s") is not None:
-        parts.append(f"{n} compilation{s} ({_duration(saved['compile_s'])})")
-    if saved.get("board_s") is not None:
-        parts.append(f"{n} board evaluation{s} ({_duration(saved['board_s'])})")
-    return f"pruning stopped {n} trial{s} early, saving ~" + ", ~".join(parts)
-
-
-def retrained_line(retrained: dict[str, Any], label: str, metric: str) -> str:
-    """The final model trained again from the best trial's parameters (measured on test, it
-    reports under its own names: ``test device AUGRC``, never the selection metric's)."""
-    best = retrained.get("best")
-    label = retrained.get("objective_label", label)
-    metric = retrained.get("objective", metric)
-    where = "train and val, measured on test" if retrained["data"] == "train+val" else "train"
-    head = (
-        f"final model: trial {retrained['from_trial']}'s parameters trained again on {where} "
-        f"(seed {retrained['seed']}, study {retrained['study']})"
-    )
-    if not best:
-        return f"{head}: no result; the search's champion stands"
-    champion = retrained.get("champion") or {}
-    registered = (
-        f" → models:/{champion['model']}@{champion['alias']} (version {champion['version']})"
-        if champion.get("trial") is not None
-        else ""
-    )
-    return f"{head}: {label} {best[metric]:.5f}{registered}"
-
-
-def render_summary(result: dict[str, Any]) -> None:
-    if "variants" in result:
-        render_variants(result)
-        return
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=200)  # a log file or pipe: do not squeeze the table to 80 columns
-    out.print(results_table(result))
-    counts = result["counts"]
-    rejected = counts.get("REJECTED", 0)
-    repeats = sum(1 for row in result["trials"] if row.get("repeat_of") is not None)
-    out.print(
-        f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
-        f"{counts['RUNNING']} running"
-        + (f"; {rejected} samples rejected by the constraints" if rejected else "")
-        + (f"; {repeats} repeated parameter sets answered without training" if repeats else "")
-    )
-    saved = result.get("pruning_saved")
-    if saved:
-        out.print(pruning_line(saved))
-    if result.get("stopped_by"):
-        out.print(f"stopped early: {result['stopped_by']}")
-    goals = result.get("goals") or {}
-    if result.get("pareto_front") is not None:
-        out.print(
-            f"Pareto front of {', '.join(goals.get('metrics', []))} (feasible trials, + and *): "
-            f"{', '.join(str(n) for n in result['pareto_front']) or 'none'}; champion rule: "
-            f"{goals.get('champion', 'primary')}"
-        )
-    if result.get("infeasible"):
-        limits = [
-            f"{key} <= {goals[key]:g}"
-            for key in ("max_latency_ms", "max_size_mb")
-            if goals.get(key) is not None
-        ]
-        out.print(
-            f"{result['infeasible']} complete trials broke the limits ({', '.join(limits)}) and "
-            f"cannot be the champion"
-        )
-        if not result.get("best"):
-            out.print("no complete trial met the limits: no champion was registered")
-    objective = _objective(result)
-    champion = result.get("champion")
-    best = result.get("best")
-    confirmation = result.get("confirmation")
-    if confirmation:
-        out.print(confirmation_table(confirmation, objective.label))
-        out.print(confirmation_line(confirmation, objective.label))
-    if champion and confirmation and champion.get("trial") is not None:
-        out.print(
-            f"champion: trial {champion['trial']} (best mean) → "
-            f"models:/{champion['model']}@{champion['alias']} (version {champion['version']})"
-        )
-    elif champion and best and champion.get("trial") is not None:
-        what = "champion" if champion["alias"] == "champion" else "best of the variant"
-        out.print(
-            f"{what}: trial {champion['trial']} ({objective.label} "
-            f"{best[objective.metric]:.5f}) → models:/{champion['model']}@{champion['alias']} "
-            f"(version {champion['version']})"
-        )
-    elif champion:
-        out.print(
-            f"champion unchanged: models:/{champion['model']}@{champion['alias']} (version "
-            f"{champion['version']}) is better than this study's best trial"
-        )
-    if result.get("retrained"):
-        out.print(retrained_line(result["retrained"], objective.label, objective.metric))
-
-
-def confirmation_table(record: dict[str, Any], label: str) -> Table:
-    """The seed check: each top trial's runs, mean and spread; the winner marked *."""
-    table = Table(title=f"seed check: the top trials with {record['seeds']} more seed(s)")
-    for title in ("trial", f"mean {label}", "std", "runs", "values"):
-        table.add_column(title, justify="right")
-    for row in record["rows"]:
-        mark = "*" if row["trial"] == record["winner"] else ""
-        table.add_row(
-            f"{mark}{row['trial']}",
-            f"{row['mean']:.5f}",
-            f"{row['std']:.5f}",
-            str(row["runs"]),
-            " ".join(f"{v:.5f}" for v in row["values"]),
-        )
-    return table
-
-
-def confirmation_line(record: dict[str, Any], label: str) -> str:
-    """Whether the winner stands out from the runner-up by more than the seed noise."""
-    if "separated" not in record:
-        return f"seed check: trial {record['winner']} alone (no runner-up to compare)"
-    verdict = (
-        "separated from"
-        if record["separated"]
-        else "NOT separated from (treat them as equal, or add seeds)"
-    )
-    return (
-        f"seed check: trial {record['winner']} is {verdict} trial {record['runner_up']}: "
-        f"means differ by {record['difference']:.5f} {label}, noise (2 standard errors) "
-        f"{record['noise']:.5f}"
-    )
-
-
-def variants_table(result: dict[str, Any]) -> Table:
-    """One row per variant: how it ran, its best trial, and which won (*)."""
-    from tasks.config.variants import settings_text
-
-    objective = _objective(result)
-    better = "higher" if objective.maximize else "lower"
-    table = Table(title=f"variants of {result['study']}: {objective.metric} ({better} is better)")
-    for title in ("variant", "run", "settings", "done", "best trial", "best params"):
-        table.add_column(title, justify="left" if title in ("variant", "settings") else "right")
-    columns = metric_columns(result, table)
-    table.add_column("registered", justify="right")
-    for row in result["variants"]:
-        counts = row.get("counts")
-        best = row.get("best") or {}
-        champion = row.get("champion") or {}
-        done = (
-            "not run"
-            if counts is None
-            else f"{counts.get('COMPLETE', 0)}/{row['n_trials']}"
-            + "".join(f" {counts[k]} {k.lower()}" for k in ("PRUNED", "FAIL") if counts.get(k))
-        )
-        params = ", ".join(f"{k}={_fmt(v, '.4g')}" for k, v in best.get("params", {}).items())
-        table.add_row(
-            ("*" if row.get("winner") else "") + row["variant"],
-            f"search {row['n_trials']}" if row["search"] else "once",
-            settings_text(row["settings"]) or "-",
-            done,
-            _fmt(best.get("trial")),
-            params or "-",
-            *[_fmt(best.get(key), spec) for key, _, spec in columns],
-            f"@{champion['alias']} v{champion['version']}"
-            if champion.get("trial") is not None
-            else "-",
-        )
-    return table
-
-
-def render_variants(result: dict[str, Any]) -> None:
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=200)
-    out.print(variants_table(result))
-    objective = _objective(result)
-    for row in result["variants"]:
-        if row.get("pruning_saved"):
-            out.print(f"{row['variant']}: {pruning_line(row['pruning_saved'])}")
-        if row.get("stopped_by"):
-            out.print(f"{row['variant']}: stopped early: {row['stopped_by']}")
-    champion = result.get("champion")
-    best = result.get("best")
-    if champion and best and champion.get("variant") is not None:
-        out.print(
-            f"champion: variant {champion['variant']}, trial {champion['trial']} "
-            f"({objective.label} {best[objective.metric]:.5f}) → "
-            f"models:/{champion['model']}@{champion['alias']} (version {champion['version']})"
-        )
-    elif champion:
-        out.print(
-            f"champion unchanged: models:/{champion['model']}@{champion['alias']} (version "
-            f"{champion['version']}) is better than every variant's best trial"
-        )
-    elif best is None:
-        out.print("no variant has a complete trial that meets the limits: no champion")
-    if result.get("retrained"):
-        out.print(retrained_line(result["retrained"], objective.label, objective.metric))
+@contextlib.contextmanager
+def epoch_lines(logger_name: str, out: TextIO | None = None) -> Iterator[None]:
+    """Print the INFO records of ``logger_name`` (a detector's training epochs) as plain
+    lines on stderr while the block runs; elsewhere they are dropped."""
+    logger = logging.getLogger(logger_name)
+    handler = logging.StreamHandler(out or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not again through a handler Prefect put on the root
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]

@@ -4,16 +4,20 @@
 
 Composition only: the ask/tell loop, recovery, variants and retraining are the engine in
 ``tasks.hpo``; the stages are ``flows.stages.LocalStages`` in this process, or
-``tasks.hpo.launch.DeploymentStages`` on the gpu, compile and edge pools.
+``tasks.hpo.launch.DeploymentStages`` on the gpu, compile and edge pools. Each study's
+progress shows in the flow run as a progress artifact (``ProgressHooks``).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 import optuna
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
 from flows.stages import LocalStages
@@ -52,6 +56,38 @@ def make_stages(config: StudyTarget, study: optuna.Study) -> Stages:
     return LocalStages(config)
 
 
+class ProgressHooks:
+    """The study's records (``tasks.hpo.reports``) and, in the flow run, a progress
+    artifact per study: the share of its trials with an outcome and the best so far,
+    updated as each trial gets its outcome (the Prefect UI shows it as a progress bar)."""
+
+    def __init__(self) -> None:
+        self.artifacts: dict[str, UUID] = {}
+
+    def on_trial_outcome(self, run: Any, trial: Any) -> None:
+        reports.on_trial_outcome(run, trial)
+        self._show(run)
+
+    def on_study_end(self, run: Any, state: str) -> None:
+        reports.on_study_end(run, state)
+        self._show(run, state)
+
+    def _show(self, run: Any, state: str | None = None) -> None:
+        name = run.study.study_name
+        try:
+            percent, text = reports.study_progress(run.config, run.study)
+            if state is not None:
+                text += f"; {state.lower()}" + (f": {run.stopped_by}" if run.stopped_by else "")
+            if name in self.artifacts:
+                update_progress_artifact(self.artifacts[name], percent, description=text)
+            else:
+                key = f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}-progress"
+                made = create_progress_artifact(percent, key, text)  # sync here: a UUID
+                self.artifacts[name] = cast(UUID, made)
+        except Exception as exc:  # a progress bar never fails the study
+            run.logger.warning("progress artifact of study %s not updated: %s", name, exc)
+
+
 def _run_name() -> str:
     config = flow_run.parameters.get("config")
     if isinstance(config, dict):
@@ -78,5 +114,5 @@ def tune(
     cfg = resolve(config, overrides)
     check_shared_services(cfg)
     ensure_device_limit(cfg.device.concurrency_limit)
-    campaign = Campaign(make_stages=make_stages, logger=get_run_logger(), hooks=reports)
+    campaign = Campaign(make_stages=make_stages, logger=get_run_logger(), hooks=ProgressHooks())
     return campaign.run(cfg, restart=restart, reuse_best=reuse_best)

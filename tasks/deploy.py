@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from tasks.config import device_limit_name
+from tasks.config import DeviceConfig, device_limit_name
 
 POOLS = ("controller", "gpu", "compile", "edge")
 EDGE_POOL = "edge"
@@ -40,11 +41,17 @@ def read_deployments(path: Path) -> list[dict[str, Any]]:
         raise DeployError(
             f"deployments file {path} not found; pass --file deployments/prefect.yaml"
         )
-    data = yaml.safe_load(path.read_text()) or {}
-    specs = data.get("deployments")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise DeployError(f"{path}: malformed YAML: {problem}; fix the syntax") from None
+    specs = data.get("deployments") if isinstance(data, dict) else None
     if not isinstance(specs, list) or not specs:
         raise DeployError(f"{path}: expected a non-empty 'deployments' list")
     for index, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise DeployError(f"{path}: deployments[{index}] is {spec!r}, not a mapping")
         missing = [k for k in ("name", "entrypoint") if not spec.get(k)]
         if missing or not (spec.get("work_pool") or {}).get("name"):
             raise DeployError(
@@ -116,6 +123,14 @@ def deploy(
     boards = sorted(set(devices))
     if not boards:
         raise DeployError("no device given; name at least one board with --device NAME")
+    for board in boards:
+        try:
+            DeviceConfig(name=board)
+        except ValidationError:
+            raise DeployError(
+                f"device {board!r} is not a board name: use letters, digits, '_', '.' and "
+                f"'-', starting with a letter or digit (as device.name in a config)"
+            ) from None
     specs = read_deployments(path)
     report = DeployReport()
     with get_client(sync_client=True) as client:

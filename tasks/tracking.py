@@ -12,6 +12,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,22 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARENT_TAG = "mlflow.parentRunId"
 CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Where the champion alias stands after a registration, and why."""
+
+    moved: bool
+    version: str  # the champion's version now
+    value: float | None  # its value on the compared metric, when it has one
+    reason: str
+
+    @property
+    def note(self) -> str:
+        if self.moved:
+            return f"@champion moved to version {self.version}: {self.reason}"
+        return f"@champion stays version {self.version}: {self.reason}"
 
 
 class TrackingError(RuntimeError):
@@ -148,38 +165,86 @@ class Tracker:
         run_id: str,
         artifact_path: str,
         *,
-        alias: str = CHAMPION,
+        alias: str | None = CHAMPION,
         tags: Mapping[str, Any] | None = None,
         description: str | None = None,
     ) -> str:
-        """Register a run's artifact folder as a version of ``name`` and point ``alias`` at it.
+        """Register a run's artifact folder as a version of ``name``; point ``alias`` at it.
 
-        A study run again with the same best trial keeps its version: no duplicate is made.
+        A run registered before keeps its version (a study run again registers nothing new).
         """
         # MLflow loads on first use, after the environment above is set.
         from mlflow.exceptions import MlflowException
 
-        try:
-            current = self.client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            current = None
-        if current is not None and current.run_id == run_id:
-            return str(current.version)
-
+        source = self.artifact_uri(run_id, artifact_path)
         try:
             self.client.create_registered_model(name)
         except MlflowException as exc:
             if "already exists" not in str(exc).lower():
                 raise
-        version = self.client.create_model_version(
-            name,
-            source=self.artifact_uri(run_id, artifact_path),
-            run_id=run_id,
-            tags={k: str(v) for k, v in (tags or {}).items()},
-            description=description,
+        same = [
+            v
+            for v in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+            if v.source == source
+        ]
+        if same:
+            version = str(min(int(v.version) for v in same))
+        else:
+            created = self.client.create_model_version(
+                name,
+                source=source,
+                run_id=run_id,
+                tags={k: str(v) for k, v in (tags or {}).items()},
+                description=description,
+            )
+            version = str(created.version)
+        if alias:
+            self.client.set_registered_model_alias(name, alias, version)
+        return version
+
+    def promote(
+        self, name: str, version: str, metric: str, value: float, *, maximize: bool
+    ) -> Promotion:
+        """Give ``version`` the champion alias only if it beats the current champion on
+        ``metric`` (the tag each version carries); a champion without that metric (measured
+        on another split, or by another objective) is not comparable and keeps the alias."""
+        # MLflow loads on first use, after the environment above is set.
+        from mlflow.exceptions import MlflowException
+
+        try:
+            current = self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            current = None
+        if current is not None and str(current.version) == str(version):
+            return Promotion(False, version, value, "it is the champion already")
+        if current is None:
+            self.client.set_registered_model_alias(name, CHAMPION, version)
+            return Promotion(True, version, value, "the first champion")
+        held = current.tags.get(metric)
+        if held is None:
+            return Promotion(
+                False,
+                str(current.version),
+                None,
+                f"version {current.version} has no {metric} to compare with (measured on "
+                f"another split or objective)",
+            )
+        held_value = float(held)
+        if value > held_value if maximize else value < held_value:
+            self.client.set_registered_model_alias(name, CHAMPION, version)
+            return Promotion(
+                True,
+                version,
+                value,
+                f"{value:.5f} beats version {current.version}'s {held_value:.5f}",
+            )
+        return Promotion(
+            False,
+            str(current.version),
+            held_value,
+            f"version {current.version}'s {metric} {held_value:.5f} is as good or better than "
+            f"{value:.5f}",
         )
-        self.client.set_registered_model_alias(name, alias, version.version)
-        return str(version.version)
 
     def alias_version(self, name: str, alias: str = CHAMPION) -> Any:
         return self.client.get_model_version_by_alias(name, alias)

@@ -40,6 +40,7 @@ LAYERS = (
         "tasks.devices",
         "tasks.metrics",
         "tasks.tracking",
+        "tasks.packaging",
         "tasks.storage",
         "tasks.secrets",
         "tasks.host",

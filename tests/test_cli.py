@@ -126,6 +126,13 @@ def test_tune_then_report(digits_root: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["tune", str(config), "study.n_trials=2"])
     assert result.exit_code == 0, result.output + result.stderr
     assert "2 complete, 0 pruned, 0 failed" in result.stdout, result.stdout[-2500:]
+    # no terminal: the progress is plain lines on stderr, one per event, each outcome too
+    for n in (0, 1):
+        assert re.search(
+            rf"^\[\d+:\d\d elapsed, ETA [\d:?]+\] trial {n}: COMPLETE, device AUGRC 0\.\d{{5}} ",
+            result.stderr,
+            re.MULTILINE,
+        ), result.stderr
     assert "models:/cli-classifier@champion (version 1)" in result.stdout.replace("\n", "")
 
     report = runner.invoke(app, ["report", str(run_dir), "--json"])
@@ -508,6 +515,9 @@ def test_device_check_on_a_closed_port_is_a_fault_not_bad_input(
 
 def test_evaluate_names_what_is_wrong_in_one_line(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from tasks.tracking import Tracker
+
+    Tracker(uri).client.search_experiments()  # a store without the model (none: refused)
     cases = [
         (["nonsense"], "expected models:/NAME@ALIAS, models:/NAME/VERSION or a study config"),
         (["models:/m@champion"], "models:/m@champion: no tracking URI; give --tracking-uri"),
@@ -520,3 +530,47 @@ def test_evaluate_names_what_is_wrong_in_one_line(tmp_path: Path) -> None:
         # one line (MLflow's own start-up logging may come before it in this process)
         [error] = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert message in error, result.output
+
+
+# Overrides on the command line: over every variant, Ultralytics' flat keys -----------------
+
+
+def test_validate_says_which_variant_setting_an_override_replaced(
+    digits_root: Path, tmp_path: Path
+) -> None:
+    raw = tiny_config(digits_root, tmp_path / "run")
+    raw["variants"] = [
+        {"name": "tiny", "set": {"train.lr": 0.02}},
+        {"name": "r18", "set": {"model.arch": "resnet18"}},
+    ]
+    config = _write(tmp_path, raw)
+    result = runner.invoke(app, ["validate", str(config), "train.lr=0.05"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "warning: override train.lr=0.05 applies to every variant: it replaces variant "
+        "tiny's set.train.lr"
+    ]
+    same = runner.invoke(app, ["validate", str(config), "model.arch=resnet18", "train.lr=0.1"])
+    assert same.exit_code == 2
+    assert same.stderr.strip() == (
+        "error: override model.arch=resnet18, train.lr=0.1 replaces what tells variants tiny "
+        "and r18 apart (their set:), so both would be the same run; drop the override to "
+        "compare them, or add variants=[] to run one study with it"
+    )
+
+
+def test_detect_train_takes_ultralytics_flat_keys(tmp_path: Path) -> None:
+    config = tmp_path / "s-ml.yaml"
+    config.write_text(
+        (Path(__file__).parents[1] / "configs" / "detectors" / "s-ml.yaml").read_text()
+    )
+    data = tmp_path / "elsewhere" / "data.yaml"
+    result = runner.invoke(
+        app, ["detect", "train", str(config), f"data={data}", "epochs=1", "imgsz=64", "batch=2"]
+    )
+    assert result.exit_code == 2
+    # data= is data.yaml: the file is looked for (it used to be refused as the section)
+    assert result.stderr.strip() == (
+        f"error: data.yaml {data} does not exist; set data.yaml to the dataset's file"
+    )
+    assert not (tmp_path / "runs").exists()

@@ -11,6 +11,7 @@ Tiny CPU runs reach mAP ≈ 0, so the tests assert artifacts, keys, counts and f
 from __future__ import annotations
 
 import csv
+import io
 import ipaddress
 import os
 import re
@@ -27,6 +28,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from edgetune.cli import app
+from edgetune.progress import epoch_lines
+from tasks.detection.ultra import EPOCH_LOG
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -109,13 +112,15 @@ def trained(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     images = shapes.parent / "images" / "val"
     cli = CliRunner()
+    epochs = io.StringIO()  # what ``edgetune detect train`` prints of the epochs
     _WATCH.attempts.clear()
     _WATCH.active = True
     try:
-        outcomes = {
-            name: detect_train(detector_config(name, shapes, tmp, plots=name == "l-ml"))
-            for name in ("l-ml", "s-ml")
-        }
+        with epoch_lines(EPOCH_LOG.name, epochs):
+            outcomes = {
+                name: detect_train(detector_config(name, shapes, tmp, plots=name == "l-ml"))
+                for name in ("l-ml", "s-ml")
+            }
         common = ["--conf", "0.001", "--min-size", "2", "--tracking-uri", uri]
         crops = cli.invoke(
             app, ["detect", "crops", "s-ml", str(images), str(tmp / "crops"), *common]
@@ -161,6 +166,7 @@ def trained(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "crops": crops,
         "labelled": labelled,
         "annotate": annotate,
+        "epochs": epochs.getvalue().splitlines(),
     }
 
 
@@ -247,6 +253,31 @@ def test_each_run_holds_weights_onnx_int8_and_board_results(
     assert [m.step for m in client.get_metric_history(outcome["run_id"], "train/box_loss")]
 
 
+def test_each_training_epoch_is_one_line_with_the_metrics_mlflow_got(
+    trained: dict[str, Any],
+) -> None:
+    client = MlflowClient(trained["uri"])
+    for name in ("l-ml", "s-ml"):
+        lines = [line for line in trained["epochs"] if line.startswith(f"{name}: ")]
+        assert len(lines) == 2, trained["epochs"]
+        run_id = trained["outcomes"][name]["run_id"]
+        history = {
+            key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
+            for key in ("metrics/mAP50-95", "train/box_loss")
+        }
+        for epoch, line in enumerate(lines, start=1):
+            found = re.fullmatch(
+                rf"{name}: epoch {epoch}/2 · loss box (\S+) cls \S+ dfl \S+ · val mAP50 \S+ "
+                r"mAP50-95 (\S+) · \d+:\d\d elapsed, ETA \d+:\d\d",
+                line,
+            )
+            assert found, line
+            box_loss, map50_95 = (float(found.group(i)) for i in (1, 2))
+            assert box_loss == pytest.approx(history["train/box_loss"][epoch], abs=5e-5)
+            assert map50_95 == pytest.approx(history["metrics/mAP50-95"][epoch], abs=5e-5)
+        assert lines[-1].endswith("ETA 0:00")
+
+
 def test_the_board_returns_detections_from_the_int8_artifact(trained: dict[str, Any]) -> None:
     import json
 
@@ -277,8 +308,44 @@ def test_each_detector_has_a_champion(trained: dict[str, Any]) -> None:
     for name in ("l-ml", "s-ml"):
         version = client.get_model_version_by_alias(name, "champion")
         assert version.run_id == trained["outcomes"][name]["run_id"]
-        assert version.source.endswith("/model")
+        assert version.source.endswith("/mlflow_model")
         assert trained["outcomes"][name]["champion"]["version"] == str(version.version)
+
+
+def test_a_detector_champion_is_an_mlflow_model(trained: dict[str, Any]) -> None:
+    """``models:/s-ml@champion`` loads with pyfunc and takes uint8 letterboxed images: its
+    output is the compiled model's on the bundle the board got."""
+    import mlflow
+    import onnxruntime as ort
+
+    from tasks.detection.dataset import load_detection_bundle
+
+    work = Path(trained["outcomes"]["s-ml"]["run_dir"])
+    images = load_detection_bundle(work / "inputs" / "val_bundle.npz")["images"]
+    mlflow.set_tracking_uri(trained["uri"])
+    try:
+        model = mlflow.pyfunc.load_model("models:/s-ml@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    meta = model.metadata.metadata["edgetune"]
+    assert (meta["kind"], meta["class_names"], meta["image_size"]) == (
+        "detector",
+        ["insulator"],
+        [64, 64],
+    )
+    assert meta["normalisation"] == {
+        "mean": [0, 0, 0],
+        "std": [255, 255, 255],
+        "applied_in_graph": True,
+    }
+    assert meta["batch"] == 1  # exported for the board: one image per call
+    compiled = ort.InferenceSession(str(work / "compiled" / "model.int8.onnx"))
+    for image in images:
+        (output,) = model.predict(image[None]).values()
+        normalised = image[None].transpose(0, 3, 1, 2) / np.float32(255)
+        (expected,) = compiled.run(None, {"images": normalised})
+        assert output.shape == expected.shape and output.shape[:2] == (1, 5)
+        np.testing.assert_allclose(output, expected, atol=1e-4)
 
 
 def test_a_strictly_better_run_takes_the_champion_alias_and_a_tie_does_not(
@@ -293,14 +360,17 @@ def test_a_strictly_better_run_takes_the_champion_alias_and_a_tie_does_not(
     config = parse_detector_config(raw)
     tracker = Tracker(trained["uri"])
     experiment = tracker.experiment_id(config.experiment_name)
+    work = Path(trained["outcomes"]["s-ml"]["run_dir"])
 
     def finished_run(score: float, status: str = "FINISHED") -> str:
         run_id = tracker.start_run(
             experiment, "s-ml-made", tags={KIND_TAG: "detector", DETECTOR_TAG: "s-ml"}
         )
         tracker.log_metrics(run_id, {"device_map50_95": score})
-        (tmp_path / "best.pt").write_bytes(b"weights")
-        tracker.log_artifact(run_id, tmp_path / "best.pt", "model")
+        # a trained detector's files: a registered version is a real MLflow model
+        for folder, path in [("model", "model/model.onnx"), ("model", "compiled/model.int8.onnx")]:
+            tracker.log_artifact(run_id, work / path, folder)
+        tracker.log_artifact(run_id, work / "inputs" / "val_bundle.npz", "inputs")
         tracker.end_run(run_id, status)
         return run_id
 
@@ -379,6 +449,108 @@ def test_annotation_writes_yolo_labels_and_cvat_xml(trained: dict[str, Any]) -> 
     assert len(images) == len(labels) == 8
     assert sum(len(img.findall("box")) for img in images) == len(lines)
     assert (out / "classes.txt").read_text().split() == ["healthy", "broken"]
+
+
+def _label_boxes(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids (K,) and normalised xyxy boxes (K, 4) of one YOLO label file."""
+    text = path.read_text().split()
+    values = np.array(text, dtype=np.float64).reshape(-1, 5)
+    cx, cy, w, h = values[:, 1:].T
+    return values[:, 0].astype(int), np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+
+def _worst_overlaps(labels: Path) -> tuple[float, float]:
+    """The largest IoU between two boxes of one image: of the same class, of two classes."""
+    from tasks.detection.metrics import box_iou
+
+    same = across = 0.0
+    for path in labels.glob("*.txt"):
+        classes, boxes = _label_boxes(path)
+        overlap = np.triu(box_iou(boxes, boxes), k=1)
+        differ = classes[:, None] != classes[None, :]
+        same = max(same, float(np.where(differ, 0.0, overlap).max(initial=0.0)))
+        across = max(across, float(np.where(differ, overlap, 0.0).max(initial=0.0)))
+    return same, across
+
+
+def test_annotation_keeps_one_box_per_object_whatever_its_class(trained: dict[str, Any]) -> None:
+    """Class-agnostic NMS is the default: no two boxes of an image overlap by more than
+    --iou (0.7), not even two boxes of different classes (class-aware NMS keeps those)."""
+    labels = trained["tmp"] / "cvat" / "labels"
+    assert sum(len(_label_boxes(p)[0]) for p in labels.glob("*.txt")) > 0
+    same, across = _worst_overlaps(labels)
+    assert same <= 0.7 + 1e-3 and across <= 0.7 + 1e-3, (same, across)  # labels: 6 decimals
+
+
+def test_crops_that_no_box_passes_are_one_error_with_the_fix_and_no_folder(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    from tasks.detection.predict import OnnxDetector, resolve_model
+
+    uri, images = trained["uri"], trained["images"]
+    detector = OnnxDetector(resolve_model("s-ml", uri, tmp_path / "model"), conf=0.0)
+    top = max(float(found.scores.max()) for found in detector.run(images))
+    out = tmp_path / "crops"
+
+    def crops(conf: str, min_size: str) -> Any:
+        options = ["--conf", conf, "--min-size", min_size, "--tracking-uri", uri]
+        return CliRunner().invoke(app, ["detect", "crops", "s-ml", str(images), str(out), *options])
+
+    result = crops("0.999999", "1")
+    assert (result.exit_code, result.stdout) == (2, ""), result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(
+        "error: no crop passes the thresholds on 8 images: no box of models:/s-ml@champion "
+        f"scores above --conf 0.999999 (the highest score is {top:.4g}); lower --conf below "
+    ), line
+    assert line.endswith("or train it longer (more train.epochs)"), line
+    hint = re.search(r"\(e\.g\. --conf ([0-9.e-]+)\)", line)
+    assert hint and float(hint.group(1)) < top, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no crops/, no .partial
+    # boxes above --conf, all smaller than --min-size: that threshold is named instead
+    result = crops(hint.group(1), "100000")
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.splitlines()
+    side = re.search(r"lower --min-size to (\d+) or pass larger images$", line)
+    assert side and line.startswith("error: no crop passes the thresholds on 8 images: "), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # the values the errors name give crops
+    result = crops(hint.group(1), side.group(1))
+    assert result.exit_code == 0, result.output
+    assert int(result.stdout.split()[0]) > 0 and (out / "crops.csv").is_file()
+
+
+def test_labelled_crops_warn_when_the_classifier_study_would_refuse_them(
+    trained: dict[str, Any],
+) -> None:
+    from tasks.data import DataError, inspect_dataset
+
+    result = trained["labelled"]
+    assert result.exit_code == 0, result.output
+    out = trained["tmp"] / "labelled"
+    rows = list(csv.DictReader((out / "crops.csv").open()))
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    try:
+        inspect_dataset(out)
+    except DataError:
+        (warning,) = warnings
+        assert warning.startswith(
+            f"warning: {out} is not a dataset the classifier study accepts yet (train/ and "
+            "val/ with the same 2 or more class folders): "
+        ), warning
+        train, val = (
+            {row["label"] for row in rows if row["crop"].startswith(f"{split}/")}
+            for split in ("train", "val")
+        )
+        if len(train) < 2:
+            labelled = sum(1 for row in rows if row["label"])
+            assert f"models:/l-ml@champion labelled {labelled} of {len(rows)} crops" in warning
+        if len(train) == 1:
+            assert f"train/ has crops of one class only ({min(train)})" in warning
+        if train - val:
+            assert "raise --val-fraction (now 0.2)" in warning
+    else:
+        assert warnings == []
 
 
 def test_the_quantizer_keeps_the_box_decoding_in_float(trained: dict[str, Any]) -> None:

@@ -114,6 +114,9 @@ def test_a_study_runs_on_work_pools(
             "timeout_s": 120,
         }
         raw["study"].update(name="distributed", n_trials=4, parallel=2, max_pending=2)
+        # The default run directory, relative: on a process worker it lands in the flow
+        # run's temporary working folder, which the worker deletes when the run ends.
+        del raw["run_dir"]
         raw["orchestration"] = {"mode": "deployments", "poll_interval_s": 1.0}
         config = tmp_path / "distributed.yaml"
         config.write_text(yaml.safe_dump(raw))
@@ -182,6 +185,30 @@ def test_a_study_runs_on_work_pools(
     best = min(trials, key=lambda t: t.value)
     champion = client.get_model_version_by_alias("distributed-classifier", "champion")
     assert champion.run_id == best.user_attrs["mlflow_run_id"]
+    _everything_survives_the_workers(cluster, client, parent, tmp_path)
+
+
+def _everything_survives_the_workers(
+    cluster: dict[str, str], client: MlflowClient, parent: Any, tmp_path: Path
+) -> None:
+    """The workers' working folders are gone; the artifacts live behind the tracking
+    server's proxy, and the champion loads as an MLflow model from there."""
+    import mlflow
+    import numpy as np
+
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.artifact_location.startswith("mlflow-artifacts:"), experiment
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    bundle = client.download_artifacts(parent.info.run_id, "inputs/val_bundle.npz", str(tmp_path))
+    images = np.load(bundle)["images"]
+    mlflow.set_tracking_uri(cluster["MLFLOW_TRACKING_URI"])
+    try:
+        model = mlflow.pyfunc.load_model("models:/distributed-classifier@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    probabilities = model.predict(images)["probabilities"]
+    assert probabilities.shape == (len(images), 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
 # Faults on the work pools ----------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,11 @@ def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
             "device/device_probs.npy",
             "device/device_result.json",
         } <= paths
+        # the full resolved settings of the trial, its sampled values in train.*
+        params = child.data.params
+        assert (params["model.arch"], params["data.image_size"]) == ("tinycnn", "16")
+        assert float(params["train.lr"]) == pytest.approx(float(params["lr"]))
+        assert params["train.epochs"] == "2" and not any(k.startswith("study.") for k in params)
         history = client.get_metric_history(child.info.run_id, "val_augrc")
         assert [m.step for m in history] == [0, 1]
 
@@ -95,6 +102,7 @@ def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
     assert champion.run_id == best.user_attrs["mlflow_run_id"]
     assert champion.tags["trial"] == str(best.number)
     assert result["champion"]["version"] == str(champion.version)
+    _champion_is_an_mlflow_model(config, client, champion, digits_root)
 
     # The saved config re-runs the same study; running it again adds no trial.
     saved = load_config(config.run_path / "config.yaml")
@@ -104,6 +112,115 @@ def test_study_end_to_end(digits_root: Path, tmp_path: Path) -> None:
     # The same champion keeps its version: running again registers nothing new.
     assert again["champion"]["version"] == str(champion.version)
     assert len(client.search_model_versions(f"name = '{config.registered_model_name}'")) == 1
+
+
+def _champion_is_an_mlflow_model(
+    config: Any, client: MlflowClient, champion: Any, digits_root: Path
+) -> None:
+    """The champion loads as an MLflow model (ONNX flavour and pyfunc) and its predictions
+    are the probabilities the board measured, from plain uint8 images."""
+    import mlflow
+    import numpy as np
+
+    uri = f"models:/{config.registered_model_name}@champion"
+    mlflow.set_tracking_uri(config.tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+        onnx_model = mlflow.onnx.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    meta = model.metadata.metadata["edgetune"]
+    assert meta["class_names"] == [str(d) for d in range(10)]
+    assert meta["image_size"] == [16, 16]
+    assert meta["normalisation"]["mean"] == pytest.approx([123.675, 116.28, 103.53])
+    assert meta["compiled_artifact"] == "compiled/model.int8.onnx"
+    assert (meta["study"], meta["objective"]) == ("e2e", "device_augrc")
+    inputs = model.metadata.get_input_schema().inputs
+    assert [(i.name, str(i.type), i.shape) for i in inputs] == [
+        ("images", "uint8", (-1, 16, 16, 3))
+    ]
+    assert [i.name for i in onnx_model.graph.input] == ["images"]
+
+    # The evaluated split as the board got it, and the board's probabilities.
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle_path = mlflow.artifacts.download_artifacts(
+            run_id=client.get_run(champion.run_id).data.tags["mlflow.parentRunId"],
+            artifact_path="inputs/val_bundle.npz",
+            dst_path=tmp,
+            tracking_uri=config.tracking_uri,
+        )
+        board_path = mlflow.artifacts.download_artifacts(
+            run_id=champion.run_id,
+            artifact_path="device/device_probs.npy",
+            dst_path=tmp,
+            tracking_uri=config.tracking_uri,
+        )
+        images = np.load(bundle_path)["images"]
+        board = np.load(board_path)
+        files = {
+            p.name
+            for p in Path(
+                mlflow.artifacts.download_artifacts(
+                    f"{client.get_model_version_download_uri(config.registered_model_name, champion.version)}",
+                    dst_path=f"{tmp}/model",
+                    tracking_uri=config.tracking_uri,
+                )
+            ).rglob("*")
+        }
+    assert {"MLmodel", "model.onnx", "model.int8.onnx", "serving_input_example.json"} <= files
+    assert images.dtype == np.uint8 and images.shape[1:] == (16, 16, 3)
+    probabilities = model.predict(images)["probabilities"]
+    assert probabilities.shape == (len(images), 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probabilities, board, atol=1e-5)
+    served = _serve(uri, config.tracking_uri, images[:3])
+    np.testing.assert_allclose(served["probabilities"], board[:3], atol=1e-5)
+
+
+def _serve(uri: str, tracking_uri: str, images: Any) -> dict[str, Any]:
+    """``mlflow models serve`` on loopback in this environment (offline), one request."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow_bin, "models", "serve", "-m", uri, "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*command, "-h", "127.0.0.1", "-p", str(port)],
+        env={
+            **os.environ,
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            # it starts uvicorn from PATH: the environment's bin folder, as when activated
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(server.stderr.read().decode()[-2000:]) from None
+                time.sleep(0.5)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return dict(json.loads(response.read())["predictions"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_a_board_left_taken_fails_clearly_and_release_frees_it(

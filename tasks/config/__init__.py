@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from tasks.config.loading import (
     PATH_KEYS,
+    OverrideWarning,
     SpaceFile,
     anchor_paths,
     apply_overrides,
@@ -20,6 +21,7 @@ from tasks.config.loading import (
     format_errors,
     in_space_file,
     inline_search_space,
+    overridden,
     read_space_file,
     read_yaml,
     trial_train_config,
@@ -98,6 +100,7 @@ __all__ = [
     "ModelConfig",
     "OnnxRuntimeOptions",
     "OrchestrationConfig",
+    "OverrideWarning",
     "Scalar",
     "SearchParam",
     "SpaceFile",
@@ -119,6 +122,7 @@ __all__ = [
     "in_space_file",
     "inline_search_space",
     "load_config",
+    "overridden",
     "parse_config",
     "parse_duration",
     "read_space_file",

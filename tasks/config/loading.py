@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,33 +91,139 @@ def format_errors(error: ValidationError, root: type[BaseModel]) -> str:
     return "; ".join(_describe(e, root) for e in error.errors())
 
 
+class OverrideWarning(UserWarning):
+    """An override replaced a setting of some variants (the command line applies to all)."""
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars).
+
+    An override applies to every variant too: it beats a variant's ``set`` of the same key
+    (an ``OverrideWarning`` names the variants), and it is refused when it leaves two
+    variants the same.
+    """
     merged = _deep_copy(raw)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(
-                f"override {item!r}: expected section.key=value, e.g. train.epochs=10"
+    before = _variant_settings(merged)
+    parsed = [(item, *_parse_override(item)) for item in overrides]
+    new_variants = any(key == "variants" for _, key, _ in parsed)  # given whole: as given
+    replaced: dict[str, list[tuple[str, str]]] = {}
+    for item, key, value in parsed:
+        _set_key(merged, key, value, item)
+        replaced[item] = [] if new_variants else _over_variants(merged, key, value)
+    if not new_variants:
+        _refuse_same_variants(before, _variant_settings(merged), replaced)
+    for item, where in replaced.items():
+        if where:
+            shown = ", ".join(f"variant {name}'s set.{set_key}" for name, set_key in where)
+            warnings.warn(
+                f"override {item} applies to every variant: it replaces {shown}",
+                OverrideWarning,
+                stacklevel=2,
             )
-        try:
-            value = yaml_load(text) if text else ""
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(
-                f"override {item!r}: value is not valid YAML ({problem}); quote the whole "
-                f"override in the shell and fix the value, e.g. 'key={{a: 1, b: 2}}'"
-            ) from None
-        node = merged
-        *parents, leaf = key.split(".")
-        for depth, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parents[: depth + 1])
-                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
-            node = child
-        node[leaf] = value
     return merged
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=10")
+    try:
+        return key, yaml_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(
+            f"override {item!r}: value is not valid YAML ({problem}); quote the whole "
+            f"override in the shell and fix the value, e.g. 'key={{a: 1, b: 2}}'"
+        ) from None
+
+
+def _set_key(raw: dict[str, Any], key: str, value: Any, item: str) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _over_variants(raw: dict[str, Any], key: str, value: Any) -> list[tuple[str, str]]:
+    """Put the override ``key`` over each variant's ``set``: a set key it names (or one
+    under it) goes, so the variant takes the overridden base value; a mapping set above it
+    takes the value inside. Returns the (variant, set key) pairs it replaced."""
+    variants = raw.get("variants")
+    replaced = []
+    for variant in variants if isinstance(variants, list) else []:
+        settings = variant.get("set") if isinstance(variant, dict) else None
+        if not isinstance(settings, dict):
+            continue
+        for set_key in list(settings):
+            inside = key.removeprefix(f"{set_key}.") if key.startswith(f"{set_key}.") else None
+            if set_key == key or set_key.startswith(f"{key}."):
+                del settings[set_key]
+            elif inside is None or not _put(settings[set_key], inside, value):
+                continue
+            replaced.append((str(variant.get("name")), set_key))
+    return replaced
+
+
+def _put(node: Any, key: str, value: Any) -> bool:
+    """Set dotted ``key`` inside the mapping ``node``; False if a part of it is a value."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if not isinstance(node, dict):
+            return False
+        node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+        return False
+    node[leaf] = _deep_copy(value)
+    return True
+
+
+def _variant_settings(raw: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Each variant's name, ``set`` and ``search``, to compare the variants."""
+    variants = raw.get("variants")
+    return [
+        (str(v.get("name")), _deep_copy(v.get("set")), v.get("search", True))
+        for v in (variants if isinstance(variants, list) else [])
+        if isinstance(v, dict)
+    ]
+
+
+def _refuse_same_variants(
+    before: list[tuple[str, Any, Any]],
+    after: list[tuple[str, Any, Any]],
+    replaced: dict[str, list[tuple[str, str]]],
+) -> None:
+    """Two variants that differed only in what an override replaced would be one run twice."""
+    for i, (name, *mine) in enumerate(after):
+        for j in range(i + 1, len(after)):
+            other, *theirs = after[j]
+            if mine != theirs or before[i][1:] == before[j][1:]:
+                continue
+            items = [
+                item
+                for item, where in replaced.items()
+                if any(variant in (name, other) for variant, _ in where)
+            ]
+            raise ConfigError(
+                f"override {', '.join(items)} replaces what tells variants {name} and {other} "
+                f"apart (their set:), so both would be the same run; drop the override to "
+                f"compare them, or add variants=[] to run one study with it"
+            )
+
+
+def overridden(
+    raw: dict[str, Any], path: str | Path, overrides: list[str], keys: tuple[tuple[str, ...], ...]
+) -> dict[str, Any]:
+    """A config file's raw mapping with the overrides over it, its path-valued ``keys``
+    absolute: relative paths written in the file are relative to the file's folder (it means
+    the same wherever it is read); those given as overrides, to the current folder (where
+    the user stands)."""
+    anchored = anchor_paths(raw, Path(path).resolve().parent, keys)
+    return anchor_paths(apply_overrides(anchored, overrides), Path.cwd(), keys)
 
 
 def _deep_copy(value: Any) -> Any:
@@ -179,7 +286,8 @@ def read_space_file(path: str | Path, tunable: tuple[str, ...]) -> SpaceFile:
     if not source.is_file():
         raise ConfigError(
             f"study.search_space: file {str(source)!r} not found; give the path of a search-"
-            f"space file (relative to the config's folder), or write the space inline"
+            f"space file (in the config, relative to the config's folder; on the command line, "
+            f"relative to the current folder), or write the space inline"
         )
     raw = read_yaml(source)
     try:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from tasks.config.loading import anchor_paths, apply_overrides, read_yaml, validate_config
+from tasks.config.loading import PATH_KEYS, overridden, read_yaml, validate_config
 from tasks.config.schema import TUNABLE, ConfigError, EdgetuneConfig
 from tasks.config.variants import check_variants
 
@@ -45,8 +45,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Edgetun
     means the same wherever it is read (a worker runs in a temporary folder); paths given
     as overrides are relative to the current folder.
     """
-    raw = anchor_paths(read_yaml(path), Path(path).resolve().parent)
-    return parse_config(apply_overrides(raw, overrides or []), source=str(path))
+    raw = overridden(read_yaml(path), path, overrides or [], PATH_KEYS)
+    return parse_config(raw, source=str(path))
 
 
 def _resolve_paths(config: EdgetuneConfig) -> EdgetuneConfig:

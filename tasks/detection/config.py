@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from tasks.config import (
@@ -24,13 +25,13 @@ from tasks.config import (
     TrackingConfig,
     VariantSpec,
     _Strict,
-    anchor_paths,
-    apply_overrides,
+    overridden,
     read_yaml,
     space_refusal,
     storage_url,
     tracking_uri,
     validate_study,
+    yaml_load,
 )
 
 
@@ -340,6 +341,49 @@ def is_detector_config(raw: dict[str, Any]) -> bool:
     return isinstance(data, dict) and "yaml" in data
 
 
+#: Ultralytics' own flat names (``yolo train data=… epochs=1``) as overrides of these keys;
+#: ``model=`` names ``model.weights`` (a .pt file) or ``model.arch`` (see ``_alias``).
+ULTRALYTICS_KEYS = {
+    "data": "data.yaml",
+    "epochs": "train.epochs",
+    "imgsz": "train.imgsz",
+    "batch": "train.batch",
+}
+
+
+def _alias(key: str, text: str) -> str:
+    """The detector config's key for an override ``key=text`` (the key itself if not an
+    alias; ``data=`` and ``model=`` with a mapping stay the sections)."""
+    if key not in (*ULTRALYTICS_KEYS, "model"):
+        return key
+    try:
+        if isinstance(yaml_load(text), dict):
+            return key
+    except yaml.YAMLError:
+        pass  # apply_overrides names the bad value
+    if key == "model":
+        return "model.weights" if text.strip().endswith(".pt") else "model.arch"
+    return ULTRALYTICS_KEYS[key]
+
+
+def ultralytics_aliases(overrides: list[str]) -> list[str]:
+    """The overrides with Ultralytics' flat keys (``data=``, ``epochs=``, ``imgsz=``,
+    ``batch=``, ``model=``) written as this config's keys."""
+    out = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        out.append(f"{_alias(key, text)}={text}" if sep else item)
+    return out
+
+
+def override_detector(
+    raw: dict[str, Any], path: str | Path, overrides: list[str]
+) -> dict[str, Any]:
+    """A detector config file's raw mapping with the overrides (Ultralytics' flat keys too)
+    over it; paths as in ``overridden``."""
+    return overridden(raw, path, ultralytics_aliases(overrides), DETECTOR_PATH_KEYS)
+
+
 def read_detector_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """The raw mapping of a detector config file, its paths anchored, overrides applied."""
     raw = read_yaml(path)
@@ -348,8 +392,7 @@ def read_detector_config(path: str | Path, overrides: list[str] | None = None) -
             f"{path}: not a detector config (it has no data.yaml key); "
             "start from configs/detectors/s-ml.yaml"
         )
-    raw = anchor_paths(raw, Path(path).resolve().parent, DETECTOR_PATH_KEYS)
-    return apply_overrides(raw, overrides or [])
+    return override_detector(raw, path, overrides or [])
 
 
 def load_detector_config(path: str | Path, overrides: list[str] | None = None) -> DetectorConfig:
@@ -362,7 +405,9 @@ __all__ = [
     "DetectorStudy",
     "is_detector_config",
     "load_detector_config",
+    "override_detector",
     "parse_detector_config",
     "parse_detector_study",
     "trial_train_settings",
+    "ultralytics_aliases",
 ]

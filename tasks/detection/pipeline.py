@@ -46,7 +46,14 @@ from tasks.detection.metrics import detection_metrics, gap_to_float
 from tasks.detection.ultra import DetectorError, export_onnx, train_detector
 from tasks.devices import LocalRunner, create_runner
 from tasks.host import pid_alive
-from tasks.tracking import CHAMPION, Tracker, local_artifact_location, mask_text
+from tasks.packaging import package_run
+from tasks.tracking import (
+    CHAMPION,
+    PARENT_TAG,
+    Tracker,
+    local_artifact_location,
+    mask_text,
+)
 
 KIND_TAG = "edgetune.kind"
 DETECTOR_TAG = "edgetune.detector"
@@ -385,6 +392,33 @@ def _on_device(
     return {"metrics": metrics}
 
 
+def package_detector(tracker: Tracker, run_id: str, metadata: dict[str, Any]) -> str:
+    """The run's MLflow model (``mlflow_model/``): its compiled detector in a serving graph
+    that takes uint8 letterboxed images (see ``tasks.packaging``). The evaluated bundle is
+    the run's own (``detect train``) or its study's (a trial)."""
+    files = [item.path for item in tracker.client.list_artifacts(run_id, "model")]
+    compiled = [p for p in files if p not in ("model/best.pt", "model/model.onnx")]
+    if len(compiled) != 1 or "model/model.onnx" not in files:
+        raise DetectorError(
+            f"run {run_id} has no single compiled model beside model/model.onnx ({files}); "
+            f"it cannot be registered"
+        )
+    bundle_run = run_id
+    if "inputs/val_bundle.npz" not in {
+        a.path for a in tracker.client.list_artifacts(run_id, "inputs")
+    }:
+        bundle_run = tracker.client.get_run(run_id).data.tags[PARENT_TAG]
+    return package_run(
+        tracker,
+        run_id,
+        onnx_artifact="model/model.onnx",
+        compiled_artifact=compiled[0],
+        bundle=(bundle_run, "inputs/val_bundle.npz"),
+        classifier=False,
+        metadata=metadata,
+    )
+
+
 def select_champion(config: DetectorConfig, tracker: Tracker) -> dict[str, Any] | None:
     """Register the finished run with the best device mAP50-95 as `<name>@champion`.
 
@@ -417,12 +451,17 @@ def select_champion(config: DetectorConfig, tracker: Tracker) -> dict[str, Any] 
         score = current_score
     else:
         best_id = best.info.run_id
+        tags = {SELECTION_METRIC: f"{score:.6f}", DETECTOR_TAG: config.name}
         version = tracker.register(
             name,
             best_id,
-            "model",
+            package_detector(
+                tracker,
+                best_id,
+                {**tags, "compiler": config.compile.backend, "device": config.device.name},
+            ),
             alias=CHAMPION,
-            tags={SELECTION_METRIC: f"{score:.6f}", DETECTOR_TAG: config.name},
+            tags=tags,
             description=(
                 f"{config.name}: best device mAP50-95 ({score:.4f}) among its runs, "
                 f"compiled with {config.compile.backend} for {config.device.name}"

@@ -44,6 +44,8 @@ AMP_UNSAFE_GPU = re.compile(
 THIRD_PARTY_LOGGERS = ("clearml", "comet", "dvc", "mlflow", "neptune", "raytune", "wandb")
 
 _log = logging.getLogger(__name__)
+#: One line per training epoch, at INFO (dropped unless a handler is attached to it).
+EPOCH_LOG = logging.getLogger(f"{__name__}.epochs")
 
 
 class DetectorError(RuntimeError):
@@ -170,6 +172,66 @@ def clean_metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ :]", "_", name)
 
 
+def clock(seconds: float) -> str:
+    """``75`` → ``1:15``; ``3725`` → ``1:02:05``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def epoch_line(name: str, epoch: int, epochs: int, row: dict[str, float], elapsed_s: float) -> str:
+    """One training epoch in a line: its training losses, the validation mAP, the time
+    since training began and the time left at the mean pace of the epochs so far."""
+    losses = " ".join(
+        f"{key.removeprefix('train/').removesuffix('_loss')} {value:.4f}"
+        for key, value in row.items()
+        if key.startswith("train/") and key.endswith("_loss")
+    )
+    maps = " ".join(
+        f"{key.removeprefix('metrics/')} {row[key]:.4f}"
+        for key in ("metrics/mAP50", "metrics/mAP50-95")
+        if key in row
+    )
+    eta = elapsed_s / max(epoch, 1) * max(epochs - epoch, 0)
+    return (
+        f"{name}: epoch {epoch}/{epochs} · loss {losses or '-'} · val {maps or '-'} · "
+        f"{clock(elapsed_s)} elapsed, ETA {clock(eta)}"
+    )
+
+
+class EpochEnd:
+    """Ultralytics' ``on_fit_epoch_end`` callback: each epoch's metrics to ``on_epoch`` (1-based
+    epochs) and one line to ``EPOCH_LOG`` (silent unless a handler prints it: ``edgetune
+    detect train`` does, on stderr, while Ultralytics' own output stays off)."""
+
+    def __init__(self, on_epoch: Callable[[int, dict[str, float]], None] | None, name: str) -> None:
+        self.on_epoch = on_epoch
+        self.name = name
+        self.started = time.monotonic()
+        self.stopped = False
+
+    def start(self, trainer: Any) -> None:
+        """``on_train_start``: the clock starts once the data and the model are set up."""
+        self.started = time.monotonic()
+
+    def __call__(self, trainer: Any) -> None:
+        # After the epoch that stops training, Ultralytics validates the best weights and
+        # calls this again as epoch N + 1; those metrics are the run's val_* instead.
+        if self.stopped:
+            return
+        self.stopped = bool(trainer.stop)
+        row = {clean_metric_name(k): float(v) for k, v in (trainer.metrics or {}).items()}
+        losses = trainer.label_loss_items(trainer.tloss, prefix="train")
+        row.update({clean_metric_name(k): float(v) for k, v in losses.items()})
+        row.update({clean_metric_name(k): float(v) for k, v in (trainer.lr or {}).items()})
+        row = {k: v for k, v in row.items() if math.isfinite(v)}
+        epoch = int(trainer.epoch) + 1
+        elapsed = time.monotonic() - self.started
+        EPOCH_LOG.info(epoch_line(self.name, epoch, int(trainer.epochs), row, elapsed))
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, row)
+
+
 @dataclass(frozen=True)
 class TrainedDetector:
     weights: Path  # best.pt
@@ -196,19 +258,7 @@ def train_detector(
     settings = config.train.model_dump(exclude={"extra", "device", "single_cls_name"})
     settings["amp"] = settings["amp"] and device != "cpu"
 
-    stopped = [False]
-
-    def epoch_end(trainer: Any) -> None:
-        # After the epoch that stops training, Ultralytics validates the best weights and
-        # calls this again as epoch N + 1; those metrics are the run's val_* instead.
-        if on_epoch is None or stopped[0]:
-            return
-        stopped[0] = bool(trainer.stop)
-        row = {clean_metric_name(k): float(v) for k, v in (trainer.metrics or {}).items()}
-        losses = trainer.label_loss_items(trainer.tloss, prefix="train")
-        row.update({clean_metric_name(k): float(v) for k, v in losses.items()})
-        row.update({clean_metric_name(k): float(v) for k, v in (trainer.lr or {}).items()})
-        on_epoch(int(trainer.epoch) + 1, {k: v for k, v in row.items() if math.isfinite(v)})
+    epoch_end = EpochEnd(on_epoch, config.name)
 
     def name_single_class(trainer: Any) -> None:
         """Ultralytics calls the one class `item`; the config names it."""
@@ -219,6 +269,7 @@ def train_detector(
             if net is not None:
                 net.names = names
 
+    model.add_callback("on_train_start", epoch_end.start)
     model.add_callback("on_fit_epoch_end", epoch_end)
     if config.train.single_cls:
         model.add_callback("on_train_start", name_single_class)

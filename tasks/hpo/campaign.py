@@ -220,6 +220,11 @@ class Campaign:
         )
         champion = None
         if registered is not None:
+            # The study's own rule with a seed check is the best mean: its winner takes the
+            # alias even where one seed of an earlier champion scored better.
+            tracker.client.set_registered_model_alias(
+                registered.model, CHAMPION, registered.version
+            )
             metric = record["objective"]
             for key, value in {f"{metric}_mean": row["mean"], f"{metric}_std": row["std"]}.items():
                 tracker.client.set_model_version_tag(
@@ -228,7 +233,7 @@ class Campaign:
             champion = {
                 "model": registered.model,
                 "version": registered.version,
-                "alias": registered.alias,
+                "alias": CHAMPION,
                 "trial": winner.number,
             }
             study.set_user_attr("champion", champion)

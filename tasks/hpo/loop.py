@@ -15,6 +15,7 @@ milliseconds. ``run_studies`` runs several loops (a variant run) on shared GPU s
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import time
@@ -28,7 +29,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.board import BoardBusyError
-from tasks.config.variants import variant_name
 from tasks.devices.base import DeviceUnreachableError
 from tasks.hpo import optuna_ops
 from tasks.hpo.launch import Slot, StageFailed, Stages
@@ -43,6 +43,7 @@ from tasks.hpo.recovery import (
     find_stale,
     foreign_running,
     gone_reason,
+    own_alias,
     still_to_ask,
 )
 from tasks.hpo.repeats import answer, earlier_result
@@ -455,7 +456,8 @@ class StudyLoop:
         )
         trial.set_user_attr(ATTR_RUN_ID, run_id)
         retry_of = trial.user_attrs.get(ATTR_RETRY_OF)
-        self.tracker.log_params(run_id, {**params, "trial": trial.number})
+        settings = flatten(self.workload.trial_settings(params))
+        self.tracker.log_params(run_id, {**settings, **params, "trial": trial.number})
         if retry_of is not None:
             self.tracker.set_tags(run_id, {"edgetune.retry_of": str(retry_of)})
         slot = Slot(trial, params, run_id, self.parent_run_id, times={"asked_at": time.time()})
@@ -536,21 +538,31 @@ class StudyLoop:
     def _trained(self, slot: Slot, outcome: TrainOutcome) -> None:
         slot.float_metrics = outcome.metrics
         slot.times.update(train_started=outcome.started_at, train_finished=outcome.finished_at)
-        slot.stage = "evaluate"
+        self._enter(slot, "evaluate")
         self.slots[_in_context(self.eval_pool, self._evaluate, slot)] = slot
         self.in_eval += 1
 
     def _evaluate(self, slot: Slot) -> tuple[CompileOutcome, DeviceOutcome]:
         """Compile, then evaluate on the board; runs in an evaluation thread."""
-        slot.stage = "compile"
+        self._enter(slot, "compile")
         compiled = self.stages.compile(slot)
         slot.times.update(
             compile_started=compiled.started_at, compile_finished=compiled.finished_at
         )
-        slot.stage = "device"
+        self._enter(slot, "device")
         device = self.stages.evaluate(slot, compiled.artifact)
         slot.times.update(device_started=device.started_at, device_finished=device.finished_at)
         return compiled, device
+
+    def _enter(self, slot: Slot, stage: str) -> None:
+        """Move the trial to ``stage``, and record it at once for those who watch the study
+        (``edgetune tune``'s progress) rather than at the next heartbeat."""
+        slot.stage = stage
+        # Told meanwhile, or the database is busy: the next heartbeat records the stage.
+        with contextlib.suppress(
+            optuna.exceptions.UpdateFinishedTrialError, optuna.exceptions.StorageInternalError
+        ):
+            optuna_ops.set_trial_attr(self.study, slot.trial_id, ATTR_STAGE, stage)
 
     # Telling ----------------------------------------------------------------------------------
     def _record(self, slot: Slot) -> None:
@@ -678,9 +690,12 @@ class StudyLoop:
 
     def _register(self, best: FrozenTrial) -> None:
         """Register the study's best trial; a variant's best takes the variant's alias."""
-        alias = variant_name(self.config) or CHAMPION
         registered = self.workload.register_best(
-            self.tracker, best.user_attrs[ATTR_RUN_ID], best.number, primary_value(best), alias
+            self.tracker,
+            best.user_attrs[ATTR_RUN_ID],
+            best.number,
+            primary_value(best),
+            own_alias(self.config),
         )
         if registered is not None:
             self._champion(registered, best)
@@ -688,6 +703,7 @@ class StudyLoop:
     def _champion(self, registered: Registration, best: FrozenTrial) -> None:
         won = registered.run_id == best.user_attrs[ATTR_RUN_ID]
         trial = best.number if won else None
+        note = registered.extra.get("note")
         self.study.set_user_attr(
             "champion",
             {
@@ -695,6 +711,7 @@ class StudyLoop:
                 "version": registered.version,
                 "alias": registered.alias,
                 "trial": trial,
+                **({"note": note} if note else {}),
             },
         )
         if trial is None:
@@ -707,12 +724,13 @@ class StudyLoop:
             )
             return
         self.logger.info(
-            "%s: trial %d registered as %s version %s (@%s)",
-            "champion" if registered.alias == CHAMPION else f"variant {registered.alias}",
+            "%s: trial %d registered as %s version %s (@%s)%s",
+            "champion" if registered.alias == CHAMPION else f"@{registered.alias}",
             trial,
             registered.model,
             registered.version,
             registered.alias,
+            f"; {note}" if note else "",
         )
 
 

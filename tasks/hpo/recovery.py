@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -25,9 +26,11 @@ from optuna.trial import FrozenTrial, TrialState
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
+from tasks.config.variants import expand, variant_name
 from tasks.host import pid_alive
 from tasks.hpo.study import ATTR_REJECTED, ATTR_RUN_ID, best_trial, open_study
 from tasks.storage import open_storage
+from tasks.tracking import CHAMPION
 from tasks.workloads.base import StudyTarget
 from tasks.workloads.registry import objective_for
 
@@ -236,12 +239,14 @@ class StudyChangedError(RuntimeError):
     """The stored study was run with another search space or objective."""
 
 
-def check_fingerprint(study: optuna.Study, config: StudyTarget) -> None:
-    """Record the fingerprint on a new study; refuse to continue a study that differs."""
+def check_fingerprint(study: optuna.Study, config: StudyTarget, *, record: bool = True) -> None:
+    """Record the fingerprint on a new study (unless not ``record``); refuse to continue a
+    study that differs."""
     current = fingerprint(config)
     stored = study.user_attrs.get(ATTR_FINGERPRINT)
     if stored is None:
-        study.set_user_attr(ATTR_FINGERPRINT, current)
+        if record:
+            study.set_user_attr(ATTR_FINGERPRINT, current)
         return
     changes = _differences(stored, current)
     if changes:
@@ -266,6 +271,59 @@ def forget_study(config: StudyTarget) -> bool:
 
 class NothingToReuseError(RuntimeError):
     """``--reuse-best`` on a study without a COMPLETE trial."""
+
+
+def stored_study(config: StudyTarget) -> optuna.Study | None:
+    """The config's study as stored, or None when there is none; creates nothing (a SQLite
+    file that does not exist yet is not made)."""
+    url = config.storage_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        return open_study(url, config.study, config.seed, create=False)
+    except KeyError:
+        return None
+
+
+def check_resume(config: StudyTarget, *, restart: bool, reuse_best: bool) -> None:
+    """Refuse a run that the campaign would stop at once, before anything starts or is
+    created: a stored study (or variant) run with another search space or objective, or
+    ``reuse_best`` without a COMPLETE trial. The campaign checks the same again when it
+    opens the studies; this answers in seconds instead of after the flow has started."""
+    if restart:
+        return  # the stored studies are deleted first
+    targets = [variant for _, variant in expand(config)] if config.variants else [config]
+    stored = [(target, stored_study(target)) for target in targets]
+    if not reuse_best:
+        for target, study in stored:
+            if study is not None:
+                check_fingerprint(study, target, record=False)
+        return
+    if not any(study is not None and best_trial(study) for _, study in stored):
+        name = config.study.name
+        what = f"no variant of {name!r} has a" if config.variants else f"study {name!r} has no"
+        raise NothingToReuseError(
+            f"{what} COMPLETE trial to reuse; run the search first (edgetune tune CONFIG) or "
+            f"check study.storage"
+        )
+
+
+#: The alias a derived study's registration takes, by its name's suffix (``<study>-best``
+#: from ``--reuse-best``, ``<study>-final`` from ``study.retrain``).
+DERIVED_ALIASES = {"best": "retrained", "final": "final"}
+
+
+def own_alias(config: StudyTarget) -> str:
+    """The alias a study's best trial is registered under: its variant's name, its derived
+    study's alias (``retrained``, ``final``), or ``champion`` for a search. Only a search
+    gives ``champion`` directly; the others take it only by beating it (``Tracker.promote``)."""
+    variant = variant_name(config)
+    if variant:
+        return variant
+    if config.study.derived_from:
+        suffix = config.study.name.removeprefix(f"{config.study.derived_from}-")
+        return DERIVED_ALIASES.get(suffix, suffix)
+    return CHAMPION
 
 
 def derived_config(config: StudyTarget, name: str, n_trials: int, **study: Any) -> StudyTarget:

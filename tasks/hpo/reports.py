@@ -32,11 +32,19 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 import optuna
-from optuna.distributions import distribution_to_json
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    distribution_to_json,
+)
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.data import load_bundle
+from tasks.hpo.interactive import write_html
+from tasks.hpo.recovery import outcome_count
 from tasks.hpo.study import (
     ATTR_APPLIED,
     ATTR_FAIL_REASON,
@@ -306,6 +314,23 @@ def _publish(run: StudyRun, paths: Sequence[Path], artifact_dir: str) -> None:
         run.tracker.log_artifact(run.parent_run_id, path, artifact_dir)
 
 
+def study_progress(config: StudyTarget, study: optuna.Study) -> tuple[float, str]:
+    """How far the study is, for a progress bar in the orchestrator's UI: the share of its
+    trials with an outcome (0 to 100), and a line with the counts and the best so far."""
+    trials = study.get_trials(deepcopy=False)
+    total, done = study_budget(config.study), outcome_count(trials)
+    counts = {s: sum(1 for t in trials if state_name(t) == s) for s in ("COMPLETE", "PRUNED")}
+    failed = sum(1 for t in trials if t.state == TrialState.FAIL)
+    best = best_of(study) if _single(study) else None
+    label = objective_for(config).label
+    text = (
+        f"study {study.study_name}: {done}/{total} trials with an outcome "
+        f"({counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {failed} failed); "
+        + (f"best {label} {best.values[0]:.5f} (trial {best.number})" if best else "no result yet")
+    )
+    return (min(100.0, 100.0 * done / total) if total else 100.0), text
+
+
 # Hooks of the parent flow ---------------------------------------------------------------
 
 
@@ -346,8 +371,10 @@ def _figure(width: float = 7.0, height: float = 4.5, columns: int = 1) -> tuple[
 
 
 def _save(figure: Any, path: Path) -> Path:
+    """The PNG at ``path`` and its interactive twin beside it (``.html``)."""
     with _atomic(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
+    write_html(figure, path.with_suffix(".html"))
     return path
 
 
@@ -404,6 +431,41 @@ def varying_params(study: optuna.Study) -> list[str]:
     return sorted(n for n in names if len({repr(t.params[n]) for t in done}) > 1)
 
 
+def _union(distributions: Sequence[BaseDistribution]) -> BaseDistribution:
+    """One distribution that holds every trial's value of a parameter."""
+    first = distributions[0]
+    if isinstance(first, CategoricalDistribution):
+        choices: list[Any] = []
+        for d in distributions:
+            choices += [c for c in d.choices if c not in choices]  # type: ignore[attr-defined]
+        return CategoricalDistribution(choices)
+    low = min(d.low for d in distributions)  # type: ignore[attr-defined]
+    high = max(d.high for d in distributions)  # type: ignore[attr-defined]
+    if isinstance(first, IntDistribution):
+        return IntDistribution(low, high, log=first.log)
+    assert isinstance(first, FloatDistribution), first
+    return FloatDistribution(low, high, log=first.log)
+
+
+def uniform_space(study: optuna.Study, params: Sequence[str]) -> optuna.Study:
+    """The complete trials over ``params`` with one distribution per parameter (the union of
+    the trials' own), in an in-memory study: a parameter whose range depends on another
+    (``swa_start`` below ``epochs``) or that some trials lack (a conditional space) would
+    otherwise stop fANOVA, which needs one fixed space."""
+    done = _complete(study)
+    space = {name: _union([t.distributions[name] for t in done]) for name in params}
+    copy = optuna.create_study(directions=study.directions)
+    for trial in done:
+        copy.add_trial(
+            optuna.trial.create_trial(
+                params={name: trial.params[name] for name in params},
+                distributions=space,
+                values=trial.values,
+            )
+        )
+    return copy
+
+
 def plot_importances(study: optuna.Study, path: Path, seed: int = 0) -> dict[str, float] | None:
     """fANOVA importance of each varying parameter for the objective (the first one of a
     multi-objective study).
@@ -419,13 +481,17 @@ def plot_importances(study: optuna.Study, path: Path, seed: int = 0) -> dict[str
         return None
     target = None if _single(study) else (lambda t: t.values[0])
     importances = get_param_importances(
-        study, evaluator=FanovaImportanceEvaluator(seed=seed), params=params, target=target
+        uniform_space(study, params),
+        evaluator=FanovaImportanceEvaluator(seed=seed),
+        params=params,
+        target=target,
     )
     if not all(math.isfinite(v) for v in importances.values()):
         raise ValueError(f"importances are not finite: {importances}")
     names = sorted(importances, key=lambda n: importances[n])
     figure, axes = _figure(height=1.2 + 0.45 * len(names))
-    axes.barh(names, [importances[n] for n in names], color="tab:blue")
+    axes.barh(range(len(names)), [importances[n] for n in names], color="tab:blue")
+    axes.set_yticks(range(len(names)), names)
     for y, name in enumerate(names):
         axes.text(importances[name], y, f" {importances[name]:.2f}", va="center")
     axes.set_xlim(0, max(1.0, *importances.values()) * 1.12)
@@ -593,8 +659,8 @@ def make_plots(run: StudyRun) -> list[Path]:
         if drawn is None:
             logger.info("plot %s skipped: %s", title, why)
         else:
-            made.append(path)
-    logger.info("%d plot(s) in %s (%.1f s)", len(made), folder, time.monotonic() - started)
+            made.extend(p for p in (path, path.with_suffix(".html")) if p.is_file())
+    logger.info("%d plot file(s) in %s (%.1f s)", len(made), folder, time.monotonic() - started)
     return made
 
 

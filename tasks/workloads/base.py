@@ -244,6 +244,13 @@ class Workload(ABC, Generic[C]):
     @abstractmethod
     def planned_epochs(self, params: dict[str, Any]) -> int: ...
 
+    @abstractmethod
+    def trial_settings(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Every setting a trial with ``params`` trains, compiles and is measured with, as
+        nested sections (logged flat on its run, so trials of different variants compare in
+        the MLflow UI without their parent): the config less the study-level sections,
+        with the trial's own training settings."""
+
     def pruning_warmup(self, params: dict[str, Any]) -> int:
         """The first epoch the pruner may judge a trial with ``params`` at
         (``study.pruner_warmup``; by default 0)."""
@@ -292,6 +299,15 @@ def scratch(config: _HasStudy, label: str) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+#: Sections that belong to the study, not to one trial (logged on the study's run).
+STUDY_SECTIONS = ("study", "tracking", "orchestration", "variants")
+
+
+def study_free(data: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config without its study-level sections."""
+    return {key: value for key, value in data.items() if key not in STUDY_SECTIONS}
 
 
 def stage_outcome_path(stage: str) -> str:

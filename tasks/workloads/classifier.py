@@ -7,7 +7,9 @@ stages can run on different hosts with no shared filesystem:
   calibration set (a seeded sample of the train split) → the study's parent run.
 - ``train``: FMFP training with per-epoch float AUGRC reported to the trial, the averaged
   checkpoint, ONNX export with a parity check → the trial run.
-- ``compile_model``: ONNX + calibration → the compiled artifact and the compiler's log.
+- ``compile_model``: ONNX + calibration → the compiled artifact, the compiler's log and
+  the trial's MLflow model (``mlflow_model/``: the compiled model served from uint8
+  images, see ``tasks.packaging``), which a registered version points at.
 - ``evaluate_on_device``: compiled artifact + bundle → per-sample probabilities on the
   board → device metrics computed here, on the controller.
 """
@@ -39,6 +41,7 @@ from tasks.data import (
 )
 from tasks.devices import create_runner
 from tasks.metrics import classification_metrics
+from tasks.packaging import MODEL_DIR, save_served_model
 from tasks.seeding import trial_seed
 from tasks.tracking import CHAMPION, Tracker, local_artifact_location
 from tasks.workloads.base import (
@@ -52,6 +55,7 @@ from tasks.workloads.base import (
     TrainOutcome,
     Workload,
     scratch,
+    study_free,
 )
 
 if TYPE_CHECKING:  # torch, imported only where a training runs
@@ -265,6 +269,8 @@ def compile_model(
         tracker.log_artifact(run_id, artifact.path, COMPILED_DIR)
         if artifact.log_path is not None and artifact.log_path.is_file():
             tracker.log_artifact(run_id, artifact.log_path, "compile")
+        served = package_classifier(config, onnx_path, artifact.path, calibration, work)
+        tracker.client.log_artifacts(run_id, str(served), MODEL_DIR)
     metrics = {"compile_seconds": artifact.seconds, "compiled_size_mb": artifact.size_bytes / 1e6}
     tracker.log_metrics(run_id, metrics)
     tracker.set_tags(
@@ -386,6 +392,29 @@ CLASSIFIER = _objective("val")
 CLASSIFIER_ON_TEST = _objective("test")
 
 
+def package_classifier(
+    config: EdgetuneConfig, onnx_path: Path, compiled: Path, calibration: Path, work: Path
+) -> Path:
+    """The trial's MLflow model (``mlflow_model/``): its compiled artifact in a serving graph
+    that takes uint8 images and returns class probabilities (see ``tasks.packaging``); its
+    input example is a calibration image."""
+    with np.load(calibration) as data:
+        arrays = {key: data[key] for key in ("images", "mean", "std", "classes")}
+    return save_served_model(
+        onnx_path,
+        compiled,
+        arrays,
+        work / "mlflow_model",
+        classifier=True,
+        metadata={
+            "study": config.study.name,
+            "compiler": config.compile.backend,
+            "device": config.device.name,
+            "objective": ClassifierWorkload.objective_on(config).metric,
+        },
+    )
+
+
 class ClassifierWorkload(Workload[EdgetuneConfig]):
     """FMFP (SAM + SWA) image classifier; objective: validation AUGRC on the board."""
 
@@ -441,6 +470,12 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
     def planned_epochs(self, params: dict[str, Any]) -> int:
         return trial_train_config(self.config, params).epochs
 
+    def trial_settings(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **study_free(self.config.model_dump(mode="json")),
+            "train": trial_train_config(self.config, params).model_dump(mode="json"),
+        }
+
     def pruning_warmup(self, params: dict[str, Any]) -> int:
         """By default the trial's ``swa_start``: no FMFP trial is judged before its SWA
         starts (before it, validation AUGRC predicts the final one poorly)."""
@@ -458,25 +493,37 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
         """The trial's compiled artifact becomes a version of the registered model."""
         cfg = self.config
         variant = variant_name(cfg)
+        tags = {
+            "study": cfg.study.name,
+            "trial": trial,
+            self.study_objective.metric: value,
+            "compiler": cfg.compile.backend,
+            "device": cfg.device.name,
+            **({"variant": variant} if variant else {}),
+        }
+        name = cfg.registered_model_name
         version = tracker.register(
-            cfg.registered_model_name,
+            name,
             run_id,
-            COMPILED_DIR,
-            alias=alias,
-            tags={
-                "study": cfg.study.name,
-                "trial": trial,
-                self.study_objective.metric: value,
-                "compiler": cfg.compile.backend,
-                "device": cfg.device.name,
-                **({"variant": variant} if variant else {}),
-            },
+            MODEL_DIR,
+            alias=None if alias == CHAMPION else alias,
+            tags=tags,
             description=(
                 f"Best trial of study {cfg.study.name} by {self.study_objective.label} "
                 f"({cfg.device.name})."
             ),
         )
-        return Registration(cfg.registered_model_name, str(version), alias, run_id)
+        if variant:  # the variants' comparison decides (``crown``)
+            return Registration(name, version, alias, run_id)
+        objective = self.study_objective
+        promotion = tracker.promote(
+            name, version, objective.metric, value, maximize=objective.maximize
+        )
+        # the alias this version holds: champion, its own (retrained, final), or none (a
+        # search whose best does not beat an earlier champion)
+        own = "" if alias == CHAMPION else alias
+        held = CHAMPION if promotion.version == version else own
+        return Registration(name, version, held, run_id, extra={"note": promotion.note})
 
     def crown(self, tracker: Tracker, winner: dict[str, Any] | None) -> Registration | None:
         """The winning variant's version takes ``champion`` (each variant registered its own)."""
@@ -484,5 +531,19 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
         if not winner or not registered:
             return None
         model, version = str(registered["model"]), str(registered["version"])
-        tracker.client.set_registered_model_alias(model, CHAMPION, version)
-        return Registration(model, version, CHAMPION, str(winner["best"]["mlflow_run_id"]))
+        objective = self.study_objective
+        value = float(winner["best"][objective.metric])
+        promotion = tracker.promote(
+            model, version, objective.metric, value, maximize=objective.maximize
+        )
+        if promotion.version != version:  # an earlier champion is better: it keeps the alias
+            current = tracker.alias_version(model)
+            return Registration(
+                model,
+                promotion.version,
+                CHAMPION,
+                str(current.run_id),
+                extra={"note": promotion.note},
+            )
+        run_id = str(winner["best"]["mlflow_run_id"])
+        return Registration(model, version, CHAMPION, run_id, extra={"note": promotion.note})

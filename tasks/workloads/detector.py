@@ -48,6 +48,7 @@ from tasks.workloads.base import (
     TrainOutcome,
     Workload,
     scratch,
+    study_free,
 )
 
 BUNDLE = "inputs/val_bundle.npz"
@@ -171,6 +172,12 @@ class DetectorWorkload(Workload[DetectorStudy]):
 
     def planned_epochs(self, params: dict[str, Any]) -> int:
         return trial_train_settings(self.config.train, params).epochs
+
+    def trial_settings(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **study_free(self.config.model_dump(mode="json")),
+            "train": trial_train_settings(self.config.train, params).model_dump(mode="json"),
+        }
 
     def run_tags(self) -> dict[str, str]:
         """Trial runs are runs of the detector: its champion is chosen among them too."""

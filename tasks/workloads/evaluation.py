@@ -149,4 +149,7 @@ def evaluate_version(
 
 
 def champion_of(config: EdgetuneConfig) -> str:
-    return f"models:/{config.registered_model_name}@{CHAMPION}"
+    """The model a study's final report measures: its final model (``@final``, when
+    ``study.retrain`` trains one), else its champion."""
+    alias = "final" if config.study.retrain != "none" else CHAMPION
+    return f"models:/{config.registered_model_name}@{alias}"

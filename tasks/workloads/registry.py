@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.compilers import CompilerUnavailableError
-from tasks.config import ConfigError, anchor_paths, apply_overrides, parse_config, read_yaml
+from tasks.config import PATH_KEYS, ConfigError, overridden, parse_config, read_yaml
 from tasks.config.variants import expand
-from tasks.detection.config import DETECTOR_PATH_KEYS, is_detector_config, parse_detector_study
+from tasks.detection.config import is_detector_config, override_detector, parse_detector_study
 from tasks.workloads.base import Checked, Objective, StudyTarget, Workload
 from tasks.workloads.classifier import ClassifierWorkload
 from tasks.workloads.detector import DetectorWorkload
@@ -49,12 +49,10 @@ def load_study_config(path: str | Path, overrides: list[str] | None = None) -> S
     """Read a classifier or detector study config (told apart by ``data.yaml``): the file
     is read once, its relative paths anchored at its folder, the overrides applied."""
     raw = read_yaml(path)
-    folder = Path(path).resolve().parent
     if is_detector_config(raw):
-        raw = apply_overrides(anchor_paths(raw, folder, DETECTOR_PATH_KEYS), overrides or [])
+        raw = override_detector(raw, path, overrides or [])
         return parse_detector_study(raw, source=str(path))
-    raw = apply_overrides(anchor_paths(raw, folder), overrides or [])
-    return parse_config(raw, source=str(path))
+    return parse_config(overridden(raw, path, overrides or [], PATH_KEYS), source=str(path))
 
 
 def parse_study_config(raw: dict[str, Any], *, source: str = "config") -> StudyTarget:

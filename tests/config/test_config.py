@@ -178,3 +178,100 @@ def test_paths_in_a_file_are_relative_to_the_file_and_overrides_to_the_cwd(
     assert config.run_dir == str(folder / "runs" / "here")
     overridden = load_config(folder / "s.yaml", ["data.root=mine"])
     assert overridden.data.root == str(elsewhere / "mine")
+
+
+# Overrides: paths, variants, Ultralytics' flat keys ----------------------------------------
+
+
+def _space(lr_high: float) -> dict:
+    return {"params": {"lr": {"type": "float", "low": 0.001, "high": lr_high, "log": True}}}
+
+
+def test_a_space_file_on_the_command_line_is_relative_to_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, here = tmp_path / "studies", tmp_path / "here"
+    folder.mkdir()
+    here.mkdir()
+    (folder / "s.yaml").write_text(yaml.safe_dump(_base(tmp_path)))
+    (folder / "space.yaml").write_text(yaml.safe_dump(_space(0.2)))  # beside the config
+    (here / "space.yaml").write_text(yaml.safe_dump(_space(0.3)))  # where the user stands
+    monkeypatch.chdir(here)
+    config = load_config(folder / "s.yaml", ["study.search_space=space.yaml"])
+    assert config.study.search_space["lr"].high == 0.3
+    assert config.study.search_space_file == str(here / "space.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_config(folder / "s.yaml", ["study.search_space=none.yaml"])
+    assert str(error.value) == (
+        f"study.search_space: file '{here / 'none.yaml'}' not found; give the path of a "
+        f"search-space file (in the config, relative to the config's folder; on the command "
+        f"line, relative to the current folder), or write the space inline"
+    )
+
+
+def _with_variants(tmp_path: Path) -> Path:
+    raw = _base(tmp_path)
+    raw["variants"] = [
+        {"name": "tiny", "set": {"model.arch": "tinycnn", "train.lr": 0.02}},
+        {
+            "name": "r18",
+            "set": {
+                "model.arch": "resnet18",
+                "study.search_space": {"lr": {"type": "float", "low": 0.01, "high": 0.1}},
+            },
+        },
+    ]
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_command_line_override_beats_the_variants_set_and_says_so(tmp_path: Path) -> None:
+    from tasks.config import expand
+
+    path = _with_variants(tmp_path)
+    with pytest.warns(UserWarning) as shown:
+        config = load_config(path, ["train.lr=0.05", "study.search_space.lr.high=0.2"])
+    (_, tiny), (_, r18) = expand(config)
+    assert (tiny.model.arch, tiny.train.lr) == ("tinycnn", 0.05)
+    assert (r18.model.arch, r18.train.lr) == ("resnet18", 0.05)
+    assert r18.study.search_space["lr"].high == 0.2  # inside the variant's own space
+    assert [str(w.message) for w in shown] == [
+        "override train.lr=0.05 applies to every variant: it replaces variant tiny's set.train.lr",
+        "override study.search_space.lr.high=0.2 applies to every variant: it replaces "
+        "variant r18's set.study.search_space",
+    ]
+
+
+def test_an_override_that_makes_two_variants_the_same_is_refused(tmp_path: Path) -> None:
+    path = _with_variants(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["variants"][0]["set"] = {"model.arch": "tinycnn"}
+    raw["variants"][1]["set"] = {"model.arch": "resnet18"}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["model.arch=resnet18"])
+    assert str(error.value) == (
+        "override model.arch=resnet18 replaces what tells variants tiny and r18 apart (their "
+        "set:), so both would be the same run; drop the override to compare them, or add "
+        "variants=[] to run one study with it"
+    )
+    assert load_config(path, ["model.arch=resnet18", "variants=[]"]).variants == []
+
+
+def test_ultralytics_flat_keys_name_the_detector_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.detection.config import load_detector_config
+
+    monkeypatch.chdir(tmp_path)
+    path = CONFIGS / "detectors" / "s-ml.yaml"
+    flat = ["data=ds/data.yaml", "epochs=1", "imgsz=320", "batch=4", "model=w/best.pt"]
+    config = load_detector_config(path, flat)
+    assert config.data.yaml == str(tmp_path / "ds" / "data.yaml")
+    assert (config.train.epochs, config.train.imgsz, config.train.batch) == (1, 320, 4)
+    assert config.model.weights == str(tmp_path / "w" / "best.pt")
+    assert config.model.arch == "yolo11n.yaml"  # the file's
+    assert load_detector_config(path, ["model=yolov8s.yaml"]).model.arch == "yolov8s.yaml"
+    sections = load_detector_config(path, ["data={yaml: d.yaml, max_eval_images: 5}"])
+    assert (sections.data.yaml, sections.data.max_eval_images) == (str(tmp_path / "d.yaml"), 5)

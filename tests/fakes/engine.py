@@ -25,6 +25,7 @@ from tasks.config import parse_config
 from tasks.hpo.launch import Slot
 from tasks.hpo.study import open_study
 from tasks.hpo.trial_stages import STOP
+from tasks.tracking import CHAMPION, Promotion
 from tasks.workloads.base import (
     Checked,
     CompileOutcome,
@@ -201,11 +202,26 @@ class FakeTracker:
     def register(self, name: str, run_id: str, path: str, **kwargs: Any) -> str:
         self.registered.append({"name": name, "run_id": run_id, "path": path, **kwargs})
         version = str(len(self.registered))
-        self.aliases[(name, str(kwargs.get("alias")))] = version
+        if kwargs.get("alias"):
+            self.aliases[(name, str(kwargs["alias"]))] = version
         return version
 
     def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
         self.aliases[(name, alias)] = version
+
+    def promote(
+        self, name: str, version: str, metric: str, value: float, *, maximize: bool
+    ) -> Promotion:
+        """The champion alias to the first version, then only to a better one."""
+        current = self.aliases.get((name, CHAMPION))
+        if current is None:
+            self.aliases[(name, CHAMPION)] = version
+            return Promotion(True, version, value, "the first champion")
+        held = float(self.registered[int(current) - 1]["tags"][metric])
+        if value > held if maximize else value < held:
+            self.aliases[(name, CHAMPION)] = version
+            return Promotion(True, version, value, f"{value:.5f} beats version {current}")
+        return Promotion(False, current, held, f"version {current} is as good or better")
 
     def named(self, name: str) -> FakeRun:
         [run] = [r for r in self.runs.values() if r.name == name]

@@ -82,10 +82,11 @@ def test_a_study_completes_its_trials_and_registers_the_best(tmp_path: Path) -> 
         "version": "1",
         "alias": "champion",
         "trial": best,
+        "note": "@champion moved to version 1: the first champion",
     }
     [registered] = tracker.registered
     assert registered["run_id"] == loop.study.trials[best].user_attrs["mlflow_run_id"]
-    assert registered["path"] == "compiled"
+    assert registered["path"] == "mlflow_model"
     # each trial: a FINISHED MLflow run tagged COMPLETE; the parent run FINISHED
     trial_runs = [r for r in tracker.runs.values() if r.name.startswith("trial-")]
     assert sorted(r.tags["edgetune.state"] for r in trial_runs) == ["COMPLETE"] * 4

@@ -214,6 +214,7 @@ def test_changed_space_is_refused_restart_starts_afresh_and_reuse_best_retrains(
     config = parse_config(raw)
     first = tune(config.model_dump(mode="json"))
     assert first["counts"]["COMPLETE"] == 2
+    first_best = first["best"]["device_augrc"]
     again = tune(config.model_dump(mode="json"))  # nothing left to do: no duplicate trial
     assert len(again["trials"]) == 2
 
@@ -247,10 +248,28 @@ def test_changed_space_is_refused_restart_starts_afresh_and_reuse_best_retrains(
     assert reused["study"] == "resume-best"
     [trial] = reused["trials"]
     assert trial["state"] == "COMPLETE" and trial["params"] == best["params"]
-    version = MlflowClient(config.tracking_uri).get_model_version_by_alias(
-        changed.registered_model_name, "champion"
+    client, name = MlflowClient(config.tracking_uri), changed.registered_model_name
+    retrained = client.get_model_version_by_alias(name, "retrained")
+    assert retrained.run_id == trial["mlflow_run_id"]
+    # the same parameters train the same model (one trial seed): not better, so the
+    # champion stays where it was (the best of the searches, the one before the restart
+    # included), and the summary says so
+    assert trial["device_augrc"] == pytest.approx(best["device_augrc"])
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id != retrained.run_id
+    assert float(champion.tags["device_augrc"]) <= min(best["device_augrc"], first_best)
+    assert reused["champion"]["alias"] == "retrained"
+    assert reused["champion"]["note"].startswith(f"@champion stays version {champion.version}")
+    # the finished search run again registers nothing new and keeps its champion
+    versions = len(client.search_model_versions(f"name = '{name}'"))
+    tune(
+        {
+            **changed.model_dump(mode="json"),
+            "study": {**changed.model_dump(mode="json")["study"], "n_trials": 1},
+        }
     )
-    assert version.run_id == trial["mlflow_run_id"]
+    assert len(client.search_model_versions(f"name = '{name}'")) == versions
+    assert client.get_model_version_by_alias(name, "champion").version == champion.version
 
 
 # The link to the board drops mid-upload --------------------------------------------------------

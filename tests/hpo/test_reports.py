@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
-from optuna.distributions import FloatDistribution
+from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
 
@@ -140,13 +141,14 @@ def test_the_parent_run_holds_the_records_and_the_plots(
     assert hpo == {"hpo/status.json", *(f"hpo/trial_{t.number}.json" for t in study.trials)}
     plots = {a.path: a.file_size for a in client.list_artifacts(parent, "plots")}
     # One objective: no Pareto front; a classifier: risk-coverage curves.
-    assert set(plots) == {
-        "plots/optimization_history.png",
-        "plots/param_importances.png",
-        "plots/risk_coverage.png",
-    }
+    # each PNG has its interactive (plotly) twin beside it
+    names = ("optimization_history", "param_importances", "risk_coverage")
+    assert set(plots) == {f"plots/{n}.{kind}" for n in names for kind in ("png", "html")}
     tracker = Tracker(config.tracking_uri)
-    for path in plots:
+    for name in names:
+        page = tracker.download(parent, f"plots/{name}.html", tmp_path).read_text()
+        _offline_plotly(page)
+    for path in (p for p in plots if p.endswith(".png")):
         data = tracker.download(parent, path, tmp_path).read_bytes()
         assert data.startswith(PNG_MAGIC), path
         assert len(data) > 10_000, f"{path}: {len(data)} bytes"
@@ -217,11 +219,58 @@ def _study(values: list[float], xs: list[float]) -> optuna.Study:
     return study
 
 
+def _offline_plotly(page: str) -> list[dict[str, Any]]:
+    """The traces of a self-contained plotly page: plotly.js inside, nothing fetched."""
+    assert not re.findall(r"<script[^>]*\bsrc=", page)
+    assert len(page) > 1_000_000  # plotly.js itself
+    call = page[page.rindex("Plotly.newPlot(") :]
+    start = call.index("[")
+    traces, _ = json.JSONDecoder().raw_decode(call[start:])
+    return list(traces)
+
+
 def test_history_follows_the_best_so_far(tmp_path: Path) -> None:
     study = _study([0.3, 0.4, 0.1, 0.2], [0.1, 0.2, 0.3, 0.4])
     rows = reports.plot_history(study, CLASSIFIER, tmp_path / "h.png")
     assert rows == [(0, 0.3, 0.3), (1, 0.4, 0.3), (2, 0.1, 0.1), (3, 0.2, 0.1)]
     assert (tmp_path / "h.png").read_bytes().startswith(PNG_MAGIC)
+    # the interactive twin holds the same points: each trial, and the best so far as steps
+    trial, best = _offline_plotly((tmp_path / "h.html").read_text())
+    assert (trial["name"], trial["mode"]) == ("trial", "markers")
+    assert (trial["x"], trial["y"]) == ([0, 1, 2, 3], [0.3, 0.4, 0.1, 0.2])
+    assert (best["name"], best["line"]["shape"], best["y"]) == (
+        "best so far",
+        "hv",
+        [0.3, 0.3, 0.1, 0.1],
+    )
+
+
+def test_importances_cover_dependent_and_conditional_parameters(tmp_path: Path) -> None:
+    """swa_start's range depends on epochs and `cond` is drawn only for some trials: fANOVA
+    runs over the parameters every trial has, each with one range holding all values."""
+    study = optuna.create_study()
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        epochs = int(rng.integers(4, 11))
+        swa = int(rng.integers(1, epochs))
+        lr = float(rng.uniform(0.001, 0.1))
+        params: dict[str, Any] = {"epochs": epochs, "swa_start": swa, "lr": lr}
+        dist: dict[str, Any] = {
+            "epochs": IntDistribution(4, 10),
+            "swa_start": IntDistribution(1, epochs - 1),
+            "lr": FloatDistribution(0.001, 0.1),
+        }
+        if swa > 3:
+            params["cond"], dist["cond"] = 0.5, FloatDistribution(0.0, 1.0)
+        value = lr + 0.01 * swa
+        study.add_trial(create_trial(value=value, params=params, distributions=dist))
+    importances = reports.plot_importances(study, tmp_path / "i.png")
+    assert importances is not None and set(importances) == {"epochs", "swa_start", "lr"}
+    assert sum(importances.values()) == pytest.approx(1.0)
+    assert max(importances, key=importances.__getitem__) == "lr"
+    (bars,) = _offline_plotly((tmp_path / "i.html").read_text())
+    assert bars["orientation"] == "h"
+    assert dict(zip(bars["y"], bars["x"], strict=True)) == pytest.approx(importances)
 
 
 def test_importances_are_skipped_without_enough_trials_or_variation(tmp_path: Path) -> None:
@@ -270,7 +319,12 @@ def test_reports_never_fail_the_study(digits_root: Path, tmp_path: Path) -> None
     assert not (run.config.run_path / "hpo" / "trial_0.json").exists()
 
     made = reports.make_plots(run)  # the curves need MLflow: skipped, the rest drawn
-    assert [p.name for p in made] == ["optimization_history.png", "param_importances.png"]
+    assert [p.name for p in made] == [
+        "optimization_history.png",
+        "optimization_history.html",
+        "param_importances.png",
+        "param_importances.html",
+    ]
     assert run.logger.said("warning", "plot risk-coverage curves failed, skipped")
     assert run.logger.said("info", "plot Pareto front skipped: the study has one objective")
     (run.config.run_path / "hpo" / "trial_7.json").write_text("{}")  # of a deleted study

@@ -113,10 +113,16 @@ def test_the_best_parameters_retrain_on_train_and_val(digits_root: Path, tmp_pat
 
     line = retrained_line(retrained, "device AUGRC", "device_augrc")
     assert f"test device AUGRC {trial.values[0]:.5f}" in line
-    # the final model is the champion now
-    version = client.get_model_version_by_alias(config.registered_model_name, "champion")
+    # the final model has its own alias; measured on test, it is not compared with the
+    # champion (measured on val), which stays, and the summary says why
+    name = config.registered_model_name
+    version = client.get_model_version_by_alias(name, "final")
     assert version.run_id == run.info.run_id and version.tags["study"] == "rt-final"
     assert str(retrained["champion"]["version"]) == str(version.version)
+    assert retrained["champion"]["alias"] == "final"
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == best.user_attrs["mlflow_run_id"]
+    assert "has no test_device_augrc to compare with" in retrained["champion"]["note"]
     # the final report: `edgetune evaluate` measures the champion on test again, and says so
     from typer.testing import CliRunner
 

@@ -317,6 +317,7 @@ def test_the_best_variant_takes_the_champion_alias(variant_run: dict[str, Any]) 
         "alias": "champion",
         "trial": bests[winner].number,
         "variant": winner,
+        "note": f"@champion moved to version {champion.version}: the first champion",
     }
     # one MLflow run holds the comparison; each variant's study run is nested in it
     (group,) = client.search_runs(
