@@ -43,7 +43,6 @@ def _quiet_services(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
-    _project_prefect_state()
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
         for name in ("alembic", "optuna"):
@@ -66,8 +65,8 @@ _PREFECT_PLACES = (
 def _project_prefect_state() -> None:
     """Without a Prefect server (``PREFECT_API_URL``), Prefect starts a temporary one on a
     database in ``~/.prefect``, shared by every study on the machine; edgetune gives it the
-    project's own, ``.prefect/prefect.db`` in the current folder. Set before Prefect is
-    imported; anything the user set about Prefect's location wins."""
+    project's own, ``.prefect/prefect.db`` in the current folder. Set by ``main`` before
+    Prefect is imported; anything the user set about Prefect's location wins."""
     if any(os.environ.get(name) for name in _PREFECT_PLACES):
         return
     database = PROJECT_PREFECT_DB.resolve()
@@ -341,7 +340,7 @@ def evaluate(
         str,
         typer.Argument(
             help="models:/NAME@ALIAS, models:/NAME/VERSION, or a study config or run "
-            "directory (its champion)",
+            "directory (its @final if study.retrain made one, else its @champion)",
             show_default=False,
         ),
     ],
@@ -837,6 +836,8 @@ def _options(
 
 
 def main() -> None:
+    """The ``edgetune`` command (in-process callers of ``app`` keep their own Prefect)."""
+    _project_prefect_state()
     try:
         app()
     except _user_errors() as exc:  # one a command missed: still one line, no traceback

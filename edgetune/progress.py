@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -245,6 +246,17 @@ def events(before: Snapshot | None, after: Snapshot) -> list[str]:
     return lines
 
 
+def observer_storage(url: str) -> Any:
+    """The study's storage, read as an observer: it never creates the database, its tables
+    or its version row (the study does; two processes creating them at once collide), so
+    a study that does not exist yet is an error here, and the next poll tries again."""
+    import optuna
+
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(url)
+    return optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
+
+
 class Progress:
     """Shows the study's progress on stderr while the block runs: live on a terminal
     (``live``), else one line per event (see the module). ``fresh``: the run deletes the
@@ -329,7 +341,7 @@ class Progress:
             try:
                 if name not in self._studies:
                     self._studies[name] = optuna.load_study(
-                        study_name=name, storage=target.storage_url
+                        study_name=name, storage=observer_storage(target.storage_url)
                     )
                 found.append(read_snapshot(self._studies[name], target, label))
             except Exception:  # not created yet, deleted to start afresh, or the database

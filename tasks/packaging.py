@@ -185,7 +185,8 @@ def save_served_model(
     fixed = graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value
     batch = fixed or -1  # a detector exported for the board takes one image per call
     outputs = _run(graph, example)
-    mean, std = (np.asarray(bundle[k], dtype=float).round(6).tolist() for k in ("mean", "std"))
+    # float32 constants shown as written (123.675, not 123.675003)
+    mean, std = ([float(f"{v:.7g}") for v in bundle[k]] for k in ("mean", "std"))
     described = {
         "kind": "classifier" if classifier else "detector",
         "class_names": [str(c) for c in bundle["classes"]],

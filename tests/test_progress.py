@@ -386,3 +386,25 @@ def test_a_progress_artifact_follows_the_study_in_the_flow_run(
         f"study {config.study.name}: 4/4 trials with an outcome (4 complete, 0 pruned, "
         f"0 failed); best device AUGRC {best['device_augrc']:.5f} (trial {best['trial']}); finished"
     )
+
+
+def test_watching_a_study_never_creates_its_database(tmp_path: Path) -> None:
+    """The progress thread polls while the study creates its storage: if both created the
+    tables and Optuna's version row, one of them failed (UNIQUE constraint on
+    alembic_version). The observer creates nothing and tries again at the next poll."""
+    import sqlite3
+
+    from edgetune.progress import observer_storage
+
+    path = tmp_path / "optuna.db"
+    url = f"sqlite:///{path}"
+    with pytest.raises(FileNotFoundError):
+        observer_storage(url)
+    assert not path.exists()
+    sqlite3.connect(path).close()  # the study has just opened its file
+    with pytest.raises(optuna.exceptions.StorageInternalError):  # no tables yet
+        optuna.load_study(study_name="s", storage=observer_storage(url))
+    with sqlite3.connect(path) as db:
+        assert db.execute("select name from sqlite_master").fetchall() == []
+    optuna.create_study(study_name="s", storage=url)  # the study creates it
+    assert optuna.load_study(study_name="s", storage=observer_storage(url)).study_name == "s"

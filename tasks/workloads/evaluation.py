@@ -1,11 +1,12 @@
 """A registered classifier measured on a split after the search: the final report.
 
 ``edgetune evaluate MODEL --split test`` takes a registered version (``models:/NAME@ALIAS``,
-``models:/NAME/VERSION``, or a study config for its champion), runs its compiled artifact
-on the study's board over the split, scores the float checkpoint on the same images, and
-reports both under the split's own names (``test_device_augrc``, ``test_float_augrc``,
-``test_augrc_gap``): never under the validation metric that selected the model. The
-metrics go to the version's run and, as tags, to the version itself.
+``models:/NAME/VERSION``, or a study config for its final model or champion), runs its
+compiled artifact on the study's board over the split, scores the float checkpoint on the
+same images, and reports both under the split's own names (``test_device_augrc``,
+``test_float_augrc``, ``test_augrc_gap``): never under the validation metric that
+selected the model. The metrics go to the version's run and, as tags, to the version
+itself.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def parse_model_uri(model: str) -> tuple[str, str | None, str | None]:
     if match is None:
         raise EvaluationError(
             f"model {model!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or a study "
-            f"config (for its champion)"
+            f"config (for its final model or champion)"
         )
     return match["name"], match["alias"], match["version"]
 
