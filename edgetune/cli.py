@@ -43,6 +43,8 @@ def _quiet_services(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    if os.environ.get(_PROJECT_STATE):
+        Path(os.environ[_PROJECT_STATE]).mkdir(parents=True, exist_ok=True)
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
         for name in ("alembic", "optuna"):
@@ -70,8 +72,13 @@ def _project_prefect_state() -> None:
     if any(os.environ.get(name) for name in _PREFECT_PLACES):
         return
     database = PROJECT_PREFECT_DB.resolve()
-    database.parent.mkdir(parents=True, exist_ok=True)
     os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{database}"
+    os.environ[_PROJECT_STATE] = str(database.parent)
+
+
+#: The folder ``main`` chose for the project's Prefect state: made by the commands that
+#: may start Prefect (``_quiet_services``), not by ``--help`` or ``--version``.
+_PROJECT_STATE = "EDGETUNE_PREFECT_STATE_DIR"
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:

@@ -15,11 +15,14 @@ from conftest import tiny_config
 EDGETUNE = str(Path(sys.executable).parent / "edgetune")
 
 
-def test_the_version_is_the_installed_packages() -> None:
+def test_the_version_is_the_installed_packages(tmp_path: Path) -> None:
     from importlib.metadata import version
 
-    done = subprocess.run([EDGETUNE, "--version"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [EDGETUNE, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert (done.returncode, done.stdout) == (0, f"edgetune {version('edgetune')}\n")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no Prefect state made
 
 
 @pytest.mark.integration
