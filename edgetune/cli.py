@@ -842,14 +842,36 @@ def _options(
     """Hardware-in-the-loop hyperparameter tuning for edge vision models."""
 
 
+def _usage_line(exc: typer.TyperException) -> str:
+    """A usage error (a missing argument, a bad option value) as one line and where to
+    look, instead of the usage box."""
+    context, words = getattr(exc, "ctx", None), list[str]()
+    while context is not None and context.parent is not None:  # up to the program's name
+        words.insert(0, context.info_name)
+        context = context.parent
+    message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    return f"{message} (see 'edgetune {' '.join([*words, '--help'])}')"
+
+
 def main() -> None:
     """The ``edgetune`` command (in-process callers of ``app`` keep their own Prefect)."""
     _project_prefect_state()
     try:
-        app()
+        code = app(standalone_mode=False)
     except _user_errors() as exc:  # one a command missed: still one line, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    except (KeyboardInterrupt, EOFError, typer.Abort):
+        typer.echo("error: interrupted", err=True)
+        raise SystemExit(130) from None
+    except typer.TyperException as exc:  # click's errors, as vendored by typer
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a group alone: its help
+            exc.show()  # type: ignore[attr-defined]
+        else:
+            typer.echo(f"error: {_usage_line(exc)}", err=True)
+        raise SystemExit(getattr(exc, "exit_code", EXIT_BAD_INPUT)) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

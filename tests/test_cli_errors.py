@@ -278,6 +278,28 @@ def _assert_one_error_line(stderr: str, message: str, strict: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tune"], "Missing argument 'config'. (see 'edgetune tune --help')"),
+        (
+            ["tune", "x.yaml", "--patience", "abc"],
+            "Invalid value for '--patience': Input should be a valid integer, unable to parse "
+            "string as an integer (see 'edgetune tune --help')",
+        ),
+        (
+            ["detect", "trian"],
+            "No such command 'trian'. Did you mean 'train'? (see 'edgetune detect --help')",
+        ),
+    ],
+)
+def test_a_usage_error_is_one_line_too(argv: list[str], message: str, tmp_path: Path) -> None:
+    """Not typer's usage box: the error and where the help is, exit 2."""
+    code, stderr = _subprocess(argv, tmp_path)
+    assert code == EXIT_BAD_INPUT
+    assert stderr.splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.parametrize(
     ("command", "case"),
     [(command, case) for command, cases in CASES.items() for case in cases],
 )
