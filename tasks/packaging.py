@@ -11,7 +11,8 @@ at an MLflow model folder in its run, ``mlflow_model/``:
   ONNX Runtime artifact (so the served model is the one measured on the board), and the
   float ONNX model otherwise (a Hailo ``.hef`` runs only on the board).
 - ``compiled/<artifact>``: the compiled artifact as the board runs it (``.hef`` or INT8).
-- ``MLmodel``: the signature, an input example (a real image of the evaluated split), and
+- ``MLmodel``: the signature, an input example (a real image: a calibration image for a
+  classifier, one of the evaluated split for a detector), and
   ``metadata.edgetune``: class names, image size, normalisation, what the graph runs, the
   compiler, device and objective.
 
@@ -162,6 +163,13 @@ def _requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("onnx", "onnxruntime", "numpy")]
 
 
+def served_arrays(bundle: Path) -> dict[str, np.ndarray]:
+    """What a served model takes from a bundle (evaluation or calibration): images for the
+    input example, the classes and the normalisation."""
+    with np.load(bundle) as data:
+        return {key: data[key] for key in ("images", "mean", "std", "classes")}
+
+
 def save_served_model(
     onnx_model: Path,
     compiled: Path,
@@ -182,8 +190,8 @@ def save_served_model(
         softmax=classifier,
     )
     example = np.ascontiguousarray(bundle["images"][:1].astype(np.uint8))
-    fixed = graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value
-    batch = fixed or -1  # a detector exported for the board takes one image per call
+    # a detector exported for the board takes one image per call (a fixed batch of 1)
+    batch = graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value or -1
     outputs = _run(graph, example)
     # float32 constants shown as written (123.675, not 123.675003)
     mean, std = ([float(f"{v:.7g}") for v in bundle[k]] for k in ("mean", "std"))
@@ -191,7 +199,7 @@ def save_served_model(
         "kind": "classifier" if classifier else "detector",
         "class_names": [str(c) for c in bundle["classes"]],
         "image_size": list(example.shape[1:3]),
-        "batch": batch if fixed else "any",
+        "batch": "any" if batch == -1 else batch,
         "input": "uint8 RGB images (N, H, W, 3), 0..255, at image_size"
         + ("" if classifier else ", letterboxed (grey 114 padding) like Ultralytics"),
         "normalisation": {"mean": mean, "std": std, "applied_in_graph": True},
@@ -250,12 +258,10 @@ def package_run(
         work = Path(tmp)
         onnx_model = tracker.download(run_id, onnx_artifact, work / "in")
         compiled = tracker.download(run_id, compiled_artifact, work / "in")
-        with np.load(tracker.download(bundle[0], bundle[1], work / "bundle")) as data:
-            arrays = {key: data[key] for key in ("images", "mean", "std", "classes")}
         out = save_served_model(
             onnx_model,
             compiled,
-            arrays,
+            served_arrays(tracker.download(bundle[0], bundle[1], work / "bundle")),
             work / "model",
             classifier=classifier,
             metadata=metadata,

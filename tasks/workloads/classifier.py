@@ -41,7 +41,7 @@ from tasks.data import (
 )
 from tasks.devices import create_runner
 from tasks.metrics import classification_metrics
-from tasks.packaging import MODEL_DIR, save_served_model
+from tasks.packaging import MODEL_DIR, save_served_model, served_arrays
 from tasks.seeding import trial_seed
 from tasks.tracking import CHAMPION, Tracker, local_artifact_location
 from tasks.workloads.base import (
@@ -398,12 +398,10 @@ def package_classifier(
     """The trial's MLflow model (``mlflow_model/``): its compiled artifact in a serving graph
     that takes uint8 images and returns class probabilities (see ``tasks.packaging``); its
     input example is a calibration image."""
-    with np.load(calibration) as data:
-        arrays = {key: data[key] for key in ("images", "mean", "std", "classes")}
     return save_served_model(
         onnx_path,
         compiled,
-        arrays,
+        served_arrays(calibration),
         work / "mlflow_model",
         classifier=True,
         metadata={
