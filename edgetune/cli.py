@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
+from edgetune import prefect_server
+
 app = typer.Typer(
     help="Hardware-in-the-loop hyperparameter tuning for edge vision models.",
     no_args_is_help=True,
@@ -86,6 +88,15 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _prefect_in_background() -> None:
+    """For a command that runs flows: start the project's Prefect server now, while the
+    command imports and reads its config (``edgetune.prefect_server``); ``_untraced``
+    waits for it. Only where ``main`` chose the project's Prefect state."""
+    state = os.environ.get(_PROJECT_STATE)
+    if state and not os.environ.get("PREFECT_API_URL"):
+        prefect_server.start(Path(state))
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors the user can fix: shown as one ``error:`` line, never as a traceback."""
     from tasks.compilers import CompilerUnavailableError
@@ -108,12 +119,17 @@ def _user_errors() -> tuple[type[Exception], ...]:
         StudyError,
         TrackingError,
         SecretError,
+        prefect_server.ServerStartError,
         DatasetError,
         DetectorError,
         PredictError,
         StudyChangedError,
         NothingToReuseError,
     )
+
+
+#: How Prefect logs a flow run stopped by Ctrl-C (``Crash detected! …``).
+INTERRUPTED_CRASH = "Execution was aborted by an interrupt signal"
 
 
 class _HideExpected(logging.Filter):
@@ -125,7 +141,10 @@ class _HideExpected(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, self.expected)
+        if isinstance(exc, self.expected):
+            return False
+        # Ctrl-C: the command says "interrupted" itself
+        return INTERRUPTED_CRASH not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -134,6 +153,7 @@ def _untraced(verbose: bool, *also: type[Exception]) -> Iterator[None]:
     command prints an expected error (or one of ``also``) as one ``error:`` line instead.
     The record still reaches the Prefect API (the run's logs in the UI); --verbose shows it
     here too."""
+    prefect_server.ready()
     hide = _HideExpected((*_user_errors(), *also))
     handlers = [] if verbose else list(logging.getLogger().handlers)
     for handler in handlers:
@@ -240,6 +260,7 @@ def tune(
     that a crash left behind. The budgets stop asking new trials; trials in flight finish.
     """
     _quiet_services(verbose)
+    _prefect_in_background()
     if restart and reuse_best:
         raise _fail("--restart and --reuse-best exclude each other; choose one")
     if as_json and as_csv:
@@ -284,9 +305,10 @@ def tune(
     # On a terminal a live view; in a log, a pipe or CI one line per event (on stderr).
     progress = Progress(cfg, enabled=not reuse_best, live=sys.stderr.isatty(), fresh=restart)
     from flows.tune import BoardPaused, SampleRejected
+    from tasks.hpo.trial_stages import Interrupted  # a training stopped by Ctrl-C
 
     try:
-        with progress, _untraced(verbose, BoardPaused, SampleRejected):
+        with progress, _untraced(verbose, BoardPaused, SampleRejected, Interrupted):
             result = tune_flow(cfg, restart=restart, reuse_best=reuse_best)  # parsed once, above
     except KeyboardInterrupt:
         raise _fail(
@@ -634,6 +656,7 @@ def detect_train_command(
 ) -> None:
     """Train a detector, export, compile, measure mAP on the board; register the best."""
     _quiet_services(verbose)
+    _prefect_in_background()
     from tasks.board import BoardBusyError
     from tasks.config import TRACKING_ENV
     from tasks.detection.config import load_detector_config
@@ -856,8 +879,15 @@ def _usage_line(exc: typer.TyperException) -> str:
 def main() -> None:
     """The ``edgetune`` command (in-process callers of ``app`` keep their own Prefect)."""
     _project_prefect_state()
+    code = _run_app()  # the project's Prefect server stops at exit, after Prefect's last logs
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
+
+
+def _run_app() -> Any:
+    """The command, with what it raised as one line and its exit code."""
     try:
-        code = app(standalone_mode=False)
+        return app(standalone_mode=False)
     except _user_errors() as exc:  # one a command missed: still one line, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
@@ -870,8 +900,6 @@ def main() -> None:
         else:
             typer.echo(f"error: {_usage_line(exc)}", err=True)
         raise SystemExit(getattr(exc, "exit_code", EXIT_BAD_INPUT)) from None
-    if isinstance(code, int) and code:
-        raise SystemExit(code)
 
 
 if __name__ == "__main__":

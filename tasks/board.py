@@ -20,6 +20,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_API_URL
 
 from tasks.config import DeviceConfig
+from tasks.host import EMBEDDED_PREFECT_URL_ENV
 
 #: How long the board stays locked after its holder dies (the lease is renewed while it lives).
 DEVICE_LEASE_S = 60.0
@@ -37,9 +38,10 @@ class BoardBusyError(RuntimeError):
 
 
 def embedded() -> bool:
-    """No Prefect server is configured: Prefect runs a temporary one inside this process."""
-
-    return not PREFECT_API_URL.value()
+    """No Prefect server is configured: a temporary one lives and dies with this process
+    (Prefect's own, or the one the ``edgetune`` command started)."""
+    url = PREFECT_API_URL.value()
+    return not url or url == os.environ.get(EMBEDDED_PREFECT_URL_ENV)
 
 
 def board_lock_path(name: str) -> Path:

@@ -49,14 +49,37 @@ def _images(class_dir: Path) -> list[Path]:
     )
 
 
+#: What Pillow raises on a file it cannot open or decode.
+_UNREADABLE = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
+
+
+def unreadable_image(path: Path, exc: Exception) -> DataError:
+    """The one line for an image that cannot be read: too large to open (its pixels are
+    fine, so the fix is to downscale it), else corrupt."""
+    if isinstance(exc, Image.DecompressionBombError):
+        size = str(exc).partition(", could be decompression bomb")[0]
+        return DataError(
+            f"image {path} is too large to open: {size} (Pillow's guard against decompression "
+            f"bombs); downscale it (every image is resized to data.image_size anyway) or "
+            f"remove it"
+        )
+    return DataError(
+        f"corrupt image {path}: {exc.__class__.__name__}: {exc}; remove or replace the file"
+    )
+
+
 def _verify(path: Path) -> None:
     try:
         with Image.open(path) as image:
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"corrupt image {path}: {exc.__class__.__name__}: {exc}; remove or replace the file"
-        ) from None
+    except _UNREADABLE as exc:
+        raise unreadable_image(path, exc) from None
 
 
 def inspect_dataset(root: str | Path, *, verify_images: bool = True) -> DatasetInfo:
@@ -120,9 +143,15 @@ def split_items(info: DatasetInfo, split: str, root: str | Path) -> list[tuple[P
 
 
 def load_rgb(path: Path, size: int) -> Image.Image:
-    """Three channels at the model's input size: the one resize both float and device use."""
-    with Image.open(path) as image:
-        return image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    """Three channels at the model's input size: the one resize both float and device use.
+
+    An image that cannot be read is the same ``DataError`` as in ``inspect_dataset``: a
+    dataset read without verifying (``evaluate``, training) may still hold one."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    except _UNREADABLE as exc:
+        raise unreadable_image(path, exc) from None
 
 
 # Bundles ------------------------------------------------------------------------------------

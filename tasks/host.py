@@ -1,8 +1,16 @@
-"""This host's processes: whether the process that left a record behind still lives."""
+"""This host's processes: whether the process that left a record behind still lives, and
+the scratch folders of processes that are gone."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
+
+#: The API URL of the temporary Prefect server an ``edgetune`` command started for itself
+#: (``edgetune.prefect_server``): like Prefect's own, it lives and dies with one process.
+EMBEDDED_PREFECT_URL_ENV = "EDGETUNE_EMBEDDED_PREFECT_URL"
 
 
 def pid_alive(pid: int) -> bool:
@@ -14,3 +22,32 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+#: Private working folders of stages: ``edgetune-scratch-<pid>-<name>-<random>``.
+SCRATCH_PREFIX = "edgetune-scratch-"
+
+
+def scratch_folder(name: str) -> Path:
+    """A new private folder under the temporary directory, named with this process's id.
+
+    A process killed (SIGKILL, power loss) never removes its folders; the next one made on
+    this host removes those of processes that are gone (``sweep_scratch``).
+    """
+    sweep_scratch()
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{name}-"))
+
+
+def sweep_scratch() -> list[Path]:
+    """Remove this user's scratch folders whose process is gone; the folders removed."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        owner = folder.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        try:
+            mine = folder.is_dir() and folder.stat().st_uid == os.getuid()
+        except OSError:  # removed meanwhile by its owner or another sweep
+            continue
+        if mine and owner.isdigit() and not pid_alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

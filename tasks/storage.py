@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import optuna
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from tasks.tracking import mask_uri
+from tasks.tracking import creation_lock, mask_uri
 
 _T = TypeVar("_T")
 
@@ -82,14 +82,17 @@ class StudyError(RuntimeError):
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """The storage at ``url``; a new SQLite file is created under its lock
+    (``creation_lock``), so that two processes starting one run directory both open it."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return ResilientRDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {}
-        )
-    except Exception as exc:
-        raise StudyError(
-            f"cannot open Optuna storage {mask_uri(url)}: {str(exc).splitlines()[0]}; check "
-            f"study.storage (or --storage) and that the database is running"
-        ) from None
+    with creation_lock(url):
+        try:
+            return ResilientRDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {}
+            )
+        except Exception as exc:
+            raise StudyError(
+                f"cannot open Optuna storage {mask_uri(url)}: {str(exc).splitlines()[0]}; "
+                f"check study.storage (or --storage) and that the database is running"
+            ) from None

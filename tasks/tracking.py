@@ -7,14 +7,16 @@ one nested run per trial; the champion's compiled artifact is registered with an
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # MLflow reads these at import: keep it quiet and offline before it is first imported.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -48,7 +50,65 @@ def _client(uri: str) -> Any:
     # MLflow loads on first use, after the environment above is set.
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # The client opens its tracking store at once: a new SQLite file is migrated here.
+    with creation_lock(uri):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def creation_lock(url: str, patience_s: float = 300.0) -> Iterator[None]:
+    """Hold an OS file lock beside a SQLite database (``<file>.lock``) while it is opened.
+
+    Opening a new database creates its tables (MLflow runs its migrations, Optuna writes
+    its schema version): two processes starting one fresh run directory at once would both
+    create them and one would fail half way. The kernel frees the lock when its holder
+    dies. A server URL takes no lock: its server or database serialises its own schema;
+    nor does a folder this process cannot write to (it creates no database there).
+    """
+    path = _lock_path(url)
+    handle = _open_lock(path)
+    if path is None or handle is None:
+        yield
+        return
+    with handle:
+        _wait_for_lock(handle.fileno(), path, patience_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_path(url: str) -> Path | None:
+    database = url.removeprefix("sqlite:///").split("?")[0]
+    if not url.startswith("sqlite:///") or database in ("", ":memory:"):
+        return None
+    return Path(database).with_name(Path(database).name + ".lock")
+
+
+def _open_lock(path: Path | None) -> IO[str] | None:
+    if path is None:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("a")
+    except OSError:
+        return None
+
+
+def _wait_for_lock(fd: int, path: Path, patience_s: float) -> None:
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{path} stayed locked for {patience_s:.0f} s by another process opening "
+                    f"{path.name.removesuffix('.lock')}; wait for that process, or stop it "
+                    f"(its lock goes with it)"
+                ) from None
+            time.sleep(0.05)
 
 
 def local_artifact_location(uri: str) -> str | None:

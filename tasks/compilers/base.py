@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tasks.failures import DeterministicFailure
+
 LOG_NAME = "compile.log"
 LOG_TAIL_LINES = 40
 
@@ -48,8 +50,12 @@ class CompilerUnavailableError(RuntimeError):
     """The toolchain a compiler needs is not installed; the message says what to install."""
 
 
-class InvalidCalibrationError(CompilerError, ValueError):
-    """The calibration set does not fit the model (a ValueError too: it is bad input)."""
+class InvalidCalibrationError(CompilerError, ValueError, DeterministicFailure):
+    """The calibration set does not fit the model (a ValueError too: it is bad input).
+
+    A DeterministicFailure too: the study's one calibration set is refused the same way on
+    every attempt, so the study does not retry the trial.
+    """
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,94 @@ from tasks.config.schema import (
     EdgetuneConfig,
     SearchParam,
     TrainConfig,
+    _Loader,
     _Strict,
     _suggest,
     check_space,
-    yaml_load,
 )
+
+# Strict YAML -----------------------------------------------------------------------------
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that parses but cannot be one config; ``problem`` is the whole message: what,
+    where and the fix."""
+
+
+class _StrictLoader(_Loader):
+    """The config loader, refusing what plain YAML lets through without a word: a key given
+    twice (the later one would drop the first, and a later error would mislead) and an alias
+    inside its own anchor (a value that contains itself: no config means that, and copying
+    it recursed without end)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._open_anchors: list[tuple[str, int]] = []  # (anchor, line) being read
+        self._checked: set[int] = set()
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event: Any = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self._refuse_inside(event)
+            return super().compose_node(parent, index)
+        anchor = getattr(event, "anchor", None)
+        if anchor is None:
+            return super().compose_node(parent, index)
+        self._open_anchors.append((anchor, event.start_mark.line + 1))
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open_anchors.pop()
+
+    def _refuse_inside(self, alias: Any) -> None:
+        """An alias to an anchor still being read would make a value that contains itself."""
+        for anchor, line in self._open_anchors:
+            if anchor == alias.anchor:
+                raise _Refused(
+                    problem=f"alias *{anchor} at line {alias.start_mark.line + 1} is inside its "
+                    f"own anchor &{anchor} (line {line}), so the value would contain itself; "
+                    f"write out the values it should repeat instead"
+                )
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked once, before its merge keys are flattened into it: a key merged in with
+        # ``<<`` and written again is YAML's override, not a repetition.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            _refuse_repeated_keys(self, node)
+        super().flatten_mapping(node)
+
+
+def _refuse_repeated_keys(loader: _StrictLoader, node: yaml.MappingNode) -> None:
+    seen: dict[Any, list[Any]] = {}  # key -> the marks where it is written
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node)
+        seen.setdefault(key, []).append(key_node.start_mark)
+    for key, marks in seen.items():
+        if len(marks) > 1:
+            times = "twice" if len(marks) == 2 else f"{len(marks)} times"
+            raise _Refused(problem=f"key {key!r} appears {times} ({_places(marks)}); keep one")
+
+
+def _places(marks: list[Any]) -> str:
+    """``lines 3 and 12``, or with columns where two share a line."""
+    lines = [mark.line + 1 for mark in marks]
+    if len(set(lines)) == len(lines):
+        return f"lines {_listed([str(line) for line in lines])}"
+    return _listed([f"line {mark.line + 1} column {mark.column + 1}" for mark in marks])
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _strict_load(text: str) -> Any:
+    """YAML as a config reads it (``1e-3`` a number), refusing repeated keys and
+    self-containing aliases (``_Refused``, a ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
 
 # Loading -----------------------------------------------------------------------------------
 
@@ -128,7 +211,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=10")
     try:
-        return key, yaml_load(text) if text else ""
+        return key, _strict_load(text) if text else ""
+    except _Refused as exc:
+        raise ConfigError(f"override {item!r}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(
@@ -235,22 +320,65 @@ def _deep_copy(value: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping; anything else is one ``ConfigError`` line."""
     source = Path(path)
+    if source.is_dir():
+        raise ConfigError(f"config path {str(source)!r} {_a_directory(source)}")
     if not source.is_file():
         raise ConfigError(f"config file {str(source)!r} not found; pass the path of a YAML file")
     try:
-        raw = yaml_load(source.read_text(encoding="utf-8"))
+        raw = _strict_load(_read_text(source))
+    except _Refused as exc:
+        raise ConfigError(f"{source}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{source}: malformed YAML{where}: {problem}; fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source}: nested too deeply to read; flatten the nesting (a config needs a few "
+            f"levels)"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{source}: expected a mapping of sections at the top (data:, study:, ...), got "
             f"{raw!r}; start from configs/quickstart.yaml"
         )
     return raw
+
+
+def _read_text(source: Path) -> str:
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{source}: cannot be read ({exc.strerror}); check its permissions"
+        ) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}, column "
+            f"{column}); save the file as UTF-8, or pass the YAML config if this is another file"
+        ) from None
+
+
+def _a_directory(source: Path, example: str = "configs/quickstart.yaml") -> str:
+    """The rest of the message for a directory given as a file: the YAML file in it to pass
+    instead (a run directory's ``config.yaml`` first), else ``example``."""
+    try:
+        found = sorted(p for p in source.iterdir() if p.suffix in (".yaml", ".yml"))
+    except OSError:
+        found = []
+    found = sorted((p for p in found if p.is_file()), key=lambda p: p.name != "config.yaml")
+    if not found:
+        return (
+            f"is a directory with no YAML file in it; pass the path of a YAML file, e.g. {example}"
+        )
+    return f"is a directory, not a file; pass a YAML file in it, e.g. {str(found[0])!r}"
 
 
 _M = typing.TypeVar("_M", bound=BaseModel)
@@ -283,6 +411,9 @@ class SpaceFile(_Strict):
 def read_space_file(path: str | Path, tunable: tuple[str, ...]) -> SpaceFile:
     """Read and check a search-space file; errors name the file and the key in it."""
     source = Path(path)
+    if source.is_dir():
+        example = "configs/search_spaces/fmfp.yaml"
+        raise ConfigError(f"study.search_space: {str(source)!r} {_a_directory(source, example)}")
     if not source.is_file():
         raise ConfigError(
             f"study.search_space: file {str(source)!r} not found; give the path of a search-"

@@ -21,6 +21,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageOps
 
+from tasks.data import unreadable_image
+
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 PAD_VALUE = 114
 
@@ -196,6 +198,8 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError as exc:  # a fine image, too large for Pillow's guard
+        raise DatasetError(str(unreadable_image(path, exc))) from None
     except OSError as exc:
         raise DatasetError(f"cannot read image {path} ({exc}); remove or replace it") from None
 

@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tasks.board import BoardBusyError
 from tasks.devices.base import DeviceUnreachableError
+from tasks.failures import DeterministicFailure, deterministic_names
 from tasks.hpo import optuna_ops
 from tasks.hpo.launch import Slot, StageFailed, Stages
 from tasks.hpo.recovery import (
@@ -127,6 +128,16 @@ def board_down(exc: BaseException) -> bool:
         return True
     # A stage run on the edge pool reports its exception by name in its final state.
     return isinstance(exc, StageFailed) and any(t.__name__ in str(exc) for t in BOARD_DOWN)
+
+
+def deterministic(exc: BaseException) -> bool:
+    """Whether a failure would repeat with the same parameters (a divergence, a refused
+    input, a collapse): its trial is not retried."""
+    if isinstance(exc, DeterministicFailure | QualityFailed):
+        return True
+    # A stage run on a work pool reports its exception by name in its final state.
+    text = str(exc)
+    return isinstance(exc, StageFailed) and any(f"{n}:" in text for n in deterministic_names())
 
 
 def reason(exc: BaseException) -> str:
@@ -623,15 +634,17 @@ class StudyLoop:
         self.tracker.end_run(slot.run_id, "FAILED")
         frozen = optuna_ops.fresh_trial(self.study, slot.trial_id)
         # A board that is down is not the trial's fault: its retry is not charged.
-        # A collapse is the parameters' (and the seed's): the same trial would collapse again.
-        retries = 0 if isinstance(exc, QualityFailed) else self.config.study.retries
+        # A divergence or a collapse is the parameters' (and the seed's): it would repeat.
+        repeats = deterministic(exc)
+        retries = 0 if repeats else self.config.study.retries
         retried = enqueue_retry(self.study, frozen, retries, charge=not board_down(exc))
+        left = "not retried: it would fail the same way again" if repeats else "no retry left"
         self.logger.warning(
             "trial %d failed in %s: %s; %s",
             slot.number,
             where,
             why,
-            "its parameters are enqueued again" if retried else "no retry left",
+            "its parameters are enqueued again" if retried else left,
         )
         self.hooks.on_trial_outcome(self, slot.trial)
         if where == "device":

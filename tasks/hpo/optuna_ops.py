@@ -3,8 +3,8 @@
 Ask/tell across hosts needs two things Optuna keeps private: a trial's storage id (a stage
 on another host reports epochs and heartbeats to the trial through it) and the study's
 storage (to write a trial's attributes by id while the trial object lives elsewhere, and
-to read a trial back fresh). Optuna 5 offers no public call for either; if a release
-renames them, only this module changes.
+to read a trial back fresh). Optuna 5 offers no public call for either, nor for seeding a
+sampler's random state again; if a release renames them, only this module changes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial
 
 
@@ -33,3 +34,30 @@ def set_trial_attr(study: optuna.Study, trial: int, key: str, value: Any) -> Non
 def fresh_trial(study: optuna.Study, trial: int) -> FrozenTrial:
     """The trial with storage id ``trial`` as stored now."""
     return storage_of(study).get_trial(trial)
+
+
+def reseed(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
+    """Seed, in place, every random state of ``sampler`` and of the samplers inside it (TPE's
+    and NSGA-II's random sampler, the independent sampler of CMA-ES and GP) with ``seed``.
+
+    Optuna seeds a sampler once, at construction, and offers only an unseeded
+    ``reseed_rng``. The states are reseeded in place because other objects share them
+    (NSGA-II's child generation holds the sampler's own).
+    """
+    if _reseed(sampler, seed) == 0:
+        raise RuntimeError(
+            f"{type(sampler).__name__} keeps no random state that can be seeded per trial "
+            f"(Optuna {optuna.__version__} moved it); install the Optuna version pyproject.toml "
+            f"pins, or find its random state in tasks/hpo/optuna_ops.py: reseed"
+        )
+
+
+def _reseed(sampler: optuna.samplers.BaseSampler, seed: int) -> int:
+    count = 0
+    for value in vars(sampler).values():
+        if isinstance(value, LazyRandomState):
+            value.rng.seed(seed)
+            count += 1
+        elif isinstance(value, optuna.samplers.BaseSampler):
+            count += _reseed(value, seed)
+    return count

@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.config import SearchParam, StudyConfig
+from tasks.hpo import optuna_ops
 from tasks.space import bounds, condition_holds, snap
 from tasks.storage import StudyError, open_storage
 from tasks.tracking import mask_uri
@@ -69,7 +71,60 @@ def grid_size(space: Mapping[str, SearchParam]) -> int:
     return math.prod(len(grid_values(spec)) for spec in space.values())
 
 
-class AskTellGridSampler(optuna.samplers.GridSampler):
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of trial ``number``'s randomness in a study seeded with ``seed``."""
+    return int(np.random.SeedSequence([seed % 2**32, number]).generate_state(1)[0])
+
+
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """A sampler that continues a study's search in every process instead of repeating it.
+
+    Each process of a study (a resume after a crash, a larger ``n_trials``, a second worker)
+    builds its sampler from the same seed, so with one random stream per process the second
+    would draw the first one's trials again. The storage numbers trials once across all
+    processes: a trial whose number this process's own asks did not lead to (trial 0 first,
+    then the one after its last) was the next of another process, and its randomness starts
+    again from ``trial_seed(study_seed, number)``. One process on a fresh study thus asks
+    exactly what the seed asked before (its trials are numbered 0, 1, 2…), and no two
+    processes draw from one seed.
+
+    Trials are asked one at a time, from one thread (``tasks.hpo.loop``). The subclasses
+    below carry Optuna's names: reports show the algorithm.
+    """
+
+    #: The study's seed; None: one random stream per process, as Optuna's own samplers.
+    study_seed: int | None = None
+    #: The trial this process's stream leads to next.
+    _next_trial = 0
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.study_seed is not None and trial.number != self._next_trial:
+            optuna_ops.reseed(self, trial_seed(self.study_seed, trial.number))
+        self._next_trial = trial.number + 1
+        super().before_trial(study, trial)
+
+
+class RandomSampler(TrialSeeded, optuna.samplers.RandomSampler):
+    """Optuna's random sampler, continued across the study's processes."""
+
+
+class TPESampler(TrialSeeded, optuna.samplers.TPESampler):
+    """Optuna's TPE sampler, continued across the study's processes."""
+
+
+class CmaEsSampler(TrialSeeded, optuna.samplers.CmaEsSampler):
+    """Optuna's CMA-ES sampler, continued across the study's processes."""
+
+
+class GPSampler(TrialSeeded, optuna.samplers.GPSampler):
+    """Optuna's GP sampler, continued across the study's processes."""
+
+
+class NSGAIISampler(TrialSeeded, optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler, continued across the study's processes."""
+
+
+class AskTellGridSampler(TrialSeeded, optuna.samplers.GridSampler):
     """Optuna's grid sampler without its ``study.stop()``, which only works in ``optimize``;
     the ask/tell loop stops asking when the grid is covered (``study_budget``)."""
 
@@ -80,25 +135,32 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 def make_sampler(
     name: str, seed: int, space: Mapping[str, SearchParam] | None = None
 ) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded (the same seed asks the same first trials).
+    """The configured sampler, seeded (the same seed asks the same first trials), whose
+    randomness continues across the study's processes (``TrialSeeded``).
 
     tpe, gp and nsga2 also read each complete trial's constraint values (``Goals.constrain``)
     and steer away from trials that broke the study's limits; tpe alone also learns from
     the samples the study's constraints rejected (``learns_from_rejections``).
     """
+    sampler = _configured(name, seed, space)
+    sampler.study_seed = seed
+    return sampler
+
+
+def _configured(name: str, seed: int, space: Mapping[str, SearchParam] | None) -> TrialSeeded:
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return RandomSampler(seed=seed)
     if name == "cmaes":
         # CMA-ES models the numeric parameters jointly; categorical ones are drawn at random.
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        return CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+        return GPSampler(seed=seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return NSGAIISampler(seed=seed)
     if name == "grid":
         grid = {key: grid_values(spec) for key, spec in (space or {}).items()}
         return AskTellGridSampler(grid, seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    return TPESampler(seed=seed)
 
 
 def learns_from_rejections(sampler: optuna.samplers.BaseSampler) -> bool:

@@ -6,11 +6,14 @@ and a BatchNorm refresh. The averaged model is the result.
 
 After every epoch the float validation metrics (AUGRC first) of the model that *would*
 be the result are passed to ``on_epoch``, which may raise to stop the run (pruning).
+A loss that becomes non-finite or explodes ends the run at that batch with
+``TrainingDiverged`` (``DivergenceGuard``): a result of the trial's settings, not a crash.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,10 +27,17 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from torch.utils.data import DataLoader
 
 from tasks.config import TrainConfig
+from tasks.failures import TrainingDiverged
 from tasks.metrics import classification_metrics
 from tasks.training.sam import SAM
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+#: A training loss over this many times the first batch's loss (and at least this much) has
+#: exploded. Cross-entropy starts near ln(classes), about 0.7 to 7, and a healthy run's
+#: batch losses rarely rise far above it even at their noisiest; a thousand times more
+#: means the weights are running away (``train.lr`` too high for the model).
+DIVERGENCE_FACTOR = 1e3
 
 
 @dataclass
@@ -59,6 +69,61 @@ class EarlyStop:
         else:
             self.since += 1
         return self.since >= self.patience
+
+
+@dataclass
+class DivergenceGuard:
+    """Ends a training at the batch whose loss is not finite or is over ``limit``.
+
+    Training on would only spend the GPU: the model would fail later and less clearly (the
+    export's parity check, or metrics refusing NaN probabilities). ``batches`` per epoch
+    (None: unknown) and the settings only make the message say what diverged.
+    """
+
+    params: TrainConfig
+    batches: int | None = None
+    first: float | None = None
+
+    @property
+    def limit(self) -> float:
+        """``DIVERGENCE_FACTOR`` × the first batch's loss, and at least ``DIVERGENCE_FACTOR``."""
+        return DIVERGENCE_FACTOR * max(1.0 if self.first is None else self.first, 1.0)
+
+    def check(self, epoch: int, batch: int, loss: float) -> None:
+        if self.first is None and math.isfinite(loss):
+            self.first = loss
+        if math.isfinite(loss) and loss <= self.limit:
+            return
+        of = f" of {self.batches}" if self.batches is not None else ""
+        why = (
+            f"is over {self.limit:.3g} ({DIVERGENCE_FACTOR:g} × the first batch's "
+            f"{self.first:.3g}, and at least {DIVERGENCE_FACTOR:g})"
+            if math.isfinite(loss)
+            else "is not finite"
+        )
+        raise TrainingDiverged(
+            f"loss diverged at epoch {epoch} (batch {batch + 1}{of}) with {self.settings()}: "
+            f"the training loss {loss:.3g} {why}; lower train.lr (or the upper bound of "
+            f"study.search_space.lr)",
+            epoch,
+            loss,
+        )
+
+    def settings(self) -> str:
+        p = self.params
+        momentum = f", momentum={p.momentum:g}" if p.optimizer == "sgd" else ""
+        return (
+            f"lr={p.lr:g}, optimizer={p.optimizer}{momentum}, rho={p.rho:g}, "
+            f"weight_decay={p.weight_decay:g}, batch_size={p.batch_size}"
+        )
+
+
+def _batches(loader: DataLoader[Any]) -> int | None:
+    """Batches per epoch, or None for a loader without a length (an iterable dataset)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -145,18 +210,44 @@ def _train_epoch(
     optimizer: SAM,
     device: torch.device,
     amp: bool,
+    guard: DivergenceGuard,
+    epoch: int,
 ) -> float:
     model.train()
     total, count = 0.0, 0
-    for inputs, targets in loader:
+    for batch, (inputs, targets) in enumerate(loader):
         inputs, targets = (
             inputs.to(device, non_blocking=True),
             targets.to(device, non_blocking=True),
         )
-        loss = sam_step(model, optimizer, inputs, targets, device, amp)
-        total += float(loss) * len(targets)
+        loss = float(sam_step(model, optimizer, inputs, targets, device, amp))
+        guard.check(epoch, batch, loss)  # float() waited for the step anyway
+        total += loss * len(targets)
         count += len(targets)
     return total / max(count, 1)
+
+
+def _check_settings(params: TrainConfig) -> None:
+    if not 0 <= params.swa_start < params.epochs:
+        raise ValueError(
+            f"swa_start must be in [0, epochs), but got swa_start={params.swa_start}, "
+            f"epochs={params.epochs}"
+        )
+    if params.optimizer == "auto":
+        raise ValueError(
+            "train_fmfp needs a chosen optimizer, but got optimizer='auto'; "
+            "resolve it first with tasks.training.auto.resolve_auto"
+        )
+
+
+def _diverged_row(diverged: TrainingDiverged, optimizer: SAM) -> dict[str, float]:
+    """The last row of a short run that diverged: a validation loss every candidate beats."""
+    return {
+        "epoch": float(diverged.epoch),
+        "train_loss": diverged.loss,
+        "lr": optimizer.param_groups[0]["lr"],
+        "val_loss": math.inf,
+    }
 
 
 def train_fmfp(
@@ -175,19 +266,12 @@ def train_fmfp(
     and the loader's order and augmentation, come from the trial's seed (``rng``,
     ``loaders``); SAM and SWA are deterministic.
 
-    ``stop_after`` ends the run after that many epochs of the full schedule (a short run
-    that compares settings; its model is not the result of a trial).
+    A loss that is not finite or explodes (``DivergenceGuard``) raises ``TrainingDiverged``
+    at that batch. ``stop_after`` ends the run after that many epochs of the full schedule
+    (a short run that compares settings; its model is not the result of a trial): there a
+    divergence ends the run with a validation loss of inf instead, a comparison it loses.
     """
-    if not 0 <= params.swa_start < params.epochs:
-        raise ValueError(
-            f"swa_start must be in [0, epochs), but got swa_start={params.swa_start}, "
-            f"epochs={params.epochs}"
-        )
-    if params.optimizer == "auto":
-        raise ValueError(
-            "train_fmfp needs a chosen optimizer, but got optimizer='auto'; "
-            "resolve it first with tasks.training.auto.resolve_auto"
-        )
+    _check_settings(params)
     device = resolve_device(params.device)
     model = model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -202,8 +286,15 @@ def train_fmfp(
     epochs = params.epochs if stop_after is None else min(stop_after, params.epochs)
     early = EarlyStop(params.swa_start, params.early_stop_patience)
     stopped_early_at: int | None = None
+    guard = DivergenceGuard(params, _batches(loader))
     for epoch in range(epochs):
-        train_loss = _train_epoch(model, loader, optimizer, device, params.amp)
+        try:
+            train_loss = _train_epoch(model, loader, optimizer, device, params.amp, guard, epoch)
+        except TrainingDiverged as diverged:
+            if stop_after is None:
+                raise
+            history.append(_diverged_row(diverged, optimizer))
+            break
         if epoch >= params.swa_start:
             swa_model.update_parameters(model)
             swa_scheduler.step()

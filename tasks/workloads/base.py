@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from tasks.config import EdgetuneConfig, StudyConfig
 from tasks.detection.config import DetectorStudy
+from tasks.host import scratch_folder
 from tasks.tracking import Tracker
 
 #: A config the tune flow can run: a classifier config, or a detector config with a study.
@@ -292,9 +293,10 @@ def scratch(config: _HasStudy, label: str) -> Iterator[Path]:
     """A private working folder on this host, removed when the stage ends.
 
     Stages may run on hosts that do not have the study's run directory: they keep
-    nothing locally and pass everything through MLflow.
+    nothing locally and pass everything through MLflow. A killed stage's folder is removed
+    by the next stage on the host (``tasks.host.scratch_folder``).
     """
-    folder = Path(tempfile.mkdtemp(prefix=f"edgetune-{config.study.name}-{label}-"))
+    folder = scratch_folder(f"{config.study.name}-{label}")
     try:
         yield folder
     finally:

@@ -1,0 +1,176 @@
+"""The project's temporary Prefect server, for a command run without a Prefect server.
+
+Without ``PREFECT_API_URL`` Prefect starts a temporary API server on the first call that
+needs one: the command imports the server's code (about 2.5 s), then waits for it to
+answer (about 3.5 s) before its flow starts, and the server is a child in the command's
+process group, so a Ctrl-C in a terminal stops it under the running study, and a killed
+command leaves it running.
+
+edgetune starts the same server itself (``start``): at once and in the background, so it
+comes up while the command imports its libraries and reads its config; on the project's
+own database (``.prefect/prefect.db``); in its own session, so a Ctrl-C reaches the
+command only, which ends its trials and then stops the server (``stop``); and with a
+watchdog that stops it when the command is gone, however the command ended (SIGKILL
+included). The command waits for it (``ready``) just before its first flow runs.
+
+This module imports nothing of Prefect: the command sets ``PREFECT_API_URL`` before
+Prefect reads its settings.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.host import EMBEDDED_PREFECT_URL_ENV as EMBEDDED_URL_ENV
+
+HOST = "127.0.0.1"
+#: How long a command waits for the server; its first start migrates a new database.
+STARTUP_TIMEOUT_S = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
+#: How often the server checks that its command still runs.
+WATCH_INTERVAL_S = 0.5
+#: How long a stopping server may take before it is killed.
+STOP_TIMEOUT_S = 5.0
+
+
+class ServerStartError(RuntimeError):
+    """The project's Prefect server did not come up."""
+
+
+@dataclass
+class ProjectServer:
+    """A running server: its process, its API URL and its log file."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+
+_running: list[ProjectServer] = []
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _launch(log: Path) -> ProjectServer:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", EMBEDDED_URL_ENV)}
+    env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"})
+    env["PREFECT__SERVER_FINAL"] = "1"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgetune.prefect_server", str(port), str(os.getpid())],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the command only
+        )
+    return ProjectServer(process, f"http://{HOST}:{port}/api", log)
+
+
+def start(state_dir: Path) -> ProjectServer:
+    """Start the server in the background and point this process's Prefect at it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    server = _launch(state_dir / "server.log")
+    if not _running:
+        # atexit runs after Prefect's own exit hooks (threading's), which send its last logs
+        atexit.register(stop)
+    _running.append(server)
+    os.environ["PREFECT_API_URL"] = os.environ[EMBEDDED_URL_ENV] = server.url
+    return server
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _last_line(log: Path) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1][:300] if lines else "no output"
+
+
+def ready(timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Wait until the started servers answer; a server that exits is started once more on
+    another port (another process took its port between choosing and binding)."""
+    for index, server in enumerate(_running):
+        deadline, restarted = time.monotonic() + timeout, False
+        while not _answers(server.url):
+            code = server.process.poll()
+            if code is not None and not restarted:
+                server = _running[index] = _launch(server.log)
+                os.environ["PREFECT_API_URL"] = os.environ[EMBEDDED_URL_ENV] = server.url
+                restarted = True
+                continue
+            if code is not None or time.monotonic() > deadline:
+                stop()
+                what = (
+                    f"exited with code {code}"
+                    if code is not None
+                    else f"gave no answer in {timeout:.0f} s"
+                )
+                raise ServerStartError(
+                    f"the project's Prefect server {what} ({_last_line(server.log)}); see "
+                    f"{server.log}, or start a Prefect server and set PREFECT_API_URL"
+                )
+            time.sleep(0.05)
+
+
+def stop() -> None:
+    """Stop the servers this process started (at exit; their watchdogs would too)."""
+    while _running:
+        process = _running.pop().process
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _serve(port: int, parent: int) -> None:
+    """The server process: Prefect's API app under uvicorn, stopped when ``parent`` is gone."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        "prefect.server.api.server:create_app",
+        factory=True,
+        host=HOST,
+        port=port,
+        log_level="error",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(WATCH_INTERVAL_S)
+        server.should_exit = True  # the command is gone: shut down cleanly, then for sure
+        time.sleep(STOP_TIMEOUT_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="watch-command", daemon=True).start()
+    server.run()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))
