@@ -140,9 +140,13 @@ class _HideExpected(logging.Filter):
         self.expected = expected
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.storage import disk_full
+
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, self.expected):
             return False
+        if exc is not None and disk_full(exc) is not None:
+            return False  # a full disk: the study stops with one line that says where
         # Ctrl-C: the command says "interrupted" itself
         return INTERRUPTED_CRASH not in record.getMessage()
 
@@ -155,14 +159,20 @@ def _untraced(verbose: bool, *also: type[Exception]) -> Iterator[None]:
     here too."""
     prefect_server.ready()
     hide = _HideExpected((*_user_errors(), *also))
-    handlers = [] if verbose else list(logging.getLogger().handlers)
-    for handler in handlers:
-        handler.addFilter(hide)
+    # MLflow logs a database error, with its traceback, on a handler of its own.
+    places: list[logging.Filterer] = (
+        [] if verbose else [*logging.getLogger().handlers, logging.getLogger(_MLFLOW_DB_LOGGER)]
+    )
+    for place in places:
+        place.addFilter(hide)
     try:
         yield
     finally:
-        for handler in handlers:
-            handler.removeFilter(hide)
+        for place in places:
+            place.removeFilter(hide)
+
+
+_MLFLOW_DB_LOGGER = "mlflow.store.db.utils"
 
 
 def _load(config: Path, overrides: list[str], storage: str | None, tracking_uri: str | None) -> Any:
@@ -305,10 +315,11 @@ def tune(
     # On a terminal a live view; in a log, a pipe or CI one line per event (on stderr).
     progress = Progress(cfg, enabled=not reuse_best, live=sys.stderr.isatty(), fresh=restart)
     from flows.tune import BoardPaused, SampleRejected
+    from tasks.hpo.recovery import DiskFull
     from tasks.hpo.trial_stages import Interrupted  # a training stopped by Ctrl-C
 
     try:
-        with progress, _untraced(verbose, BoardPaused, SampleRejected, Interrupted):
+        with progress, _untraced(verbose, BoardPaused, SampleRejected, Interrupted, DiskFull):
             result = tune_flow(cfg, restart=restart, reuse_best=reuse_best)  # parsed once, above
     except KeyboardInterrupt:
         raise _fail(
@@ -316,7 +327,7 @@ def tune(
         ) from None
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
-    except (BoardPaused, SampleRejected) as exc:
+    except (BoardPaused, SampleRejected, DiskFull) as exc:
         raise _fail(str(exc), 1) from None
     print_result(result, as_json=as_json, as_csv=as_csv, wide=wide)
     if result["counts"]["COMPLETE"] == 0:
@@ -518,16 +529,33 @@ def dashboard(
 
 
 @app.command()
-def validate(config: ConfigArg, overrides: Overrides = None) -> None:
+def validate(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    deep: Annotated[
+        bool,
+        typer.Option(
+            "--deep",
+            help="also the dry run: an untrained model exported, compiled with the study's "
+            "settings and run once on the board (seconds; nothing trained or created)",
+        ),
+    ] = False,
+) -> None:
     """Check a config, its dataset, toolchain, storage and tracking without creating anything."""
-    from tasks.workloads.registry import preflight
+    from tasks.board import BoardBusyError
+    from tasks.devices import DeviceUnreachableError
+    from tasks.workloads.registry import dry_run, preflight
 
     try:
         cfg = _load(config, overrides or [], None, None)
         info = preflight(cfg)
+        done = dry_run(cfg) if deep else []
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"ok: {cfg.study.name}: classes {list(info.classes)}, images {info.counts}")
+    except (DeviceUnreachableError, BoardBusyError) as exc:  # a fault of the board, not input
+        raise _fail(f"device {cfg.device.name}: {exc}", 1) from None
+    runs = "".join(f"; dry run: {each.summary()}" for each in done)
+    typer.echo(f"ok: {cfg.study.name}: classes {list(info.classes)}, images {info.counts}{runs}")
 
 
 @app.command("deploy")

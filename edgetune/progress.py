@@ -247,14 +247,20 @@ def events(before: Snapshot | None, after: Snapshot) -> list[str]:
 
 
 def observer_storage(url: str) -> Any:
-    """The study's storage, read as an observer: it never creates the database, its tables
-    or its version row (the study does; two processes creating them at once collide), so
-    a study that does not exist yet is an error here, and the next poll tries again."""
+    """The study's storage, read as an observer: it never creates the database or its
+    tables (the study does), so a study that does not exist yet is an error here, and the
+    next poll tries again. Optuna still writes a missing version row: under the lock the
+    study holds while it creates the database, or the two would collide."""
     import optuna
+
+    from tasks.tracking import creation_lock
 
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise FileNotFoundError(url)
-    return optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
+    with creation_lock(url):  # Optuna still writes its version rows when they are missing
+        return optuna.storages.RDBStorage(
+            url, skip_table_creation=True, skip_compatibility_check=True
+        )
 
 
 class Progress:

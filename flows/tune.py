@@ -24,7 +24,7 @@ from flows.stages import LocalStages
 from tasks.board import ensure_device_limit
 from tasks.config import apply_overrides
 from tasks.hpo import reports
-from tasks.hpo.campaign import Campaign
+from tasks.hpo.campaign import Campaign, dry_run
 from tasks.hpo.launch import DeploymentStages, Stages
 from tasks.hpo.loop import BoardPaused, SampleRejected
 from tasks.hpo.optuna_ops import storage_of
@@ -109,10 +109,12 @@ def tune(
     file readable where this flow runs; ``overrides`` are ``section.key=value`` items
     applied on top. Running the same study again continues it; ``restart`` deletes it
     first; ``reuse_best`` skips the search and retrains the best parameters found as a
-    one-trial study ``<name>-best``.
+    one-trial study ``<name>-best``. Before any of it, the dry run (``study.dry_run``).
     """
     cfg = resolve(config, overrides)
     check_shared_services(cfg)
     ensure_device_limit(cfg.device.concurrency_limit)
-    campaign = Campaign(make_stages=make_stages, logger=get_run_logger(), hooks=ProgressHooks())
+    logger = get_run_logger()
+    dry_run(cfg, logger)  # before anything is created or trained
+    campaign = Campaign(make_stages=make_stages, logger=logger, hooks=ProgressHooks())
     return campaign.run(cfg, restart=restart, reuse_best=reuse_best)

@@ -3,6 +3,7 @@ database restarts (a leaf: stages on any host reach their trial through it)."""
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,33 @@ from tasks.tracking import creation_lock, mask_uri
 _T = TypeVar("_T")
 
 
+#: How a full disk shows: the errno of a write (ENOSPC, or EDQUOT past a quota), and the
+#: words of SQLite, of PostgreSQL (``could not extend file …: No space left on device``)
+#: and of an error carried as text (a stage run on a work pool reports it in its state).
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+FULL_WORDS = ("database or disk is full", "No space left on device", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain (its causes and contexts) that says a disk is full,
+    or None: Optuna and MLflow wrap the database's error in errors of their own."""
+    todo, seen = [exc], set[int]()
+    while todo:
+        link = todo.pop(0)
+        if id(link) in seen:
+            continue
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.errno in FULL_ERRNOS:
+            return link
+        if any(words in str(link) for words in FULL_WORDS):
+            return link
+        todo.extend(e for e in (link.__cause__, link.__context__) if e is not None)
+    return None
+
+
 def _transient(exc: BaseException) -> bool:
+    if disk_full(exc) is not None:
+        return False  # waiting does not free space: the study stops and says so
     if isinstance(exc, optuna.exceptions.StorageInternalError):
         return True
     if isinstance(exc, OperationalError):

@@ -263,6 +263,11 @@ class TestRunsFolder:
         message = str(caught.value)
         assert "timed out after 1.5s" in message and "device.timeout_s" in message
         assert 1.5 <= elapsed < 8
+        # the SSH server delivers the kill after the session closes: gone within seconds,
+        # long before the evaluator's own hard limit (timeout -s KILL) would end it
+        deadline = time.monotonic() + 5
+        while _processes_mentioning(str(work_dir)) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert _processes_mentioning(str(work_dir)) == []
         assert _listing(work_dir / "runs") == []
         assert list((tmp_path / "work").rglob("*.json")) == []

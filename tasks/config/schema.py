@@ -714,6 +714,11 @@ class StudyConfig(_Strict):
     )
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUGRC interval")
     retries: int = Field(1, ge=0, description="times a failed trial's parameters are run again")
+    dry_run: bool = Field(
+        True,
+        description="before the first training, export an untrained model, compile it with "
+        "the study's settings and run it once on the board; a failure stops the study",
+    )
     heartbeat_s: float = Field(10.0, gt=0, description="how often a running trial is marked alive")
     stale_after_s: float = Field(
         120.0, gt=0, description="a RUNNING trial without a heartbeat this long is failed"

@@ -90,10 +90,11 @@ class DeviceUnreachableError(DeviceError):
 
 
 class DeviceConfigError(DeviceError):
-    """The runner's own settings are wrong (host key not trusted, key refused or missing).
+    """The board's settings are wrong: host key not trusted, key refused or missing, a work
+    dir the user may not write, no Python or runtime for the evaluator on the board.
 
-    Bad input rather than a fault of the board: retrying does not help, fixing the
-    config or the controller's files does.
+    Bad input rather than a fault of the board: retrying does not help, fixing the config,
+    the controller's files or the board's setup does. A study pauses at the first one.
     """
 
 
@@ -243,6 +244,15 @@ def failure_message(what: str, returncode: int, stderr: str) -> str:
     if len(lines) <= 1:
         return first
     return first + "\n" + "\n".join(lines[-STDERR_TAIL_LINES:])
+
+
+def evaluator_failure(what: str, returncode: int, stderr: str) -> DeviceError:
+    """The error of an evaluator that exited ``returncode``: a runtime missing on the board is
+    its setup (``DeviceConfigError``), anything else a failed evaluation."""
+    message = failure_message(what, returncode, stderr)
+    if returncode == edgetune_eval.EXIT_RUNTIME_MISSING:
+        return DeviceConfigError(message)
+    return DeviceError(message)
 
 
 def detection_bundle_expectations(bundle: Path) -> tuple[int, int]:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tasks.devices.base import (
+    DeviceConfigError,
     DeviceError,
     DeviceRunner,
     EvalJob,
+    evaluator_failure,
     evaluator_path,
-    failure_message,
     job_argv,
 )
 
@@ -89,7 +90,7 @@ class LocalRunner(DeviceRunner):
                 start_new_session=True,  # its own process group, so a kill takes it all
             )
         except OSError as exc:
-            raise DeviceError(
+            raise DeviceConfigError(
                 f"cannot start the evaluator with {self.python!r} ({exc}); the local runner's "
                 "python option must name a Python with numpy and onnxruntime (by default, the "
                 "one running edgetune)"
@@ -106,9 +107,7 @@ class LocalRunner(DeviceRunner):
             _kill(proc)
             raise
         if proc.returncode != 0:
-            raise DeviceError(
-                failure_message(f"device evaluator ({what})", proc.returncode, stderr)
-            )
+            raise evaluator_failure(f"device evaluator ({what})", proc.returncode, stderr)
         return stdout
 
 

@@ -44,9 +44,9 @@ from tasks.devices.base import (
     DeviceRunner,
     DeviceUnreachableError,
     EvalJob,
+    evaluator_failure,
     evaluator_path,
     evaluator_version,
-    failure_message,
     job_argv,
     remove_results,
 )
@@ -390,7 +390,17 @@ class SshRunner(DeviceRunner):
                 if hashlib.sha256(content).hexdigest() == wanted:
                     return remote
         _log.info("uploading evaluator %s to %s:%s", evaluator_version(), self.address, remote)
-        await _upload(sftp, local, remote)
+        try:
+            await _upload(sftp, local, remote)
+        except asyncssh.SFTPConnectionLost:
+            raise
+        except asyncssh.SFTPError as exc:  # the first write under work_dir: the board's setup
+            raise DeviceConfigError(
+                f"{self.user}@{self.address} cannot write the evaluator under "
+                f"device.ssh.work_dir {self.layout.work_dir} ({_describe(exc)}); make it a "
+                f"folder {self.user} may write on the board, or set device.ssh.work_dir to one "
+                "(relative to its home, e.g. edgetune)"
+            ) from exc
         return remote
 
     async def _ensure_bundle(self, sftp: asyncssh.SFTPClient, bundle: Path, sha256: str) -> str:
@@ -480,10 +490,11 @@ class SshRunner(DeviceRunner):
                 f"device evaluator ({what}) on {self.address} was killed by signal {signal}:\n"
                 + (stderr.strip()[-2000:] or "(no stderr)")
             )
-        if returncode == EXIT_NOT_FOUND:
-            raise DeviceError(
+        if returncode == EXIT_NOT_FOUND:  # the board's setup: every evaluation would fail
+            said = " ".join(stderr.split())[-300:]
+            raise DeviceConfigError(
                 f"cannot start the evaluator with {self.python!r} on {self.address} "
-                f"(exit code 127: {stderr.strip()[-300:]}); set device.ssh.python to a Python "
+                f"(exit code 127: {said}); set device.ssh.python to a Python "
                 "with numpy and onnxruntime on the board"
             )
         if returncode in EXIT_TIMEOUT and not stderr.strip():
@@ -491,9 +502,7 @@ class SshRunner(DeviceRunner):
                 f"device evaluation on {self.address} was killed by the board's `timeout` "
                 f"({what}); raise device.timeout_s"
             )
-        raise DeviceError(
-            failure_message(f"device evaluator ({what}) on {self.address}", returncode, stderr)
-        )
+        raise evaluator_failure(f"device evaluator ({what}) on {self.address}", returncode, stderr)
 
     async def _kill(
         self,

@@ -8,7 +8,8 @@
   ``<name>-final`` (on train, or on train and val) and registered as the champion.
 
 The campaign builds its loops from what it is given: how to launch stages for a study
-(``make_stages``), the logger and the outcome hooks. ``flows/tune.py`` gives Prefect's.
+(``make_stages``), the logger and the outcome hooks. ``flows/tune.py`` gives Prefect's, and
+calls ``dry_run`` first: the study's export, compiler and board on an untrained model.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from typing import Any
 
 import optuna
 
+from tasks.board import BoardBusyError
 from tasks.config import dump_config
 from tasks.config.variants import expand
+from tasks.devices import DeviceUnreachableError
 from tasks.hpo import reports
 from tasks.hpo.confirm import confirm
 from tasks.hpo.launch import Stages
-from tasks.hpo.loop import Hooks, Logger, StudyLoop, run_studies, to_json
+from tasks.hpo.loop import BoardPaused, Hooks, Logger, StudyLoop, run_studies, to_json
 from tasks.hpo.recovery import (
     NothingToReuseError,
     check_fingerprint,
+    disk_full_error,
     enqueue_best,
     forget_study,
     reuse_best_config,
@@ -36,11 +40,47 @@ from tasks.hpo.recovery import (
 from tasks.hpo.study import open_study
 from tasks.hpo.variants import compare, write_comparison
 from tasks.tracking import CHAMPION, Tracker
-from tasks.workloads.base import StudyTarget
+from tasks.workloads.base import NOTHING_TRAINED, DryRun, StudyTarget
+from tasks.workloads.registry import dry_run as dry_run_configs
 from tasks.workloads.registry import objective_for, workload_for
 
 #: Builds the stages of a study's trials (in this process, or on work pools).
 StagesFactory = Callable[[StudyTarget, optuna.Study], Stages]
+
+
+def dry_run(cfg: StudyTarget, logger: Logger) -> list[DryRun]:
+    """Before the first training: an untrained model through the study's export, compiler
+    and board once (``Workload.dry_run``), so that a setting that would fail every trial
+    after its training stops the study before any GPU time, in one line naming it.
+
+    Only where the stages run in this process: on work pools the board is reached from the
+    edge pool and the compiler runs on the compile pool, neither of which the parent may
+    reach or have; there ``edgetune validate --deep`` on a host of the edge pool runs it.
+    A board that is down or busy pauses the study as it would after its trials (exit 1).
+    """
+    if not cfg.study.dry_run:
+        logger.info(
+            "dry run skipped (study.dry_run: false): the first trial's stages are the first "
+            "to reach the compiler and the board"
+        )
+        return []
+    if cfg.orchestration.mode == "deployments":
+        logger.info(
+            "dry run not run here: orchestration.mode 'deployments' compiles on the compile "
+            "pool and reaches the board from the edge pool; run 'edgetune validate --deep "
+            "CONFIG' on a host of the edge pool before the study"
+        )
+        return []
+    try:
+        done = dry_run_configs(cfg)
+    except (DeviceUnreachableError, BoardBusyError) as exc:
+        raise BoardPaused(
+            f"device {cfg.device.name}: {exc}; the study did not start ({NOTHING_TRAINED}): "
+            f"check the board with 'edgetune device check CONFIG', then run the study again"
+        ) from exc
+    for each in done:
+        logger.info("dry run before the first training: %s", each.summary())
+    return done
 
 
 @dataclass
@@ -52,10 +92,17 @@ class Campaign:
     hooks: Hooks = reports  # a module with the hook functions
 
     def run(self, cfg: StudyTarget, *, restart: bool, reuse_best: bool) -> dict[str, Any]:
-        """Run (or continue) the config's study, or its variants."""
-        if cfg.variants:
-            return self.run_variants(cfg, restart=restart, reuse_best=reuse_best)
-        return self.tune_one(cfg, restart=restart, reuse_best=reuse_best)
+        """Run (or continue) the config's study, or its variants; a full disk, met opening
+        a study as while it runs, is ``DiskFull`` (where, and the fix)."""
+        try:
+            if cfg.variants:
+                return self.run_variants(cfg, restart=restart, reuse_best=reuse_best)
+            return self.tune_one(cfg, restart=restart, reuse_best=reuse_best)
+        except Exception as exc:
+            full = disk_full_error(exc, cfg)
+            if full is None or full is exc:
+                raise
+            raise full from exc
 
     def loop(self, cfg: StudyTarget, study: optuna.Study, group: str | None = None) -> StudyLoop:
         return StudyLoop(

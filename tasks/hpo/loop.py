@@ -29,17 +29,22 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.board import BoardBusyError
-from tasks.devices.base import DeviceUnreachableError
+from tasks.devices.base import DeviceConfigError, DeviceUnreachableError
 from tasks.failures import DeterministicFailure, deterministic_names
 from tasks.hpo import optuna_ops
 from tasks.hpo.launch import Slot, StageFailed, Stages
 from tasks.hpo.recovery import (
     ATTR_HEARTBEAT,
+    ATTR_INFRA,
     ATTR_OWNER,
     ATTR_PARENT,
     ATTR_RETRY_OF,
     ATTR_STAGE,
+    DiskFull,
+    SpaceReserve,
     current_owner,
+    disk_full_error,
+    enqueue_missing_retries,
     enqueue_retry,
     find_stale,
     foreign_running,
@@ -123,11 +128,14 @@ class NoHooks:
 
 
 def board_down(exc: BaseException) -> bool:
-    """Whether a failure is the board's rather than the trial's (its retry is not charged)."""
-    if isinstance(exc, BOARD_DOWN):
+    """Whether a failure is the board's rather than the trial's (its retry is not charged):
+    the board is down or busy (``BOARD_DOWN``), or refuses its settings (``DeviceConfigError``:
+    host key, key, work dir, no Python or runtime for the evaluator)."""
+    kinds = (*BOARD_DOWN, DeviceConfigError)
+    if isinstance(exc, kinds):
         return True
     # A stage run on the edge pool reports its exception by name in its final state.
-    return isinstance(exc, StageFailed) and any(t.__name__ in str(exc) for t in BOARD_DOWN)
+    return isinstance(exc, StageFailed) and any(t.__name__ in str(exc) for t in kinds)
 
 
 def deterministic(exc: BaseException) -> bool:
@@ -184,6 +192,9 @@ class StudyLoop:
         self.parent_run_id = ""
         self.experiment_id = ""
         self.slots: dict[Future[Any], Slot] = {}
+        self.asking: Slot | None = None  # a trial asked whose training is not submitted yet
+        self.cut_short: list[Slot] = []  # trials whose telling a fault cut short
+        self.failing: dict[int, BaseException] = {}  # trials being told FAIL, and why
         self.in_train = 0  # trials holding a GPU slot
         self.in_eval = 0  # trained trials waiting for or in compile and board evaluation
         self.board_failures: list[str] = []
@@ -200,14 +211,15 @@ class StudyLoop:
         return run_studies([self], self.config.study.parallel)[0]
 
     def open(self) -> None:
-        """Start the study: its MLflow run, its inputs, and its training and evaluation pools."""
+        """Start the study: its training and evaluation pools (first: a study that fails to
+        start is stopped like one that ran), its MLflow run and its inputs."""
         self.started = time.time()
-        self._start()
         cfg = self.config.study
         self.train_pool = ThreadPoolExecutor(cfg.parallel, thread_name_prefix="train")
         self.eval_pool = ThreadPoolExecutor(
             cfg.max_pending or cfg.parallel, thread_name_prefix="evaluate"
         )
+        self._start()
 
     def _start(self) -> None:
         cfg = self.config
@@ -276,12 +288,20 @@ class StudyLoop:
             if run_id:
                 self._end_trial_run(run_id, "FAIL", "FAILED", why)
             self.stages.cancel([trial.number])
-            retried = enqueue_retry(self.study, trial, self.config.study.retries)
+            # marked by its study process, which could not tell it FAIL (the disk was full)
+            charge = not trial.user_attrs.get(ATTR_INFRA)
+            retried = enqueue_retry(self.study, trial, self.config.study.retries, charge=charge)
             self.logger.warning(
                 "trial %d: %s; %s",
                 trial.number,
                 why,
                 "its parameters are enqueued again" if retried else "no retry left",
+            )
+        for number in enqueue_missing_retries(self.study):
+            self.logger.warning(
+                "trial %d: failed for a fault outside it and its retry was missing (the disk "
+                "was full); its parameters are enqueued again",
+                number,
             )
 
     # The loop, as run_studies drives it ------------------------------------------------------
@@ -315,6 +335,27 @@ class StudyLoop:
     def close(self, status: str) -> dict[str, Any]:
         self._finish(status)
         return {**summary(self.study), "stopped_by": self.stopped_by}
+
+    def stop(self, status: str, why: str, *, records: bool = True) -> None:
+        """End a study stopped by a fault or an interrupt: its MLflow run first, then its
+        records (not on a full disk: the next run writes them). Never raises: the fault
+        that stopped the study is the error to show, and the next run ends what is left."""
+        if not self.parent_run_id:
+            return  # it stopped before its MLflow run started
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("its MLflow run is left for the next run to end", lambda: self._end(status, why))
+        ]
+        if records:
+            steps.append(("its records are not saved", lambda: self._records(status)))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                self.logger.warning("study %s: %s: %s", self.config.study.name, what, reason(exc))
+
+    def _end(self, status: str, why: str) -> None:
+        self.tracker.set_tags(self.parent_run_id, {"edgetune.end_reason": why})
+        self.tracker.end_run(self.parent_run_id, status)
 
     def _to_ask(self) -> int:
         """Trials still to ask: none once a budget (time, ratio, patience) has run out."""
@@ -455,7 +496,9 @@ class StudyLoop:
         trial, params = self._sample()
         if self._answered(trial):
             return False
-        run_id = self.tracker.start_run(
+        slot = Slot(trial, params, "", self.parent_run_id, times={"asked_at": time.time()})
+        self.asking = slot  # stopped before its training is submitted, abandon() tells it
+        slot.run_id = run_id = self.tracker.start_run(
             self.experiment_id,
             f"trial-{trial.number}",
             parent_id=self.parent_run_id,
@@ -471,8 +514,8 @@ class StudyLoop:
         self.tracker.log_params(run_id, {**settings, **params, "trial": trial.number})
         if retry_of is not None:
             self.tracker.set_tags(run_id, {"edgetune.retry_of": str(retry_of)})
-        slot = Slot(trial, params, run_id, self.parent_run_id, times={"asked_at": time.time()})
         self.slots[_in_context(self.train_pool, self.stages.train, slot)] = slot
+        self.asking = None
         self.in_train += 1
         self.logger.info(
             "trial %d: training with %s%s",
@@ -510,15 +553,42 @@ class StudyLoop:
         try:
             outcome = future.result()
         except BaseException as exc:
-            self._fail(slot, stage, exc)
+            self._failed(slot, stage, exc)
             return
-        if isinstance(outcome, Pruned):
-            self._pruned(slot, outcome)
-        elif isinstance(outcome, TrainOutcome):
+        if isinstance(outcome, TrainOutcome):
             self._trained(slot, outcome)
-        else:
-            compiled, measured = outcome
-            self._complete(slot, compiled, measured)
+            return
+        try:
+            if isinstance(outcome, Pruned):
+                self._pruned(slot, outcome)
+            else:
+                compiled, measured = outcome
+                self._complete(slot, compiled, measured)
+        except BoardPaused:
+            raise  # told, and retried: the board's failures stop the study
+        except BaseException:
+            self.cut_short.append(slot)  # the disk filled up, say: abandon() ends it
+            raise
+
+    def _failed(self, slot: Slot, stage: str, exc: BaseException) -> None:
+        """Tell the trial FAIL (``_fail``). A full disk stops the study instead, and
+        ``abandon`` tells the trial FAIL as a fault outside it and enqueues it again; it
+        also finishes a ``_fail`` cut short (the disk filled up meanwhile), with the retry
+        that was owed."""
+        full = disk_full_error(exc, self.config)
+        if full is not None:
+            self.cut_short.append(slot)
+            raise full from exc
+        self.failing[slot.number] = exc
+        try:
+            self._fail(slot, stage, exc)
+        except BoardPaused:
+            self.failing.pop(slot.number)
+            raise  # told, and retried: the board's failures stop the study
+        except BaseException:
+            self.cut_short.append(slot)
+            raise
+        self.failing.pop(slot.number)
 
     def _free_slots(self, stage: str, *, failed: bool) -> None:
         """Pipelined, the GPU slot is free as soon as training and export end; in the
@@ -633,11 +703,13 @@ class StudyLoop:
         self.tracker.log_text(slot.run_id, "".join(traceback.format_exception(exc)), "error.txt")
         self.tracker.end_run(slot.run_id, "FAILED")
         frozen = optuna_ops.fresh_trial(self.study, slot.trial_id)
-        # A board that is down is not the trial's fault: its retry is not charged.
-        # A divergence or a collapse is the parameters' (and the seed's): it would repeat.
+        # A board that is down, or refuses its settings, is not the trial's fault: its retry
+        # is not charged. A divergence or a collapse is the parameters' (and the seed's): it
+        # would repeat.
         repeats = deterministic(exc)
         retries = 0 if repeats else self.config.study.retries
-        retried = enqueue_retry(self.study, frozen, retries, charge=not board_down(exc))
+        board = where == "device" and board_down(exc)
+        retried = enqueue_retry(self.study, frozen, retries, charge=not board)
         left = "not retried: it would fail the same way again" if repeats else "no retry left"
         self.logger.warning(
             "trial %d failed in %s: %s; %s",
@@ -648,9 +720,21 @@ class StudyLoop:
         )
         self.hooks.on_trial_outcome(self, slot.trial)
         if where == "device":
-            self._board_failed(why)
+            self._board_failed(why, exc)
 
-    def _board_failed(self, why: str) -> None:
+    def _board_failed(self, why: str, exc: BaseException) -> None:
+        """Pause the study at once when the board refuses its settings (every evaluation
+        would fail the same way), else after device.max_consecutive_failures in a row."""
+        refused = isinstance(exc, DeviceConfigError) or (
+            isinstance(exc, StageFailed) and f"{DeviceConfigError.__name__}:" in str(exc)
+        )
+        if refused:
+            raise BoardPaused(
+                f"board {self.config.device.name!r} refused its settings ({why}); the study is "
+                f"paused at once and its trials are enqueued again, not charged: fix the device "
+                f"settings it names, check with 'edgetune device check CONFIG', then run the "
+                f"study again"
+            )
         self.board_failures.append(why)
         limit = self.config.device.max_consecutive_failures
         if len(self.board_failures) >= limit:
@@ -661,26 +745,57 @@ class StudyLoop:
             )
 
     def abandon(self, why: str) -> None:
-        """Tell every trial still in flight FAIL, and enqueue it again, so none is lost."""
-        slots = list(self.slots.values())
+        """Tell every trial still in flight FAIL, and enqueue it again, so none is lost.
+        Never raises: what cannot be written (the database is gone, the disk is full) is
+        left for the next run to reconcile."""
+        running = list(self.slots.values())
+        slots = [*running, *self.cut_short, *([self.asking] if self.asking else [])]
         self.slots.clear()
-        if slots:
+        self.cut_short, self.asking = [], None
+        if running:
             try:
-                self.stages.cancel([s.number for s in slots])
+                self.stages.cancel([s.number for s in running])
             except Exception as exc:  # the API is gone too: reconciliation cancels them later
                 self.logger.warning("could not cancel the stage runs: %s", reason(exc))
         for slot in slots:
+            state, status, told = "FAIL", "KILLED", why
             try:
-                slot.trial.set_user_attr(ATTR_FAIL_STAGE, slot.stage)
-                slot.trial.set_user_attr(ATTR_FAIL_REASON, why)
-                self.study.tell(slot.trial, state=TrialState.FAIL)
-                frozen = optuna_ops.fresh_trial(self.study, slot.trial_id)
-                enqueue_retry(self.study, frozen, self.config.study.retries, charge=False)
-            except Exception as exc:  # the database is gone: the next run reconciles it
+                state, status, told = self._abandon_trial(slot, why)
+            except Exception as exc:
                 self.logger.warning(
                     "trial %d left for the next run to reconcile: %s", slot.number, reason(exc)
                 )
-            self._end_trial_run(slot.run_id, "FAIL", "KILLED", why)
+            try:
+                if slot.run_id:
+                    self._end_trial_run(slot.run_id, state, status, told)
+            except Exception as exc:
+                self.logger.warning(
+                    "the MLflow run of trial %d is left for the next run to end: %s",
+                    slot.number,
+                    reason(exc),
+                )
+
+    def _abandon_trial(self, slot: Slot, why: str) -> tuple[str, str, str]:
+        """Tell a trial in flight FAIL as a fault outside it, marked first (so it is never
+        counted as an outcome, whatever cannot be written after), and enqueue it again
+        without charging it; for a trial ``_fail`` was telling, enqueue the retry it owed.
+        Returns how its MLflow run ends: state, status, reason."""
+        owed = self.failing.pop(slot.number, None)
+        trial = optuna_ops.fresh_trial(self.study, slot.trial_id)
+        if trial.state == TrialState.RUNNING:
+            marks = {ATTR_INFRA: why, ATTR_FAIL_STAGE: slot.stage, ATTR_FAIL_REASON: why}
+            for key, value in marks.items():
+                slot.trial.set_user_attr(key, value)
+            self.study.tell(slot.trial, state=TrialState.FAIL)
+            trial = optuna_ops.fresh_trial(self.study, slot.trial_id)
+            enqueue_retry(self.study, trial, self.config.study.retries, charge=False)
+            return "FAIL", "KILLED", why
+        if trial.state != TrialState.FAIL:
+            return trial.state.name, "FINISHED", ""  # told before the study stopped
+        if owed is not None:
+            retries = 0 if deterministic(owed) else self.config.study.retries
+            enqueue_retry(self.study, trial, retries, charge=not board_down(owed))
+        return "FAIL", "FAILED", str(trial.user_attrs.get(ATTR_FAIL_REASON, why))
 
     # The end ----------------------------------------------------------------------------------
     def _finish(self, status: str) -> None:
@@ -688,6 +803,12 @@ class StudyLoop:
         # A seed replica (study.replicate) is compared, not registered: see tasks.hpo.confirm.
         if best is not None and status == "FINISHED" and not self.config.study.replicate:
             self._register(best)
+        self._records(status)
+        self.tracker.end_run(self.parent_run_id, status)
+
+    def _records(self, status: str) -> None:
+        """The study's summary and counts in its MLflow run, and its records (the hooks)."""
+        best = best_trial(self.study)
         record = summary(self.study)
         self.tracker.log_text(self.parent_run_id, to_json(record), "study/summary.json")
         self.tracker.log_metrics(
@@ -699,7 +820,6 @@ class StudyLoop:
                 {f"best_{self.objective.metric}": primary_value(best), "best_trial": best.number},
             )
         self.hooks.on_study_end(self, status)
-        self.tracker.end_run(self.parent_run_id, status)
 
     def _register(self, best: FrozenTrial) -> None:
         """Register the study's best trial; a variant's best takes the variant's alias."""
@@ -754,33 +874,48 @@ def run_studies(loops: list[StudyLoop], parallel: int) -> list[dict[str, Any]]:
     trials train while the last trials of the one before are compiled and measured on the
     board: the GPU does not wait at the seam between studies (a variant run). Stopped by an
     exception, every open study tells its trials in flight FAIL, enqueues them again and
-    ends KILLED.
+    ends KILLED; on a full disk, it raises ``DiskFull`` (where, and the fix).
     """
     pending, active = list(loops), list[StudyLoop]()
     results: dict[int, dict[str, Any]] = {}
-    status = "FINISHED"
+    reserve = SpaceReserve(loop.config.run_path for loop in loops)
     try:
         while pending or active:
             while pending and not any(loop.training() for loop in active):
                 loop = pending.pop(0)
+                active.append(loop)  # first: a study that fails to open is stopped too
                 loop.open()
-                active.append(loop)
             _step(active, parallel, results)
     except BaseException as exc:
-        status = "KILLED"
-        STOP.set()
-        for loop in active:
-            loop.abandon(f"study interrupted: {reason(exc)}")
+        full = disk_full_error(exc, loops[0].config)  # measured before the reserve is freed
+        _stop(active, exc, full, reserve)
+        if full is not None and full is not exc:
+            raise full from exc
         raise
     finally:
-        try:
-            for loop in active:
-                loop.shutdown()
-        finally:
-            STOP.clear()
-            for loop in active:
-                loop.close(status)
+        reserve.release()
     return [results[id(loop)] for loop in loops]
+
+
+def _stop(
+    active: list[StudyLoop], exc: BaseException, full: DiskFull | None, reserve: SpaceReserve
+) -> None:
+    """Stop the open studies: their trials in flight told FAIL and enqueued again, the
+    trainings stopped, their MLflow runs ended KILLED. On a full disk the reserve is freed
+    first, so that this can be written."""
+    STOP.set()
+    if full is not None:
+        reserve.release()
+    why = f"study stopped: {full}" if full is not None else f"study interrupted: {reason(exc)}"
+    try:
+        for loop in active:
+            loop.abandon(why)
+        for loop in active:
+            loop.shutdown()
+    finally:
+        STOP.clear()
+        for loop in active:
+            loop.stop("KILLED", why, records=full is None)
 
 
 def _step(active: list[StudyLoop], parallel: int, results: dict[int, dict[str, Any]]) -> None:
@@ -789,9 +924,9 @@ def _step(active: list[StudyLoop], parallel: int, results: dict[int, dict[str, A
     for loop in active:
         free -= loop.fill(free)
     for loop in [loop for loop in active if loop.done()]:
-        active.remove(loop)
         loop.shutdown()
         results[id(loop)] = loop.close("FINISHED")
+        active.remove(loop)  # after: a study whose end cannot be written is stopped
     futures = {future: loop for loop in active for future in loop.slots}
     if futures:
         finished, _ = wait(

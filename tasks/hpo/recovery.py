@@ -6,7 +6,9 @@ and a heartbeat it refreshes every ``study.heartbeat_s``. A RUNNING trial whose 
 known to be gone, or whose heartbeat is older than ``study.stale_after_s``, is stale: it
 is told FAIL with the reason, and its parameters are enqueued again while ``study.retries``
 allows. A study counts as done when ``study.n_trials`` trials have an outcome: COMPLETE,
-PRUNED, or FAIL with no retry left.
+PRUNED, or FAIL with no retry left. A trial told FAIL for a fault outside it (a full disk,
+an interrupt) is no outcome: its retry is enqueued at once, or by the next start when the
+disk was too full to enqueue it.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from prefect.runtime import flow_run
 from tasks.config.variants import expand, variant_name
 from tasks.host import pid_alive
 from tasks.hpo.study import ATTR_REJECTED, ATTR_RUN_ID, best_trial, open_study
-from tasks.storage import open_storage
-from tasks.tracking import CHAMPION
+from tasks.storage import disk_full, open_storage
+from tasks.tracking import CHAMPION, mask_uri, one_line
 from tasks.workloads.base import StudyTarget
 from tasks.workloads.registry import objective_for
 
@@ -44,6 +46,9 @@ ATTR_RETRY_OF = "retry_of"
 ATTR_ATTEMPT = "attempt"
 # Study user attribute: what a resumed study must still match.
 ATTR_FINGERPRINT = "fingerprint"
+#: Trial user attribute, set before a trial is told FAIL for a fault outside it (a full
+#: disk, an interrupt, a paused board): the FAIL is no outcome and its retry is not charged.
+ATTR_INFRA = "infrastructure_fault"
 
 
 # Owners and heartbeats ------------------------------------------------------------------------
@@ -179,7 +184,8 @@ def outcome_count(trials: Iterable[FrozenTrial]) -> int:
     """Trials with an outcome: COMPLETE, PRUNED, or FAIL with no retry enqueued for it.
 
     A sample rejected by the study's constraints ran nothing and is not counted (it is told
-    PRUNED, for the sampler; studies before that told it FAIL).
+    PRUNED, for the sampler; studies before that told it FAIL), nor is a FAIL for a fault
+    outside the trial (``ATTR_INFRA``), even while its retry is missing.
     """
     trials = list(trials)
     retried = retried_numbers(trials)
@@ -189,9 +195,26 @@ def outcome_count(trials: Iterable[FrozenTrial]) -> int:
         if not t.user_attrs.get(ATTR_REJECTED)
         and (
             t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            or (t.state == TrialState.FAIL and t.number not in retried)
+            or (
+                t.state == TrialState.FAIL
+                and t.number not in retried
+                and not t.user_attrs.get(ATTR_INFRA)
+            )
         )
     )
+
+
+def enqueue_missing_retries(study: optuna.Study) -> list[int]:
+    """Enqueue the retry of each trial told FAIL for a fault outside it whose retry could
+    not be enqueued then (the disk was full); returns the numbers of those trials."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    missing = [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL and t.user_attrs.get(ATTR_INFRA) and t.number not in retried
+    ]
+    return [t.number for t in missing if enqueue_retry(study, t, 0, charge=False)]
 
 
 def still_to_ask(study: optuna.Study, n_trials: int) -> int:
@@ -199,6 +222,113 @@ def still_to_ask(study: optuna.Study, n_trials: int) -> int:
     trials = study.get_trials(deepcopy=False)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     return max(n_trials - outcome_count(trials) - running, 0)
+
+
+# A full disk -------------------------------------------------------------------------------------
+class DiskFull(RuntimeError):
+    """A disk the study writes to is full: the study stops; run again, it continues."""
+
+
+def disk_full_error(exc: BaseException, config: StudyTarget) -> DiskFull | None:
+    """``exc`` as the one-line error of a full disk (where, how much room is left, the
+    fix), or None when it is another fault."""
+    if isinstance(exc, DiskFull):
+        return exc
+    link = disk_full(exc)
+    if link is None:
+        return None
+    fix = "then run the study again to continue (the trials it cut short run again)"
+    folder = _full_folder(link, config)
+    if folder is None:  # a database server, or a stage's host, says so in its message
+        stores = f"study.storage {mask_uri(config.storage_url)}"
+        return DiskFull(f"disk full: {one_line(link)} ({stores}); free space there, {fix}")
+    return DiskFull(
+        f"disk full: no space left on the filesystem of {folder} ({room(folder)}): "
+        f"{one_line(link)}; free space there, {fix}"
+    )
+
+
+def _full_folder(link: BaseException, config: StudyTarget) -> Path | None:
+    """The folder whose filesystem is full: where the failed write went, else the fuller
+    folder of the study's SQLite databases; None when its databases are servers."""
+    if isinstance(link, OSError):
+        return Path(os.fsdecode(link.filename)).parent if link.filename else config.run_path
+    urls = (config.storage_url, config.tracking_uri)
+    local = [Path(u.removeprefix("sqlite:///")).parent for u in urls if u.startswith("sqlite:///")]
+    return min(local, key=_free) if local else None
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _free(path: Path) -> int:
+    stats = os.statvfs(_existing(path))
+    return stats.f_bavail * stats.f_frsize
+
+
+def room(path: Path) -> str:
+    """Where ``path``'s filesystem is mounted and how much of it is free."""
+    mount = _existing(path).resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    stats = os.statvfs(mount)
+    size = _size(stats.f_blocks * stats.f_frsize)
+    return f"mounted on {mount}, {_size(_free(path))} free of {size}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+#: Room a running study keeps in its run directory to record its own stop on a full disk.
+RESERVE_BYTES = 4 * 2**20
+RESERVE_PREFIX = ".edgetune-reserve-"
+
+
+class SpaceReserve:
+    """A file of ``RESERVE_BYTES`` in each run directory while its studies run.
+
+    On a full disk every write fails: telling the trials in flight FAIL, enqueueing them
+    again and ending the MLflow runs too (SQLite needs room for its journal), and they
+    would be left RUNNING. The study deletes its reserve when it meets a full disk, before
+    it records its stop, and when it ends. A folder without room for it gets none; the
+    reserve of a process killed on this host is removed by the next one.
+    """
+
+    def __init__(self, folders: Iterable[Path]) -> None:
+        self.paths = [p for p in map(_reserve, sorted(set(folders))) if p is not None]
+
+    def release(self) -> None:
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+        self.paths = []
+
+
+def _reserve(folder: Path) -> Path | None:
+    host = socket.gethostname()
+    for left in folder.glob(f"{RESERVE_PREFIX}{host}-*"):
+        pid = left.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            left.unlink(missing_ok=True)
+    path = folder / f"{RESERVE_PREFIX}{host}-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as handle:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, RESERVE_BYTES)
+            else:  # pragma: no cover - no fallocate (macOS): written zeros hold the room
+                handle.write(bytes(RESERVE_BYTES))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return None
+    return path
 
 
 # Resume: the study must still be the same study -------------------------------------------------

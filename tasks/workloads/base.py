@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,8 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
-from tasks.config import EdgetuneConfig, StudyConfig
+from tasks.board import BoardBusyError, embedded, ensure_device_limit, hold_board
+from tasks.compilers import CompiledArtifact, CompilerError
+from tasks.config import ConfigError, EdgetuneConfig, StudyConfig
 from tasks.detection.config import DetectorStudy
+from tasks.devices import DeviceError, DeviceUnreachableError
 from tasks.host import scratch_folder
 from tasks.tracking import Tracker
 
@@ -154,6 +158,140 @@ def outcome_from_record(stage: str, record: dict[str, Any]) -> StageOutcome:
     raise ValueError(f"unknown stage {stage!r}; expected train, compile or device")
 
 
+# The dry run -------------------------------------------------------------------------------
+# Before a study's first training (``tasks.hpo.campaign.dry_run``) and in ``edgetune validate
+# --deep``: what would fail every trial after its training fails here, in seconds, instead.
+
+#: Images of the evaluation split the dry run sends to the board (one run of the evaluator).
+DRY_RUN_IMAGES = 8
+#: What every dry-run failure ends with.
+NOTHING_TRAINED = "dry run: nothing was trained"
+
+
+class DryRunError(ConfigError):
+    """The dry run refused a setting (export, compile, the board's): one line naming it."""
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a dry run did: an untrained model exported, compiled, run once on the board."""
+
+    model: str
+    compiler: str
+    calibration_images: int
+    board: str
+    board_images: int
+    size_mb: float
+    latency_ms: float
+    #: Seconds of each step: export, compile, device.
+    seconds: dict[str, float]
+
+    def summary(self) -> str:
+        took = self.seconds
+        return (
+            f"untrained {self.model} exported in {took['export']:.1f} s, compiled by "
+            f"{self.compiler} on {self.calibration_images} calibration images in "
+            f"{took['compile']:.1f} s ({self.size_mb:.3f} MB), run on board {self.board}: "
+            f"{self.board_images} images, {self.latency_ms:.3f} ms a batch, in "
+            f"{took['device']:.1f} s"
+        )
+
+
+class DryRunSteps:
+    """Times the dry run's steps and turns a step's failure into one ``DryRunError`` line
+    naming the settings of that step. A board that is down or busy is raised as it is: it
+    may come back, and the caller says so."""
+
+    def __init__(self, config: StudyTarget, size_setting: str) -> None:
+        self.config = config
+        self.size_setting = size_setting  # e.g. data.image_size=16
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: Literal["export", "compile", "device"]) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        except (DeviceUnreachableError, BoardBusyError):
+            raise
+        except Exception as exc:
+            raise DryRunError(self._refused(name, exc)) from exc
+        self.seconds[name] = time.monotonic() - started
+
+    def done(self, artifact: CompiledArtifact, latency_ms: float, board_images: int) -> DryRun:
+        return DryRun(
+            model=self.config.model.arch,
+            compiler=self.config.compile.backend,
+            calibration_images=int(artifact.metadata.get("calibration_samples", 0)),
+            board=self.config.device.name,
+            board_images=board_images,
+            size_mb=artifact.size_bytes / 1e6,
+            latency_ms=latency_ms,
+            seconds=dict(self.seconds),
+        )
+
+    def _refused(self, name: str, exc: Exception) -> str:
+        arch = self.config.model.arch
+        if name == "export":
+            return (
+                f"model.arch: an untrained {arch} did not export to ONNX at "
+                f"{self.size_setting} with export.opset={self.config.export.opset} "
+                f"({_one_line(exc)}); choose another model.arch or export.opset "
+                f"({NOTHING_TRAINED})"
+            )
+        if name == "compile":
+            key, settings = compile_settings(self.config)
+            cause = exc.__cause__ if isinstance(exc, CompilerError) else None
+            return (
+                f"{key}: the {self.config.compile.backend} compiler refused an untrained {arch} "
+                f"({settings}): {_one_line(cause or exc)}; change these settings and run "
+                f"again ({NOTHING_TRAINED})"
+            )
+        text = _first_line(exc) if isinstance(exc, DeviceError) else _one_line(exc)
+        return f"device {self.config.device.name}: {text} ({NOTHING_TRAINED})"
+
+
+def compile_settings(config: StudyTarget) -> tuple[str, str]:
+    """The compile setting to name first (the first the config changed from its default)
+    and every setting the compiler ran with, as ``compile.onnxruntime: k=v, …``."""
+    section = "hailo" if config.compile.backend == "hailo" else "onnxruntime"
+    options = getattr(config.compile, section)
+    values = options.model_dump()
+    fields = type(options).model_fields
+    changed = [k for k, v in values.items() if v != fields[k].default]
+    ordered = [*changed, *(k for k in values if k not in changed)]
+    shown = ", ".join(f"{k}={_shown(values[k])}" for k in ordered)
+    key = f"compile.{section}" + (f".{changed[0]}" if changed else "")
+    samples = config.compile.calibration_samples
+    return key, f"compile.{section}: {shown}; compile.calibration_samples={samples}"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else "''"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(exc).__name__
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception."""
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+@contextmanager
+def holding_board(config: StudyTarget) -> Iterator[None]:
+    """The board's slot; with a Prefect server, its limit is made first (a dry run from
+    ``edgetune validate --deep`` may be the first to take it)."""
+    if not embedded():
+        ensure_device_limit(config.device.concurrency_limit)
+    with hold_board(config):
+        yield
+
+
 @dataclass(frozen=True)
 class Registration:
     """A registered model version and the run it came from."""
@@ -185,6 +323,8 @@ class Workload(ABC, Generic[C]):
     - ``compile``: the trial's ONNX and the calibration set to a compiled artifact.
     - ``evaluate``: the compiled artifact on the board, holding the board's slot only while
       it runs there; the metrics are computed here, on the controller.
+    - ``dry_run``: before the first training, an untrained model through the study's export,
+      compiler and board once; raises ``DryRunError`` naming the setting that fails.
     - ``planned_epochs``: the epochs a trial with ``params`` trains when not pruned.
     - ``register_best``: registers a study's best trial (or keeps a better champion); the
       engine calls it after the study's trial runs have ended.
@@ -241,6 +381,21 @@ class Workload(ABC, Generic[C]):
     def evaluate(
         self, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
     ) -> DeviceOutcome: ...
+
+    @abstractmethod
+    def dry_run(self) -> DryRun:
+        """Export an untrained model of the configured architecture, compile it with the
+        configured compiler and settings on the study's calibration set (the same images as
+        the real compile: a refusal may depend on their count), and run it once on the board
+        (``DRY_RUN_IMAGES`` images, holding its slot). Nothing is trained and nothing goes
+        to MLflow or the run folder. Raises ``DryRunError`` naming the setting that failed;
+        a board that is down or busy raises as in a trial (``DeviceUnreachableError``,
+        ``BoardBusyError``)."""
+
+    def dry_run_settings(self) -> dict[str, Any]:
+        """The settings a dry run depends on: configs (variants) that share them share one."""
+        dumped = self.config.model_dump(mode="json")
+        return {key: dumped.get(key) for key in ("data", "model", "export", "compile", "device")}
 
     @abstractmethod
     def planned_epochs(self, params: dict[str, Any]) -> int: ...

@@ -37,6 +37,7 @@ from tasks.data import (
     inspect_dataset,
     load_bundle,
     make_bundle,
+    normalise,
     split_items,
 )
 from tasks.devices import create_runner
@@ -45,15 +46,19 @@ from tasks.packaging import MODEL_DIR, save_served_model, served_arrays
 from tasks.seeding import trial_seed
 from tasks.tracking import CHAMPION, Tracker, local_artifact_location
 from tasks.workloads.base import (
+    DRY_RUN_IMAGES,
     Checked,
     CompileOutcome,
     DeviceOutcome,
+    DryRun,
+    DryRunSteps,
     EpochHook,
     Objective,
     Registration,
     StudyTarget,
     TrainOutcome,
     Workload,
+    holding_board,
     scratch,
     study_free,
 )
@@ -90,18 +95,23 @@ def prepare_inputs(config: EdgetuneConfig, tracker: Tracker, parent_run_id: str)
         bundle = make_bundle(
             evaluated, info.classes, config.data.image_size, work / "val_bundle.npz"
         )
-        calib = make_bundle(
-            calibration_items(info.files["train"], config.compile.calibration_samples, config.seed),
-            info.classes,
-            config.data.image_size,
-            work / "calibration.npz",
-        )
+        calib = calibration_set(config, info, work / "calibration.npz")
         tracker.log_artifact(parent_run_id, bundle, "inputs")
         tracker.log_artifact(parent_run_id, calib, "inputs")
         config_file = work / "config.yaml"
         config_file.write_text(dump_config(config))
         tracker.log_artifact(parent_run_id, config_file)
     return Checked(info.classes, info.counts())
+
+
+def calibration_set(config: EdgetuneConfig, info: DatasetInfo, out: Path) -> Path:
+    """The study's calibration set: ``compile.calibration_samples`` train images, seeded."""
+    return make_bundle(
+        calibration_items(info.files["train"], config.compile.calibration_samples, config.seed),
+        info.classes,
+        config.data.image_size,
+        out,
+    )
 
 
 # Training ---------------------------------------------------------------------------------
@@ -228,21 +238,27 @@ def _save_model(
     # torch loads only where a trial trains: compile and device stages never need it.
     import torch
 
-    from tasks.export import export_checked
-
     checkpoint = work / "checkpoint.pt"
     torch.save(model.state_dict(), checkpoint)
-    exported = export_checked(
+    exported = export_model(config, model, sample, work / "model.onnx")
+    tracker.log_artifact(run_id, checkpoint, "model")
+    tracker.log_artifact(run_id, exported.path, "model")
+    return exported
+
+
+def export_model(config: EdgetuneConfig, model: Any, sample: Any, out: Path) -> Any:
+    """``model`` to ONNX at ``data.image_size`` (``export.*``), checked against ``sample``."""
+    # torch loads only where a model is built: compile and device stages never need it.
+    from tasks.export import export_checked
+
+    return export_checked(
         model,
-        work / "model.onnx",
+        out,
         config.data.image_size,
         sample,
         opset=config.export.opset,
         atol=config.export.parity_atol,
     )
-    tracker.log_artifact(run_id, checkpoint, "model")
-    tracker.log_artifact(run_id, exported.path, "model")
-    return exported
 
 
 # Compilation ------------------------------------------------------------------------------
@@ -364,6 +380,37 @@ def collapse_flags(config: EdgetuneConfig, device_metrics: dict[str, float]) -> 
     return {"collapsed": "; ".join(found)} if found else {}
 
 
+# The dry run ------------------------------------------------------------------------------
+
+
+def dry_run(config: EdgetuneConfig) -> DryRun:
+    """An untrained ``model.arch`` through the study's own export, compiler (on the study's
+    calibration set) and board, once, before any training; see ``Workload.dry_run``."""
+    # torch loads only where a model is built: compile and device stages never need it.
+    from tasks.models import create_model
+    from tasks.training.rng import build_model
+
+    info = inspect_dataset(config.data.root, verify_images=False)
+    evaluated = split_items(info, config.data.eval_split, config.data.root)[:DRY_RUN_IMAGES]
+    steps = DryRunSteps(config, f"data.image_size={config.data.image_size}")
+    with scratch(config, "dry-run") as work:
+        calibration = calibration_set(config, info, work / "calibration.npz")
+        bundle = make_bundle(evaluated, info.classes, config.data.image_size, work / "bundle.npz")
+        images = load_bundle(bundle)
+        with steps.step("export"):
+            model = build_model(
+                config.seed, lambda: create_model(config.model.arch, len(info.classes))
+            )
+            sample = normalise(images["images"], images["mean"], images["std"])
+            exported = export_model(config, model, sample, work / "model.onnx")
+        with steps.step("compile"):
+            compiler = create_compiler(config.compile.backend, **config.compile.backend_options())
+            artifact = compiler.compile(exported.path, calibration, work / "compiled")
+        with steps.step("device"), holding_board(config):
+            result = run_on_device(config, artifact.path, bundle, work)
+    return steps.done(artifact, result.latency_ms["mean"], len(evaluated))
+
+
 # The workload ------------------------------------------------------------------------------
 
 
@@ -452,6 +499,9 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
 
     def compile(self, tracker: Tracker, run_id: str, parent_run_id: str) -> CompileOutcome:
         return compile_model(self.config, tracker, run_id, parent_run_id)
+
+    def dry_run(self) -> DryRun:
+        return dry_run(self.config)
 
     def evaluate(
         self, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str

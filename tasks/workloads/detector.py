@@ -20,9 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from tasks import preflight as checks
+from tasks.compilers import create_compiler
 from tasks.config import ConfigError
 from tasks.detection.config import DetectorStudy, trial_train_settings
-from tasks.detection.dataset import read_data_yaml, write_resolved_yaml
+from tasks.detection.dataset import (
+    make_calibration_set,
+    make_detection_bundle,
+    read_data_yaml,
+    write_resolved_yaml,
+)
 from tasks.detection.pipeline import (
     DETECTOR_TAG,
     KIND_TAG,
@@ -35,18 +41,23 @@ from tasks.detection.pipeline import (
     select_champion,
     train_stage,
 )
-from tasks.detection.ultra import DetectorError
-from tasks.devices import DeviceConfigError
+from tasks.detection.ultra import DetectorError, export_onnx, ultralytics
+from tasks.devices import DeviceConfigError, create_runner
+from tasks.devices.base import detection_bundle_expectations
 from tasks.tracking import CHAMPION, Tracker, local_artifact_location
 from tasks.workloads.base import (
+    DRY_RUN_IMAGES,
     Checked,
     CompileOutcome,
     DeviceOutcome,
+    DryRun,
+    DryRunSteps,
     EpochHook,
     Objective,
     Registration,
     TrainOutcome,
     Workload,
+    holding_board,
     scratch,
     study_free,
 )
@@ -54,6 +65,23 @@ from tasks.workloads.base import (
 BUNDLE = "inputs/val_bundle.npz"
 CALIBRATION = "inputs/calibration.npz"
 ONNX = "model/model.onnx"
+
+
+def untrained_weights(config: DetectorStudy, classes: int, work: Path) -> Path:
+    """A checkpoint of ``model.arch`` with ``classes`` classes and initial weights: what a
+    trial exports, less its training (the weights file changes values, not the graph)."""
+    yolo = ultralytics(work).YOLO
+    # Ultralytics (and torch) load only where a detector is built.
+    from ultralytics.nn.tasks import DetectionModel
+
+    try:
+        model = yolo(config.model.arch, task="detect")
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise DetectorError(f"model.arch {config.model.arch!r} cannot be built: {exc}") from None
+    model.model = DetectionModel(model.model.yaml, nc=classes, verbose=False)
+    path = work / "untrained.pt"
+    model.save(path)
+    return path
 
 
 # The workload ------------------------------------------------------------------------------
@@ -169,6 +197,52 @@ class DetectorWorkload(Workload[DetectorStudy]):
             bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
             metrics = board_stage(config, tracker, run_id, compiled, bundle, work, reference)
         return DeviceOutcome(metrics=metrics, started_at=started, finished_at=time.time())
+
+    def dry_run(self) -> DryRun:
+        """An untrained ``model.arch`` with the dataset's classes through the study's own
+        export, compiler (on the study's calibration set) and board, once."""
+        config, imgsz = self.config, self.config.train.imgsz
+        dataset = read_data_yaml(Path(config.data.yaml))
+        steps = DryRunSteps(config, f"train.imgsz={imgsz}")
+        with scratch(config, "dry-run") as work:
+            bundle = make_detection_bundle(
+                dataset,
+                imgsz,
+                work / "bundle.npz",
+                single_cls=config.train.single_cls,
+                single_cls_name=config.train.single_cls_name,
+                max_images=DRY_RUN_IMAGES,
+            )
+            calibration = make_calibration_set(
+                dataset, imgsz, config.compile.calibration_samples, config.seed, work / "cal.npz"
+            )
+            images, classes = detection_bundle_expectations(bundle)
+            with steps.step("export"):
+                weights = untrained_weights(config, classes, work)
+                export = config.export
+                onnx = export_onnx(
+                    weights, imgsz, export.opset, export.simplify, work / "model.onnx", work
+                )
+            with steps.step("compile"):
+                compiler = create_compiler(
+                    config.compile.backend, **config.compile.backend_options()
+                )
+                artifact = compiler.compile(onnx, calibration, work / "compiled")
+            with steps.step("device"), holding_board(config):
+                runner = create_runner(config.device.runner, **config.device.runner_options())
+                result = runner.detect(
+                    artifact.path, bundle, work / "device", **config.eval.model_dump()
+                )
+        return steps.done(artifact, result.latency_ms["mean"], images)
+
+    def dry_run_settings(self) -> dict[str, Any]:
+        """Also the export size and the class set, which are train settings of a detector."""
+        train = self.config.train
+        return {
+            **super().dry_run_settings(),
+            "eval": self.config.eval.model_dump(mode="json"),
+            "train": [train.imgsz, train.single_cls, train.single_cls_name],
+        }
 
     def planned_epochs(self, params: dict[str, Any]) -> int:
         return trial_train_settings(self.config.train, params).epochs

@@ -12,7 +12,14 @@ from tasks.compilers import CompilerUnavailableError
 from tasks.config import PATH_KEYS, ConfigError, overridden, parse_config, read_yaml
 from tasks.config.variants import expand
 from tasks.detection.config import is_detector_config, override_detector, parse_detector_study
-from tasks.workloads.base import Checked, Objective, StudyTarget, Workload
+from tasks.workloads.base import (
+    Checked,
+    DryRun,
+    DryRunError,
+    Objective,
+    StudyTarget,
+    Workload,
+)
 from tasks.workloads.classifier import ClassifierWorkload
 from tasks.workloads.detector import DetectorWorkload
 
@@ -71,3 +78,33 @@ def preflight(config: StudyTarget) -> Checked:
         except (ConfigError, CompilerUnavailableError) as exc:
             raise ConfigError(f"variants[{index}] ({spec.name}): {exc}") from None
     return found
+
+
+def dry_run(config: StudyTarget) -> list[DryRun]:
+    """The dry run before a study's first training (``Workload.dry_run``): once for the study,
+    or once for each set of settings its variants check (model, export, compiler, board).
+
+    A variant that shares the study's own settings runs as the study; a failure of another
+    variant names it, as preflight does.
+    """
+    studies: list[tuple[str | None, StudyTarget]] = [(None, config)]
+    if config.variants:
+        studies = [(f"variants[{i}] ({s.name})", v) for i, (s, v) in enumerate(expand(config))]
+    own = workload_for(config)
+    done: list[DryRun] = []
+    seen: list[dict[str, Any]] = []
+    for where, study in studies:
+        workload = workload_for(study)
+        settings = workload.dry_run_settings()
+        if settings in seen:
+            continue
+        seen.append(settings)
+        if settings == own.dry_run_settings():
+            where, workload = None, own
+        try:
+            done.append(workload.dry_run())
+        except DryRunError as exc:
+            if where is None:
+                raise
+            raise DryRunError(f"{where}: {exc}") from exc
+    return done

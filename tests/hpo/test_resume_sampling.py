@@ -122,3 +122,41 @@ def test_a_sampler_whose_random_state_moved_is_refused_in_one_line() -> None:
         f"{optuna.__version__} moved it); install the Optuna version pyproject.toml pins, or "
         f"find its random state in tasks/hpo/optuna_ops.py: reseed"
     )
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_resumed_edgetune_tune_asks_new_trials(digits_root: Path, tmp_path: Path) -> None:
+    """The command as a user runs it: 2 trials, then the same study resumed to 4, in two
+    processes; before, trials 2 and 3 asked (and scored) what trials 0 and 1 had."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import tiny_config
+
+    raw = tiny_config(digits_root, tmp_path / "runs" / "resume", study={"parallel": 1})
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    for n_trials in (2, 4):
+        done = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "edgetune"),
+                "tune",
+                "resume.yaml",
+                f"study.n_trials={n_trials}",
+                "--json",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    storage = f"sqlite:///{tmp_path / 'runs' / 'resume' / 'optuna.db'}"
+    trials = optuna.load_study(study_name="resume", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert len({t.params["lr"] for t in trials}) == 4, [t.params for t in trials]

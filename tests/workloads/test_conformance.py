@@ -7,7 +7,9 @@ workload one module-scoped run binds the config, preflights, prepares the study'
 trains one trial (epoch hook recorded), compiles it, evaluates it on the ``local`` runner
 and registers it; the tests then assert what each stage returned and what it left in
 MLflow, that the outcomes round-trip through MLflow, and that an epoch hook that prunes
-stops the training. A workload registered without a set-up here fails the suite.
+stops the training. The dry run (an untrained model exported, compiled and run once on the
+board before a study's first training) runs on the same config, and a compiler that refuses
+it is named in one line. A workload registered without a set-up here fails the suite.
 
 No Prefect server: the board's slot is a file lock when ``PREFECT_API_URL`` is unset.
 Tiny CPU runs reach mAP ≈ 0 and a poor AUGRC, so values are checked for presence, type,
@@ -31,9 +33,12 @@ from tasks.board import embedded, ensure_device_limit
 from tasks.config import SearchParam
 from tasks.tracking import CHAMPION, Tracker
 from tasks.workloads.base import (
+    DRY_RUN_IMAGES,
     Checked,
     CompileOutcome,
     DeviceOutcome,
+    DryRun,
+    DryRunError,
     Pruned,
     Registration,
     StudyTarget,
@@ -409,6 +414,73 @@ def test_a_compile_failure_raises_and_keeps_the_compilers_log(
         tracker.end_run(run, "FAILED")
     log = tracker.download(run, "compile/compile.log", ran.tmp / "broken-log")
     assert "unsupported layer: Foo" in log.read_text()
+
+
+def _run_names(ran: Ran) -> list[str]:
+    runs = ran.tracker.client.search_runs([ran.experiment])
+    return sorted(str(run.info.run_name) for run in runs)
+
+
+def test_the_dry_run_runs_an_untrained_model_once_through_export_compile_and_board(
+    ran: Ran,
+) -> None:
+    """Before a study's first training: the configured architecture, untrained, through the
+    configured compiler on the study's calibration set, once on the board; nothing logged."""
+    runs, cwd = _run_names(ran), ran.tmp / "cwd"
+    files = sorted(cwd.rglob("*"))
+    patch = pytest.MonkeyPatch()
+    patch.chdir(cwd)
+    try:
+        done = ran.workload.dry_run()
+    finally:
+        patch.undo()
+    assert isinstance(done, DryRun)
+    assert done.model == ran.config.model.arch
+    assert done.compiler == ran.config.compile.backend
+    assert done.board == ran.config.device.name
+    train_images = ran.preflight.counts["train"]
+    assert done.calibration_images == min(ran.config.compile.calibration_samples, train_images)
+    assert done.board_images == min(DRY_RUN_IMAGES, ran.preflight.counts["val"])
+    assert done.size_mb > 0 and math.isfinite(done.latency_ms) and done.latency_ms > 0
+    assert set(done.seconds) == {"export", "compile", "device"}
+    assert all(seconds > 0 for seconds in done.seconds.values())
+    assert done.summary().startswith(f"untrained {done.model} exported in ")
+    # nothing trained, nothing in MLflow, nothing left in the working folder
+    assert _run_names(ran) == runs
+    assert sorted(cwd.rglob("*")) == files
+
+
+def test_a_dry_run_the_compiler_refuses_names_the_compile_settings(
+    ran: Ran, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.compilers import COMPILERS, CompilerError
+
+    class RefusingCompiler:  # a stand-in compiler that refuses every model
+        name = "refusing"
+
+        def __init__(self, **options: Any) -> None:
+            pass
+
+        def compile(self, onnx_path: Path, calibration: Path, out: Path) -> Any:
+            assert onnx_path.is_file() and calibration.is_file()  # the export came first
+            raise CompilerError("unsupported layer: Foo\n--- last lines of compile.log ---")
+
+    monkeypatch.setitem(COMPILERS, ran.config.compile.backend, RefusingCompiler)
+    monkeypatch.chdir(ran.tmp / "cwd")
+
+    with pytest.raises(DryRunError) as caught:
+        ran.workload.dry_run()
+    message = str(caught.value)
+    samples = ran.config.compile.calibration_samples
+    assert message.startswith(
+        f"compile.onnxruntime: the {ran.config.compile.backend} compiler refused an untrained "
+        f"{ran.config.model.arch} (compile.onnxruntime: "
+    ), message
+    assert (
+        f"; compile.calibration_samples={samples}): CompilerError: unsupported layer: " in message
+    )
+    assert message.endswith("change these settings and run again (dry run: nothing was trained)")
+    assert "\n" not in message
 
 
 def test_evaluate_waits_for_the_boards_slot(ran: Ran) -> None:

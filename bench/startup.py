@@ -1,0 +1,158 @@
+"""Start-up benchmark: what an embedded ``edgetune tune`` spends around its one trial.
+
+Runs ``edgetune tune`` on a one-trial study (16 px digits, tinycnn, 2 epochs) in a
+project folder of its own, with no Prefect server configured (the embedded default), and
+reads the times from the study's storage:
+
+- ``first ask``: from the command's start to trial 0's start (Optuna's ``datetime_start``);
+- ``trial``: from the first ask to the last tell;
+- ``after tell``: from the last tell to the command's exit;
+- ``wall``: the whole command.
+
+Each run restarts the study (``--restart``); a warm-up run first makes the project's
+databases (a first run also migrates them). With ``--vs DIR`` the same runs alternate with
+another edgetune checkout (on ``PYTHONPATH``), and the ratios are taken pair by pair, so a
+comparison holds while the machine's speed drifts.
+
+    python -m bench.startup --runs 5 --vs ../edgetune-before
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+import yaml
+
+BIN = Path(sys.executable).parent
+FIGURES = ("first ask", "trial", "after tell", "wall")
+
+
+def _config(data: Path) -> dict[str, object]:
+    return {
+        "seed": 0,
+        "run_dir": "runs/one",
+        "data": {"root": str(data), "image_size": 16, "augment": {"rotation": 0.0}},
+        "model": {"arch": "tinycnn"},
+        "train": {"epochs": 2, "batch_size": 128, "swa_start": 1, "lr": 0.05, "swa_lr": 0.02},
+        "compile": {"calibration_samples": 32},
+        "device": {"name": "bench-startup", "warmup": 0},
+        "study": {
+            "name": "one",
+            "n_trials": 1,
+            "parallel": 1,
+            "bootstrap": 20,
+            "search_space": {"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
+        },
+    }
+
+
+def _project(root: Path, data: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "one.yaml").write_text(yaml.safe_dump(_config(data)))
+    return root
+
+
+def run_once(project: Path, checkout: Path | None) -> dict[str, float]:
+    """One ``edgetune tune`` in ``project``; its figures in seconds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
+    started, clock = datetime.now(), time.monotonic()
+    done = subprocess.run(
+        [str(BIN / "edgetune"), "tune", "one.yaml", "--restart", "--json"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    wall, ended = time.monotonic() - clock, datetime.now()
+    if done.returncode != 0:
+        sys.exit(f"error: edgetune tune failed in {project}: {done.stderr.strip()[-1500:]}")
+    storage = f"sqlite:///{project / 'runs' / 'one' / 'optuna.db'}"
+    (trial,) = optuna.load_study(study_name="one", storage=storage).trials
+    assert trial.datetime_start is not None and trial.datetime_complete is not None
+    return {
+        "first ask": (trial.datetime_start - started).total_seconds(),
+        "trial": (trial.datetime_complete - trial.datetime_start).total_seconds(),
+        "after tell": (ended - trial.datetime_complete).total_seconds(),
+        "wall": wall,
+    }
+
+
+def _median(rows: list[dict[str, float]], key: str) -> str:
+    values = [row[key] for row in rows]
+    return f"{statistics.median(values):6.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def report(runs: dict[str, list[dict[str, float]]]) -> str:
+    """Medians (min–max) per figure; with two sides, the pairwise ratios' medians."""
+    names = list(runs)
+    lines = [f"{'figure':<11}" + "".join(f"{name:>26}" for name in names)]
+    if len(names) == 2:
+        lines[0] += f"{'ratio (median)':>18}"
+    for key in FIGURES:
+        line = f"{key:<11}" + "".join(f"{_median(runs[name], key):>26}" for name in names)
+        if len(names) == 2:
+            a, b = (runs[name] for name in names)
+            ratios = [x[key] / y[key] for x, y in zip(a, b, strict=True) if y[key] > 0]
+            line += f"{statistics.median(ratios):>18.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def header(args: argparse.Namespace) -> str:
+    from importlib.metadata import version
+
+    packages = ", ".join(f"{p} {version(p)}" for p in ("prefect", "optuna", "mlflow", "torch"))
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
+        f"Python {platform.python_version()}; {packages}\n"
+        f"workload: 1 trial, tinycnn, 16 px digits, 2 epochs; {args.runs} runs per side after "
+        f"one warm-up, alternating; seconds, median (min–max)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--vs", type=Path, help="another edgetune checkout to compare with")
+    parser.add_argument("--data", type=Path, help="a digits folder (default: written anew)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="edgetune-bench-startup-") as tmp:
+        data = args.data.resolve() if args.data else None
+        if data is None:
+            from tasks.data import write_digits
+
+            data = Path(tmp) / "digits"
+            write_digits(data)
+        sides = {"this checkout": None}
+        if args.vs is not None:
+            sides[f"--vs {args.vs.name}"] = args.vs.resolve()
+        projects = {n: _project(Path(tmp) / f"p{i}", data) for i, n in enumerate(sides)}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+        for name, checkout in sides.items():
+            run_once(projects[name], checkout)  # warm-up: makes and migrates the databases
+        for _ in range(args.runs):
+            for name, checkout in sides.items():
+                runs[name].append(run_once(projects[name], checkout))
+        print(header(args))
+        print(report(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
