@@ -23,6 +23,8 @@ load_config() {
     ((${#POOLS[@]})) || die "EDGETUNE_WORKER_POOLS is empty; name pools, e.g. EDGETUNE_WORKER_POOLS=gpu"
     GPU_WORKERS=${EDGETUNE_GPU_WORKERS:-1}
     [[ $GPU_WORKERS =~ ^[0-9]+$ ]] || die "EDGETUNE_GPU_WORKERS must be a number, not '$GPU_WORKERS'"
+    POLL_S=${EDGETUNE_WORKER_POLL_S:-1}
+    [[ $POLL_S =~ ^[0-9]+$ && $POLL_S -ge 1 ]] || die "EDGETUNE_WORKER_POLL_S must be a whole number of seconds >= 1, not '$POLL_S'"
     local devices=${EDGETUNE_GPU_DEVICES:-}
     read -r -a GPU_DEVICES <<<"${devices//,/ }"
     # Worker names must differ between hosts that serve the same pool.
@@ -76,16 +78,21 @@ worker_group() { live_group "$WDIR/$1.pid" "worker start"; }
 start_worker() { # ID
     local id=$1 pool=${1%-*} n=${1##*-} prefect
     prefect=$(venv_bin prefect)
-    local -a env_extra=(PREFECT_CLI_PROMPT=false)
+    # Poll often (Prefect's default is 10 s, paid by every stage run).
+    local -a env_extra=(PREFECT_CLI_PROMPT=false "PREFECT_WORKER_QUERY_SECONDS=$POLL_S")
     if [[ $pool == gpu && ${#GPU_DEVICES[@]} -gt 0 ]]; then
         env_extra+=("CUDA_VISIBLE_DEVICES=${GPU_DEVICES[(n - 1) % ${#GPU_DEVICES[@]}]}")
     fi
-    log "starting worker $id-$HOST_TAG for pool $pool${env_extra[1]:+ (${env_extra[1]})}"
+    # A gpu, compile or edge worker is one slot: one run at a time (two trainings on one
+    # worker would share its GPU while another worker idles). The controller runs studies.
+    local -a limit=()
+    [[ $pool == controller ]] || limit=(--limit 1)
+    log "starting worker $id-$HOST_TAG for pool $pool${env_extra[2]:+ (${env_extra[2]})}"
     # Flows load from the installed package (module entrypoints), so any directory will do.
     (
         export "${env_extra[@]}"
         start_detached "$WDIR/$id.pid" "$WDIR/$id.log" "$WDIR" \
-            "$prefect" worker start --pool "$pool" --type process --name "$id-$HOST_TAG"
+            "$prefect" worker start --pool "$pool" --type process --name "$id-$HOST_TAG" "${limit[@]}"
     )
 }
 

@@ -320,8 +320,14 @@ def test_workers_come_online_in_their_pools_and_stop(services: Services) -> None
         ]
         pids = [int(p.read_text()) for p in pidfiles]
         assert all(_pid_alive(pid) for pid in pids)
-        for pid in pids:
-            assert b"worker\0start" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        for pid, pidfile in zip(pids, pidfiles, strict=True):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"worker" in command and b"start" in command
+            # one run at a time per slot (not the controller), and a short poll
+            limited = b"--limit" in command and command[command.index(b"--limit") + 1] == b"1"
+            assert limited == (not pidfile.stem.startswith("controller")), command
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"PREFECT_WORKER_QUERY_SECONDS=1" in environ
 
         def online(pool: str) -> list[str]:
             workers = _http_json(f"{api}/work_pools/{pool}/workers/filter", {})
