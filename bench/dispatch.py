@@ -14,7 +14,12 @@ queries for scheduled runs):
   (pushed over a websocket, run in a thread of the worker; no flow run, no work pool);
 - ``prefork``: ``run_deployment`` on a ``process`` work pool served by a process worker
   that imports the stage flows once and forks each flow run, in its own process, from a
-  warm fork server (``PreforkWorker`` below).
+  warm fork server (``PreforkWorker`` below);
+- ``lean``: the same pool and fork server, but the forked process runs only the stage's
+  function, without Prefect's flow engine: the worker itself marks the run RUNNING and
+  then COMPLETED or FAILED by the process's exit code, and the stage leaves its outcome
+  where the parent reads it (a file here; the trial's MLflow run in edgetune), as
+  edgetune's stages already do (``LeanWorker`` below).
 
 The parent waits for a flow run the way ``.delay()``'s future waits for a task run: on the
 server's events (``--parent-poll S`` polls the flow run every S seconds instead, as
@@ -115,7 +120,7 @@ class RouteSpec:
         return self.kind if self.poll is None else f"{self.kind}@{self.poll:g}"
 
 
-KINDS = ("process", "serve", "task", "prefork")
+KINDS = ("process", "serve", "task", "prefork", "lean")
 
 
 def parse_routes(text: str) -> list[RouteSpec]:
@@ -405,7 +410,7 @@ class PoolRoute(DeploymentRoute):
         command = (
             [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
             if self.spec.kind == "process"
-            else _internal("prefork-worker", pool)
+            else _internal(f"{self.spec.kind}-worker", pool)
         )
         processes.start(
             f"worker-{self.slug}", [*command, "--name", pool], _poll_env(env, self.spec.poll)
@@ -446,9 +451,28 @@ class TaskRoute(Route):
         return _first_times(states)
 
 
+class LeanRoute(PoolRoute):
+    """The pool route, its stage's outcome read where the stage left it (not a result)."""
+
+    def call(self, n: int) -> int:
+        from prefect.deployments import run_deployment
+        from prefect.futures import PrefectFlowRunFuture
+
+        flow_run: Any = run_deployment(
+            self.deployment, parameters={"n": n}, timeout=0, as_subflow=False
+        )
+        self.last_run = flow_run.id
+        future = PrefectFlowRunFuture(flow_run.id)
+        future.wait(timeout=CALL_TIMEOUT_S)
+        if not future.state.is_completed():
+            raise RuntimeError(f"flow run {flow_run.id} ended {future.state.type.value}")
+        return int(json.loads(lean_outcome(str(flow_run.id)).read_text()))
+
+
 ROUTES: dict[str, type[Route]] = {
     "process": PoolRoute,
     "prefork": PoolRoute,
+    "lean": LeanRoute,
     "serve": ServeRoute,
     "task": TaskRoute,
 }
@@ -591,8 +615,48 @@ def prefork_worker_class() -> type[Any]:
     return PreforkWorker
 
 
-def serve_prefork(pool: str, name: str) -> None:
-    worker_class = prefork_worker_class()
+def lean_outcome(flow_run_id: str) -> Path:
+    return Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"]) / "lean" / f"{flow_run_id}.json"
+
+
+def run_stage_only(flow_run_id: str, parameters: dict[str, Any]) -> None:
+    """The stage's function alone, in a process forked with it imported; its outcome goes
+    where the parent reads it."""
+    path = lean_outcome(flow_run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(noop_flow.fn(**parameters)))
+
+
+def lean_worker_class() -> type[Any]:
+    """A ``process`` worker that forks only the stage's function from its fork server and
+    sets the flow run's states itself (no flow engine in the child)."""
+    import anyio
+    from prefect.states import Completed, Failed, Running
+    from prefect.workers.process import ProcessWorker, ProcessWorkerResult
+
+    warnings.filterwarnings("ignore", message=".*has key 'process'", category=UserWarning)
+
+    class LeanWorker(ProcessWorker):
+        context = _fork_context()
+
+        async def run(self, flow_run: Any, configuration: Any, task_status: Any = None) -> Any:
+            await self.client.set_flow_run_state(flow_run.id, Running())
+            args = (str(flow_run.id), dict(flow_run.parameters))
+            process = self.context.Process(target=run_stage_only, args=args)
+            process.start()
+            if task_status is not None:
+                task_status.started(process.pid)
+            await anyio.to_thread.run_sync(process.join)
+            code = process.exitcode
+            final = Completed() if code == 0 else Failed(message=f"the stage exited {code}")
+            await self.client.set_flow_run_state(flow_run.id, final)
+            return ProcessWorkerResult(status_code=code or 0, identifier=str(process.pid))
+
+    return LeanWorker
+
+
+def serve_prefork(pool: str, name: str, lean: bool = False) -> None:
+    worker_class = lean_worker_class() if lean else prefork_worker_class()
     warm = worker_class.context.Process(target=_noop)
     warm.start()
     warm.join()
@@ -688,9 +752,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve-task", help="(internal) a task worker for the no-op task")
     serve = sub.add_parser("serve-flow", help="(internal) flow.serve() of the no-op flow")
     serve.add_argument("name")
-    prefork = sub.add_parser("prefork-worker", help="(internal) the prefork pool worker")
-    prefork.add_argument("pool")
-    prefork.add_argument("--name", required=True)
+    for kind in ("prefork", "lean"):
+        worker = sub.add_parser(f"{kind}-worker", help=f"(internal) the {kind} pool worker")
+        worker.add_argument("pool")
+        worker.add_argument("--name", required=True)
     args = parser.parse_args(argv)
 
     if args.command == "serve-task":
@@ -701,8 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve-flow":
         noop_flow.serve(name=args.name, limit=1, print_starting_message=False)
         return 0
-    if args.command == "prefork-worker":
-        serve_prefork(args.pool, args.name)
+    if args.command in ("prefork-worker", "lean-worker"):
+        serve_prefork(args.pool, args.name, lean=args.command == "lean-worker")
         return 0
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")

@@ -14,6 +14,11 @@ GPU-slot and board utilisation, and the orchestration seconds per trial (time th
 saw a stage take, minus the stage's own work, minus waiting for the busy board).
 
     python -m bench.pipeline --gpus 2 --train 30 --compile 8 --device 6 --trials 8
+    python -m bench.pipeline --scenarios gpu,board --trials 20 --repeats 3
+
+``--scenarios`` names preset durations (``SCENARIOS``: GPU-bound and board-bound), run one
+after the other on the same cluster; ``--repeats`` runs every design that many times,
+alternating the designs, and reports each metric's median over the repeats.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+#: Preset stage durations (seconds): what limits throughput in each.
+SCENARIOS: dict[str, dict[str, float]] = {
+    "gpu": {"train": 60.0, "compile": 15.0, "device": 10.0},  # 2 GPUs: 2/60 < 1/15, 1/10
+    "board": {"train": 30.0, "compile": 5.0, "device": 20.0},  # 1/20 < 2/30, 1/5
+}
 
 
 def _free_port() -> int:
@@ -200,8 +211,39 @@ def header(args: argparse.Namespace) -> str:
         f"Python {platform.python_version()}; {packages}\n"
         f"config: N_gpu={args.gpus}, C_compile={args.compile_slots}, E[train]={args.train}s, "
         f"E[compile]={args.compile}s, E[device]={args.device}s, {args.trials} trials per design, "
-        f"worker poll {args.worker_poll}s, parent poll {args.parent_poll}s, 1 repeat"
+        f"worker poll {args.worker_poll}s, parent poll {args.parent_poll}s, "
+        f"{args.repeats} repeat(s), medians"
     )
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's median over the repeats of one design."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def run_scenario(args: argparse.Namespace, data: Path) -> dict[str, list[dict[str, float]]]:
+    """Every design ``args.repeats`` times, alternating (slow drifts of the machine's load
+    fall on every design alike)."""
+    deploy_synthetic(args)
+    designs = args.designs.split(",")
+    runs: dict[str, list[dict[str, float]]] = {design: [] for design in designs}
+    for _ in range(args.repeats):
+        for design in designs:
+            runs[design].append(run_design(design, data, args))
+    return runs
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]]) -> str:
+    results = {design: medians(values) for design, values in runs.items()}
+    keys = list(next(iter(results.values())))
+    lines = [
+        header(args),
+        "| metric | " + " | ".join(results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{r[key]:.3g}" for r in results.values()) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,8 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--parent-poll", type=float, default=1.0, help="run_deployment poll interval"
     )
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each design")
+    parser.add_argument(
+        "--scenarios", default="", help=f"preset durations, run in turn: {','.join(SCENARIOS)}"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    scenarios = [name for name in args.scenarios.split(",") if name]
+    unknown = [name for name in scenarios if name not in SCENARIOS]
+    if unknown or args.repeats < 1:
+        parser.error(
+            f"--scenarios takes {', '.join(SCENARIOS)} (got {unknown[0]!r})"
+            if unknown
+            else f"--repeats must be >= 1, but got {args.repeats}"
+        )
 
     from tasks.data import write_digits
 
@@ -233,19 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(
         {k: env[k] for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "EDGETUNE_STORAGE")}
     )
+    record: dict[str, Any] = {}
     try:
-        deploy_synthetic(args)
-        results = {design: run_design(design, data, args) for design in args.designs.split(",")}
+        for name in scenarios or ["custom"]:
+            vars(args).update(SCENARIOS.get(name, {}))
+            runs = run_scenario(args, data)
+            print(f"\n## {name}-bound" if name != "custom" else "", report(args, runs), sep="\n")
+            record[name] = {"header": header(args), "runs": runs}
     finally:
         stop_cluster(env)
-    print(header(args))
-    keys = list(next(iter(results.values())))
-    print("| metric | " + " | ".join(results) + " |")
-    print("|---|" + "---|" * len(results))
-    for key in keys:
-        print(f"| {key} | " + " | ".join(f"{r[key]:.3g}" for r in results.values()) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"header": header(args), "results": results}, indent=2))
+        args.json.write_text(json.dumps(record, indent=2))
     return 0
 
 

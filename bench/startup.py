@@ -14,7 +14,12 @@ databases (a first run also migrates them). With ``--vs DIR`` the same runs alte
 another edgetune checkout (on ``PYTHONPATH``), and the ratios are taken pair by pair, so a
 comparison holds while the machine's speed drifts.
 
+With ``--plain`` each round also times ``bench.plain_trial``: a plain script doing the
+trial's training, export, compilation and board evaluation without Prefect, Optuna or
+MLflow; the report adds each side's wall time over the plain script's, round by round.
+
     python -m bench.startup --runs 5 --vs ../edgetune-before
+    python -m bench.startup --runs 5 --epochs 1 --plain
 """
 
 from __future__ import annotations
@@ -37,13 +42,19 @@ BIN = Path(sys.executable).parent
 FIGURES = ("first ask", "trial", "after tell", "wall")
 
 
-def _config(data: Path) -> dict[str, object]:
+def _config(data: Path, epochs: int = 2) -> dict[str, object]:
     return {
         "seed": 0,
         "run_dir": "runs/one",
         "data": {"root": str(data), "image_size": 16, "augment": {"rotation": 0.0}},
         "model": {"arch": "tinycnn"},
-        "train": {"epochs": 2, "batch_size": 128, "swa_start": 1, "lr": 0.05, "swa_lr": 0.02},
+        "train": {
+            "epochs": epochs,
+            "batch_size": 128,
+            "swa_start": min(1, epochs - 1),  # SWA starts before the last epoch
+            "lr": 0.05,
+            "swa_lr": 0.02,
+        },
         "compile": {"calibration_samples": 32},
         "device": {"name": "bench-startup", "warmup": 0},
         "study": {
@@ -56,9 +67,9 @@ def _config(data: Path) -> dict[str, object]:
     }
 
 
-def _project(root: Path, data: Path) -> Path:
+def _project(root: Path, data: Path, epochs: int = 2) -> Path:
     root.mkdir(parents=True)
-    (root / "one.yaml").write_text(yaml.safe_dump(_config(data)))
+    (root / "one.yaml").write_text(yaml.safe_dump(_config(data, epochs)))
     return root
 
 
@@ -91,6 +102,25 @@ def run_once(project: Path, checkout: Path | None) -> dict[str, float]:
     }
 
 
+def run_plain(project: Path) -> float:
+    """Seconds of ``bench.plain_trial`` on the project's config: the same training, export,
+    compilation and board evaluation as the trial, in a plain script (this checkout's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    clock = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.plain_trial", "one.yaml"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if done.returncode != 0:
+        sys.exit(f"error: the plain script failed in {project}: {done.stderr.strip()[-1500:]}")
+    return time.monotonic() - clock
+
+
 def _median(rows: list[dict[str, float]], key: str) -> str:
     values = [row[key] for row in rows]
     return f"{statistics.median(values):6.2f} ({min(values):.2f}–{max(values):.2f})"
@@ -112,6 +142,18 @@ def report(runs: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def plain_report(runs: dict[str, list[dict[str, float]]], plain: list[float]) -> str:
+    """The plain script's wall time, and each side's wall over it, round by round."""
+    lines = [f"{'plain script':<13}{_median([{'wall': w} for w in plain], 'wall')}"]
+    for name, rows in runs.items():
+        ratios = [row["wall"] / p for row, p in zip(rows, plain, strict=True) if p > 0]
+        lines.append(
+            f"{name} wall / plain script: {statistics.median(ratios):.3f} "
+            f"(median of rounds; {min(ratios):.3f}–{max(ratios):.3f})"
+        )
+    return "\n".join(lines)
+
+
 def header(args: argparse.Namespace) -> str:
     from importlib.metadata import version
 
@@ -119,8 +161,9 @@ def header(args: argparse.Namespace) -> str:
     return (
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
         f"Python {platform.python_version()}; {packages}\n"
-        f"workload: 1 trial, tinycnn, 16 px digits, 2 epochs; {args.runs} runs per side after "
-        f"one warm-up, alternating; seconds, median (min–max)"
+        f"workload: 1 trial, tinycnn, 16 px digits, {args.epochs} epoch(s); {args.runs} runs "
+        f"per side after one warm-up, alternating; seconds, median (min–max); load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end"
     )
 
 
@@ -131,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--vs", type=Path, help="another edgetune checkout to compare with")
     parser.add_argument("--data", type=Path, help="a digits folder (default: written anew)")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs of the trial")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="also time a plain script doing the trial's work (bench.plain_trial) each round",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-startup-") as tmp:
         data = args.data.resolve() if args.data else None
@@ -142,15 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         sides = {"this checkout": None}
         if args.vs is not None:
             sides[f"--vs {args.vs.name}"] = args.vs.resolve()
-        projects = {n: _project(Path(tmp) / f"p{i}", data) for i, n in enumerate(sides)}
+        projects = {
+            n: _project(Path(tmp) / f"p{i}", data, args.epochs) for i, n in enumerate(sides)
+        }
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+        plain: list[float] = []
         for name, checkout in sides.items():
             run_once(projects[name], checkout)  # warm-up: makes and migrates the databases
+        if args.plain:
+            run_plain(projects["this checkout"])  # warm-up: the file cache
         for _ in range(args.runs):
             for name, checkout in sides.items():
                 runs[name].append(run_once(projects[name], checkout))
+            if args.plain:
+                plain.append(run_plain(projects["this checkout"]))
         print(header(args))
         print(report(runs))
+        if args.plain:
+            print(plain_report(runs, plain))
     return 0
 
 

@@ -59,6 +59,7 @@ class LocalStages:
         )
 
     def compile(self, slot: Slot) -> CompileOutcome:
+        slot.started()  # compiled here and now: no queue
         return compile_task(self.config, slot.number, slot.run_id, slot.parent_run_id)
 
     def evaluate(self, slot: Slot, artifact: str) -> DeviceOutcome:

@@ -10,7 +10,9 @@ progress shows in the flow run as a progress artifact (``ProgressHooks``).
 
 from __future__ import annotations
 
+import contextvars
 import re
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -59,25 +61,46 @@ def make_stages(config: StudyTarget, study: optuna.Study) -> Stages:
 class ProgressHooks:
     """The study's records (``tasks.hpo.reports``) and, in the flow run, a progress
     artifact per study: the share of its trials with an outcome and the best so far,
-    updated as each trial gets its outcome (the Prefect UI shows it as a progress bar)."""
+    updated as each trial gets its outcome (the Prefect UI shows it as a progress bar).
+
+    The artifact goes to the Prefect API from a thread of its own, in order, so the loop
+    asks its next trial (or draws the study's plots) without waiting for the server; the
+    study's end waits for what is still on its way."""
 
     def __init__(self) -> None:
         self.artifacts: dict[str, UUID] = {}
+        self.sender = ThreadPoolExecutor(1, thread_name_prefix="progress-artifact")
+        self.sent: list[Future[None]] = []
 
     def on_trial_outcome(self, run: Any, trial: Any) -> None:
         reports.on_trial_outcome(run, trial)
         self._show(run)
 
     def on_study_end(self, run: Any, state: str) -> None:
-        reports.on_study_end(run, state)
         self._show(run, state)
+        reports.on_study_end(run, state)
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until the artifact updates sent so far have reached the API."""
+        wait(self.sent)
+        self.sent.clear()
 
     def _show(self, run: Any, state: str | None = None) -> None:
         name = run.study.study_name
         try:
             percent, text = reports.study_progress(run.config, run.study)
-            if state is not None:
-                text += f"; {state.lower()}" + (f": {run.stopped_by}" if run.stopped_by else "")
+        except Exception as exc:  # a progress bar never fails the study
+            run.logger.warning("progress artifact of study %s not updated: %s", name, exc)
+            return
+        if state is not None:
+            text += f"; {state.lower()}" + (f": {run.stopped_by}" if run.stopped_by else "")
+        # In the flow run's context: the artifact belongs to it.
+        send = contextvars.copy_context().run
+        self.sent.append(self.sender.submit(send, self._send, run, name, percent, text))
+
+    def _send(self, run: Any, name: str, percent: float, text: str) -> None:
+        try:
             if name in self.artifacts:
                 update_progress_artifact(self.artifacts[name], percent, description=text)
             else:

@@ -41,23 +41,24 @@ def test_summary_gives_median_p95_min_max() -> None:
 
 
 def test_routes_parse_with_their_polls() -> None:
-    specs = parse_routes("process@2, task,prefork@0.2,serve@1,prefork")
+    specs = parse_routes("process@2, task,prefork@0.2,serve@1,prefork,lean@0.1")
     assert specs == [
         RouteSpec("process", 2.0),
         RouteSpec("task", None),
         RouteSpec("prefork", 0.2),
         RouteSpec("serve", 1.0),
         RouteSpec("prefork", 2.0),  # the poll bench/pipeline.py uses
+        RouteSpec("lean", 0.1),
     ]
     assert [spec.label for spec in specs] == [
-        "process@2", "task", "prefork@0.2", "serve@1", "prefork@2",
+        "process@2", "task", "prefork@0.2", "serve@1", "prefork@2", "lean@0.1",
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("celery", "must be one of process, serve, task, prefork"),
+        ("celery", "must be one of process, serve, task, prefork, lean"),
         ("task@1", "task workers are pushed to"),
         ("serve@0.5", "whole seconds for serve"),
         ("process@0", "must be > 0 s"),

@@ -296,6 +296,47 @@ class TestRunnerConformance:
         with pytest.raises(FileNotFoundError, match="compiled artifact"):
             runner.evaluate(tmp_path / "absent.onnx", bundle, tmp_path)
 
+    def test_staged_inputs_are_on_the_device_until_the_block_ends(
+        self, runner: DeviceRunner, float_onnx: Path, bundle: Path, tmp_path: Path
+    ) -> None:
+        reference = runner.evaluate(float_onnx, bundle, tmp_path / "whole")
+
+        with runner.stage(float_onnx, bundle) as staged:
+            location = Path(staged.location)  # the device shares this filesystem here
+            assert (location / float_onnx.name).read_bytes() == float_onnx.read_bytes()
+            first = staged.evaluate(tmp_path / "a")
+            again = staged.evaluate(tmp_path / "b")  # a staging can run more than once
+
+        assert not location.exists()
+        np.testing.assert_allclose(first.probs, reference.probs, atol=1e-6)
+        np.testing.assert_allclose(again.probs, reference.probs, atol=1e-6)
+        assert first.info["model_sha256"] == _sha256(float_onnx)
+
+    def test_a_failure_in_the_staged_block_removes_the_run_folder(
+        self, runner: DeviceRunner, float_onnx: Path, bundle: Path, tmp_path: Path
+    ) -> None:
+        corrupt = tmp_path / "corrupt.onnx"
+        corrupt.write_bytes(b"not a model")
+
+        busy = pytest.raises(RuntimeError, match="board stayed busy")  # e.g. BoardBusyError
+        with busy, runner.stage(float_onnx, bundle) as staged:
+            waited = Path(staged.location)
+            raise RuntimeError("board stayed busy")
+        bad = pytest.raises(DeviceError, match="onnxruntime cannot load")
+        with bad, runner.stage(corrupt, bundle) as staged:
+            failed = Path(staged.location)
+            staged.evaluate(tmp_path / "work")
+
+        assert not waited.exists() and not failed.exists()
+        assert _result_files(tmp_path) == []
+
+    def test_staging_missing_inputs_sends_nothing(
+        self, runner: DeviceRunner, bundle: Path, tmp_path: Path
+    ) -> None:
+        missing = pytest.raises(FileNotFoundError, match="compiled artifact")
+        with missing, runner.stage(tmp_path / "absent.onnx", bundle):
+            pytest.fail("staged an artifact that does not exist")
+
 
 class TestLocalRunner:
     def test_timeout_kills_the_evaluator(

@@ -356,6 +356,7 @@ def test_a_progress_artifact_follows_the_study_in_the_flow_run(
 
         def on_trial_outcome(self, run: Any, trial: Any) -> None:
             super().on_trial_outcome(run, trial)
+            self.flush()  # the update goes out from a thread of its own
             shown = artifact()
             read.append((shown.data, shown.description))
 

@@ -98,9 +98,9 @@ def uploads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     recorded: list[str] = []
     real = ssh_module._upload
 
-    async def spy(sftp: Any, local: Path, remote: str) -> None:
+    async def spy(sftp: Any, local: Path, remote: str, tag: str | None = None) -> None:
         recorded.append(remote)
-        await real(sftp, local, remote)
+        await real(sftp, local, remote, tag)
 
     monkeypatch.setattr(ssh_module, "_upload", spy)
     return recorded
@@ -236,6 +236,47 @@ class TestRunsFolder:
         with pytest.raises(DeviceError, match="onnxruntime cannot load"):
             runner.evaluate(corrupt, bundle, tmp_path / "bad")
         assert _listing(work_dir / "runs") == []
+
+    def test_a_failed_artifact_upload_leaves_no_run_folder(
+        self,
+        board: Board,
+        work_dir: Path,
+        float_onnx: Path,
+        bundle: Path,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        real_put = asyncssh.SFTPClient.put
+
+        async def put(self: Any, local: Any, target: Any = None, **kwargs: Any) -> None:
+            if "/runs/" in str(target):
+                Path(str(target)).write_bytes(b"half")  # a half-written artifact
+                raise asyncssh.SFTPFailure("No space left on device")
+            await real_put(self, local, target, **kwargs)
+
+        monkeypatch.setattr(asyncssh.SFTPClient, "put", put)
+
+        full = pytest.raises(DeviceError, match="No space left on device")
+        with full, make_runner(board, work_dir).stage(float_onnx, bundle):
+            pytest.fail("staging reported success")
+        assert _listing(work_dir / "runs") == []
+
+    def test_only_stale_half_uploads_are_swept(
+        self, board: Board, work_dir: Path, float_onnx: Path, bundle: Path, tmp_path: Path
+    ) -> None:
+        """A young .part may be another controller staging now (it needs no board slot)."""
+        bundles = work_dir / "bundles"
+        bundles.mkdir(parents=True)
+        stale, young = bundles / ".a.npz.dead.part", bundles / ".b.npz.live.part"
+        for path in (stale, young):
+            path.write_bytes(b"partial")
+        old = time.time() - ssh_module.STALE_PARTIAL_S - 60
+        os.utime(stale, (old, old))
+
+        make_runner(board, work_dir).evaluate(float_onnx, bundle, tmp_path / "work")
+
+        assert not stale.exists()
+        assert young.read_bytes() == b"partial"
 
     def test_awkward_artifact_name_is_quoted(
         self, board: Board, work_dir: Path, float_onnx: Path, bundle: Path, tmp_path: Path

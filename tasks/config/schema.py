@@ -354,7 +354,11 @@ class OrchestrationConfig(_Strict):
     pipelined: bool = Field(
         True, description="free a GPU slot when training ends (false: hold it until told)"
     )
-    poll_interval_s: float = Field(2.0, gt=0)
+    poll_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="how often the parent looks at a stage's flow run (its end wakes it at once)",
+    )
 
 
 Scalar = float | int | str | bool
@@ -637,7 +641,10 @@ class StudyConfig(_Strict):
     n_trials: int = Field(400, gt=0)
     parallel: int = Field(1, gt=0, description="trials training at once (GPU slots)")
     max_pending: int | None = Field(
-        None, gt=0, description="trained models waiting for compile/device (default: parallel)"
+        None,
+        gt=0,
+        description="trained models queued for compile or the board, not yet in either "
+        "(default: parallel)",
     )
     sampler: Literal["tpe", "random", "cmaes", "gp", "nsga2", "grid"] = "tpe"
     pruner: Literal["none", "median", "asha", "hyperband"] = Field(

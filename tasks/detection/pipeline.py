@@ -350,15 +350,16 @@ def board_stage(
     work: Path,
     float_metrics: dict[str, float],
 ) -> dict[str, float]:
-    """The compiled detector on the board (holding its slot); mAP scored here, with the gap
-    to `float_metrics`; the metrics and the board's raw detections are logged."""
+    """The compiled detector on the board (staged first, then holding its slot for the run);
+    mAP scored here, with the gap to `float_metrics`; the metrics and the board's raw
+    detections are logged."""
 
     runner = create_runner(config.device.runner, **config.device.runner_options())
     if not embedded():
         ensure_device_limit(config.device.concurrency_limit)
     device_dir = work / "device"
-    with hold_board(config):
-        result = runner.detect(compiled, bundle_path, device_dir, **config.eval.model_dump())
+    with runner.stage(compiled, bundle_path) as staged, hold_board(config):
+        result = staged.detect(device_dir, **config.eval.model_dump())
     device_metrics = score_detections(result.detections, load_detection_bundle(bundle_path), "")
     metrics = {f"device_{k}": v for k, v in device_metrics.items()}
     metrics.update(gap_to_float(device_metrics, float_metrics))

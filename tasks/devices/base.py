@@ -11,7 +11,10 @@ a remote runner accept and refuse exactly the same results.
 from __future__ import annotations
 
 import json
+import zipfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -98,33 +101,94 @@ class DeviceConfigError(DeviceError):
     """
 
 
+#: Runs one evaluator command on staged inputs so that its output files land in `out_dir`.
+RunJob = Callable[[EvalJob, Path], None]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """What a runner's `_stage` yields: how to run a job on the staged inputs, and where
+    they are on the device (the run folder of this staging, removed when it ends)."""
+
+    run: RunJob
+    location: str
+
+
+class Staged:
+    """An artifact and a bundle already on the device, with the evaluator: only the run
+    itself is left, so a caller holds the board's slot around `evaluate`/`detect` alone."""
+
+    def __init__(self, placed: Placed, bundle: Path) -> None:
+        self._run = placed.run
+        self.location = placed.location
+        self.bundle = bundle
+
+    def evaluate(self, workdir: Path) -> DeviceResult:
+        """`edgetune_eval.py classify` on the staged inputs (see `DeviceRunner.evaluate`)."""
+        n_expected, classes_expected = bundle_expectations(self.bundle)
+        out_dir = fresh_out(Path(workdir))
+        try:
+            self._run(CLASSIFY, out_dir)
+            return read_result(out_dir, n_expected, classes_expected)
+        except BaseException:
+            remove_results(out_dir)
+            raise
+
+    def detect(
+        self,
+        workdir: Path,
+        *,
+        conf: float = 0.001,
+        iou: float = 0.7,
+        max_det: int = 300,
+    ) -> DetectionResult:
+        """`edgetune_eval.py detect` on the staged inputs (see `DeviceRunner.detect`)."""
+        job = detect_job(conf, iou, max_det)
+        n_images, n_classes = detection_bundle_expectations(self.bundle)
+        out_dir = fresh_out(Path(workdir))
+        try:
+            self._run(job, out_dir)
+            return read_detections(out_dir, n_images, n_classes)
+        except BaseException:
+            remove_results(out_dir)
+            raise
+
+
 class DeviceRunner(ABC):
-    """Contract: run the shipped evaluator on one device.
+    """Contract: run the shipped evaluator on one device, its inputs staged beforehand.
 
-    - `evaluate(artifact, bundle, workdir)` runs ``edgetune_eval.py classify`` on the
-      device against the artifact and the bundle and returns a `DeviceResult` whose
-      `probs` are per-sample probabilities in bundle order (N = the bundle's label
-      count, C = its class count) plus latency. `workdir` is a controller-side scratch
-      directory the runner owns. Missing inputs on the controller raise
-      FileNotFoundError, a bundle without labels ValueError; any failure on the device
-      (non-zero exit, timeout, missing or inconsistent result files) raises
-      `DeviceError`. No process is left running, and no result files are left behind by
-      a failed evaluation.
-    - `detect(artifact, bundle, workdir, conf=, iou=, max_det=)` runs
-      ``edgetune_eval.py detect`` the same way and returns a `DetectionResult`: boxes
-      after NMS in the bundle's (letterboxed) pixel coordinates.
+    - `stage(artifact, bundle)` is a context manager that puts everything an evaluation
+      needs on the device without needing the device to itself: it connects, installs the
+      evaluator and the bundle where missing, and puts the artifact in a run folder of its
+      own (`Staged.location`). The run folder is removed when the block exits, whatever
+      happens (a failed staging, a failed run, an exception of the caller). Missing inputs
+      on the controller raise FileNotFoundError before anything is sent.
+    - `Staged.evaluate(workdir)` runs ``edgetune_eval.py classify`` on the staged inputs
+      and returns a `DeviceResult` whose `probs` are per-sample probabilities in bundle
+      order (N = the bundle's label count, C = its class count) plus latency; a bundle
+      without labels raises ValueError. `workdir` is a controller-side scratch directory
+      the runner owns. Any failure on the device (non-zero exit, timeout, missing or
+      inconsistent result files) raises `DeviceError`. No process is left running, and no
+      result files are left behind by a failed evaluation.
+    - `Staged.detect(workdir, conf=, iou=, max_det=)` runs ``edgetune_eval.py detect`` the
+      same way and returns a `DetectionResult`: boxes after NMS in the bundle's
+      (letterboxed) pixel coordinates.
+    - `evaluate(artifact, bundle, workdir)` and `detect(...)` are stage + run in one call.
     - `info()` returns the evaluator's ``info`` JSON (runtimes, accelerators, host).
-    - A runner does not take the device's concurrency slot; its callers do.
+    - A runner does not take the device's concurrency slot; its callers do, around the
+      run only: stage first, then ``with hold_board(config): staged.evaluate(...)``.
+      Several stagings may be on one device at once; only runs need it to themselves.
 
-    Implementations write `_run_job` (run one evaluator command so that its output files
-    land in a controller-side folder) and `info`; the checks are shared here.
+    Implementations write `_stage` (a context manager yielding `Placed`) and `info`; the
+    checks are shared here.
     """
 
     name: ClassVar[str]
 
     @abstractmethod
-    def _run_job(self, job: EvalJob, artifact: Path, bundle: Path, out_dir: Path) -> None:
-        """Run the evaluator for `job` on the device; its output files end in `out_dir`."""
+    def _stage(self, artifact: Path, bundle: Path) -> AbstractContextManager[Placed]:
+        """Put the evaluator, `bundle` and `artifact` on the device; remove the run folder
+        on exit. Inputs exist (checked by `stage`)."""
 
     @abstractmethod
     def info(self) -> dict[str, Any]:
@@ -137,17 +201,19 @@ class DeviceRunner(ABC):
         """
         return None
 
+    @contextmanager
+    def stage(self, artifact: Path, bundle: Path) -> Iterator[Staged]:
+        """`artifact` and `bundle` on the device, ready to run (see the class docstring)."""
+        artifact, bundle = Path(artifact), Path(bundle)
+        check_files(artifact, bundle)
+        with self._stage(artifact, bundle) as placed:
+            yield Staged(placed, bundle)
+
     def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:
         """Evaluate the classifier `artifact` on every image of `bundle`."""
-        artifact, bundle = Path(artifact), Path(bundle)
-        n_expected, classes_expected = check_inputs(artifact, bundle)
-        out_dir = self._fresh_out(Path(workdir))
-        try:
-            self._run_job(CLASSIFY, artifact, bundle, out_dir)
-            return read_result(out_dir, n_expected, classes_expected)
-        except BaseException:
-            remove_results(out_dir)
-            raise
+        check_inputs(Path(artifact), Path(bundle))  # a bundle without labels is never sent
+        with self.stage(artifact, bundle) as staged:
+            return staged.evaluate(workdir)
 
     def detect(
         self,
@@ -160,26 +226,19 @@ class DeviceRunner(ABC):
         max_det: int = 300,
     ) -> DetectionResult:
         """Run the detector `artifact` on every image of `bundle`; boxes after NMS."""
-        artifact, bundle = Path(artifact), Path(bundle)
-        job = detect_job(conf, iou, max_det)
-        for path, what in ((artifact, "compiled artifact"), (bundle, "evaluation bundle")):
-            if not path.is_file():
-                raise FileNotFoundError(f"{what} {path} does not exist")
-        n_images, n_classes = detection_bundle_expectations(bundle)
-        out_dir = self._fresh_out(Path(workdir))
-        try:
-            self._run_job(job, artifact, bundle, out_dir)
-            return read_detections(out_dir, n_images, n_classes)
-        except BaseException:
-            remove_results(out_dir)
-            raise
+        detect_job(conf, iou, max_det)  # bad settings fail before anything is sent
+        check_files(Path(artifact), Path(bundle))
+        detection_bundle_expectations(Path(bundle))
+        with self.stage(artifact, bundle) as staged:
+            return staged.detect(workdir, conf=conf, iou=iou, max_det=max_det)
 
-    @staticmethod
-    def _fresh_out(workdir: Path) -> Path:
-        out_dir = workdir / OUT_DIR
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_results(out_dir)
-        return out_dir
+
+def fresh_out(workdir: Path) -> Path:
+    """`workdir`/device-result, created, without results of an earlier run."""
+    out_dir = workdir / OUT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_results(out_dir)
+    return out_dir
 
 
 def evaluator_path() -> Path:
@@ -222,11 +281,16 @@ def bundle_expectations(bundle: Path) -> tuple[int, int | None]:
     return n, classes
 
 
-def check_inputs(artifact: Path, bundle: Path) -> tuple[int, int | None]:
-    """Both inputs exist; returns what a result for the bundle must hold (see above)."""
+def check_files(artifact: Path, bundle: Path) -> None:
+    """Both inputs exist on the controller (FileNotFoundError naming the missing one)."""
     for path, what in ((artifact, "compiled artifact"), (bundle, "evaluation bundle")):
         if not path.is_file():
             raise FileNotFoundError(f"{what} {path} does not exist")
+
+
+def check_inputs(artifact: Path, bundle: Path) -> tuple[int, int | None]:
+    """Both inputs exist; returns what a result for the bundle must hold (see above)."""
+    check_files(artifact, bundle)
     return bundle_expectations(bundle)
 
 
@@ -264,7 +328,22 @@ def detection_bundle_expectations(bundle: Path) -> tuple[int, int]:
                 f"detection bundle {bundle} lacks {missing} (has {sorted(data.files)}); "
                 "rebuild it with `edgetune detect train` or tasks.detection.dataset"
             )
-        return int(data["images"].shape[0]), len(data["classes"])
+        return _rows(data, "images"), len(data["classes"])
+
+
+def _rows(data: Any, key: str) -> int:
+    """The first dimension of array `key` of an open npz, read from its header only: a
+    detection bundle's images can be large, and this runs while the board is held."""
+    try:
+        with data.zip.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape = np.lib.format.read_array_header_1_0(member)[0]
+            else:
+                shape = np.lib.format.read_array_header_2_0(member)[0]
+        return int(shape[0])
+    except (AttributeError, KeyError, ValueError, zipfile.BadZipFile):
+        return int(data[key].shape[0])
 
 
 def remove_results(out_dir: Path) -> None:

@@ -1,9 +1,10 @@
 """`local`: run the device evaluator as a subprocess on this host.
 
 The embedded mode's device (with the `onnxruntime-int8` compiler), and a board's own
-runner when the controller runs on the board. The evaluator is copied into the workdir
-and run from there, exactly as a remote runner installs it on a board, so it cannot
-import anything from this project by accident.
+runner when the controller runs on the board. Staging makes a run folder of its own in
+the system's temporary folder, copies the evaluator there (exactly as a remote runner
+installs it on a board, so it cannot import anything from this project by accident) and
+links or copies the artifact beside it; the folder is removed when the staging ends.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,12 +26,14 @@ from tasks.devices.base import (
     DeviceError,
     DeviceRunner,
     EvalJob,
+    Placed,
     evaluator_failure,
     evaluator_path,
     job_argv,
 )
 
 EVALUATOR_DIR = "evaluator"
+RUN_PREFIX = "edgetune-run-"  # the run folders of stagings, in the system's temp folder
 
 
 class LocalRunner(DeviceRunner):
@@ -56,18 +61,29 @@ class LocalRunner(DeviceRunner):
         self.warmup = warmup
         self.threads = threads
 
-    def _run_job(self, job: EvalJob, artifact: Path, bundle: Path, out_dir: Path) -> None:
-        script = _install_evaluator(out_dir.parent / EVALUATOR_DIR)
-        argv = job_argv(
-            job,
-            str(artifact.resolve()),
-            str(bundle.resolve()),
-            str(out_dir.resolve()),
-            self.batch_size,
-            self.warmup,
-            self.threads,
-        )
-        self._run([self.python, str(script), *argv], f"{job.command} {artifact.name}")
+    @contextmanager
+    def _stage(self, artifact: Path, bundle: Path) -> Iterator[Placed]:
+        run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX))
+        try:
+            script = _install_evaluator(run_dir / EVALUATOR_DIR)
+            staged = _place(artifact, run_dir / artifact.name)
+            bundle = bundle.resolve()
+
+            def run(job: EvalJob, out_dir: Path) -> None:
+                argv = job_argv(
+                    job,
+                    str(staged),
+                    str(bundle),
+                    str(out_dir.resolve()),
+                    self.batch_size,
+                    self.warmup,
+                    self.threads,
+                )
+                self._run([self.python, str(script), *argv], f"{job.command} {artifact.name}")
+
+            yield Placed(run, str(run_dir))
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     def info(self) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="edgetune-eval-") as tmp:
@@ -116,6 +132,15 @@ def _install_evaluator(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / evaluator_path().name
     shutil.copyfile(evaluator_path(), target)
+    return target
+
+
+def _place(artifact: Path, target: Path) -> Path:
+    """The artifact in the run folder: a hard link where the filesystem allows, else a copy."""
+    try:
+        os.link(artifact, target)
+    except OSError:
+        shutil.copyfile(artifact, target)
     return target
 
 

@@ -10,10 +10,13 @@ user's home; `RemoteLayout` is the one statement of this rule, which
     runs/<run id>/out/                     probs.npy + result.json, fetched over SFTP
 
 Every upload goes to a temporary name first and is renamed into place, so a half upload
-never counts. `runs/<run id>/` is removed at the end of every evaluation, whatever the
-outcome. The evaluator runs with a time limit: the controller kills its process group
-when `timeout_s` expires, and the remote `timeout` command (where the board has one)
-kills it a little later should the connection be lost.
+never counts. Staging (connect, evaluator, bundle, artifact into `runs/<run id>/`) does
+not need the board to itself, so it happens before the board's slot is taken, while
+another evaluation may be running; the staging's connection stays open for the run.
+`runs/<run id>/` is removed when the staging ends, whatever the outcome. The evaluator
+runs with a time limit: the controller kills its process group when `timeout_s`
+expires, and the remote `timeout` command (where the board has one) kills it a little
+later should the connection be lost.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import math
 import os
 import posixpath
 import shlex
+import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -44,6 +48,7 @@ from tasks.devices.base import (
     DeviceRunner,
     DeviceUnreachableError,
     EvalJob,
+    Placed,
     evaluator_failure,
     evaluator_path,
     evaluator_version,
@@ -67,6 +72,11 @@ EXIT_NOT_FOUND = 127  # the shell could not find device.ssh.python
 EXIT_TIMEOUT = (124, 137)  # `timeout` expired (TERM / KILL)
 KEEPALIVE_INTERVAL_S = 15
 KEEPALIVE_COUNT_MAX = 4
+#: A `.part` upload untouched for this long (board clock) was left by a dead session; a
+#: younger one may be another controller's staging in progress.
+STALE_PARTIAL_S = 300.0
+#: How long a cancelled call (Ctrl-C) may take to kill the remote evaluator.
+CANCEL_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -190,20 +200,49 @@ class SshRunner(DeviceRunner):
 
     # ------------------------------------------------------------------ contract
 
-    def _run_job(self, job: EvalJob, artifact: Path, bundle: Path, out_dir: Path) -> None:
-        """Run the job; a lost session is run again with exponential backoff."""
+    @contextmanager
+    def _stage(self, artifact: Path, bundle: Path) -> Iterator[Placed]:
+        """Stage over one connection kept open for the runs; a lost session is staged
+        again with exponential backoff, into the same run folder."""
+        session = _Session(self, artifact, bundle)
+        loop = _LoopThread()
+        try:
+            self._retrying(loop, session.open)
+            yield Placed(
+                lambda job, out_dir: self._run_staged(loop, session, job, out_dir),
+                session.run_dir,
+            )
+        finally:
+            with suppress(Exception):
+                loop.run(session.close())
+            loop.stop()
+
+    def _run_staged(
+        self, loop: _LoopThread, session: _Session, job: EvalJob, out_dir: Path
+    ) -> None:
+        def attempt() -> Coroutine[Any, Any, None]:
+            remove_results(out_dir)
+            return session.run(job, out_dir)
+
+        try:
+            self._retrying(loop, attempt)
+        except BaseException:
+            remove_results(out_dir)
+            raise
+
+    def _retrying(self, loop: _LoopThread, make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `make()` in `loop`; a lost session is tried again with exponential backoff."""
         attempts = self.retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                self._run_sync(lambda: self._evaluate(job, artifact, bundle, out_dir))
+                loop.run(self._guard(make()))
                 return
             except SessionLostError as exc:
-                remove_results(out_dir)
                 if attempt == attempts:
                     raise
                 delay = self.backoff_s * 2 ** (attempt - 1)
                 _log.warning(
-                    "%s; evaluating again in %.3gs (attempt %d of %d)",
+                    "%s; trying again in %.3gs (attempt %d of %d)",
                     exc,
                     delay,
                     attempt + 1,
@@ -252,32 +291,6 @@ class SshRunner(DeviceRunner):
             raise DeviceError(
                 f"SSH session with {self.user}@{self.address} failed: {_describe(exc)}"
             ) from exc
-
-    async def _evaluate(self, job: EvalJob, artifact: Path, bundle: Path, out_dir: Path) -> None:
-        bundle_sha = sha256_file(bundle)
-        run_dir = self.layout.run(uuid.uuid4().hex)
-        async with await self._connect() as conn, conn.start_sftp_client() as sftp:
-            script = await self._ensure_evaluator(sftp)
-            remote_bundle = await self._ensure_bundle(sftp, bundle, bundle_sha)
-            try:
-                await sftp.makedirs(run_dir, exist_ok=True)
-                remote_artifact = posixpath.join(run_dir, artifact.name)
-                await sftp.put(str(artifact), remote_artifact)
-                remote_out = posixpath.join(run_dir, RUN_OUT)
-                argv = job_argv(
-                    job,
-                    remote_artifact,
-                    remote_bundle,
-                    remote_out,
-                    self.batch_size,
-                    self.warmup,
-                    self.threads,
-                )
-                what = f"{job.command} {artifact.name}"
-                await self._run_evaluator(conn, script, argv, what)
-                await self._fetch_results(sftp, remote_out, out_dir)
-            finally:
-                await self._remove_run(sftp, run_dir)
 
     async def _info(self) -> str:
         async with await self._connect() as conn, conn.start_sftp_client() as sftp:
@@ -379,7 +392,7 @@ class SshRunner(DeviceRunner):
 
     # ------------------------------------------------------------------ uploads
 
-    async def _ensure_evaluator(self, sftp: asyncssh.SFTPClient) -> str:
+    async def _ensure_evaluator(self, sftp: asyncssh.SFTPClient, tag: str | None = None) -> str:
         """The evaluator of this version on the board, uploaded unless identical."""
         remote = self.layout.evaluator()
         local = evaluator_path()
@@ -391,7 +404,7 @@ class SshRunner(DeviceRunner):
                     return remote
         _log.info("uploading evaluator %s to %s:%s", evaluator_version(), self.address, remote)
         try:
-            await _upload(sftp, local, remote)
+            await _upload(sftp, local, remote, tag)
         except asyncssh.SFTPConnectionLost:
             raise
         except asyncssh.SFTPError as exc:  # the first write under work_dir: the board's setup
@@ -403,15 +416,17 @@ class SshRunner(DeviceRunner):
             ) from exc
         return remote
 
-    async def _ensure_bundle(self, sftp: asyncssh.SFTPClient, bundle: Path, sha256: str) -> str:
+    async def _ensure_bundle(
+        self, sftp: asyncssh.SFTPClient, bundle: Path, sha256: str, board_now: float, tag: str
+    ) -> str:
         """The bundle on the board under its content hash, uploaded only when missing."""
         remote = self.layout.bundle(sha256)
-        await _sweep_partials(sftp, self.layout.bundles)
+        await _sweep_partials(sftp, self.layout.bundles, board_now - STALE_PARTIAL_S)
         with suppress(asyncssh.SFTPNoSuchFile):
             if (await sftp.stat(remote)).size == bundle.stat().st_size:
                 return remote
         _log.info("uploading bundle %s to %s:%s", bundle.name, self.address, remote)
-        await _upload(sftp, bundle, remote)
+        await _upload(sftp, bundle, remote, tag)
         return remote
 
     async def _fetch_results(self, sftp: asyncssh.SFTPClient, remote_out: str, out: Path) -> None:
@@ -525,20 +540,35 @@ class SshRunner(DeviceRunner):
             await asyncio.wait_for(proc.wait_closed(), 10)
 
 
-async def _sweep_partials(sftp: asyncssh.SFTPClient, folder: str) -> None:
-    """Remove uploads a dropped session left half-written (the board is ours while locked)."""
+async def _sweep_partials(sftp: asyncssh.SFTPClient, folder: str, before: float) -> None:
+    """Remove uploads a dead session left half-written: those untouched since `before`
+    (board clock). Younger ones may be other stagings uploading now, board slot or not."""
     with suppress(asyncssh.SFTPNoSuchFile):
-        for name in await sftp.listdir(folder):
-            if name.startswith(".") and name.endswith(".part"):
+        for entry in await sftp.readdir(folder):
+            name = str(entry.filename)
+            stale = entry.attrs.mtime is not None and entry.attrs.mtime < before
+            if name.startswith(".") and name.endswith(".part") and stale:
                 with suppress(asyncssh.SFTPError):
                     await sftp.remove(posixpath.join(folder, name))
 
 
-async def _upload(sftp: asyncssh.SFTPClient, local: Path, remote: str) -> None:
-    """Upload to a temporary name in the target folder, then rename over the target."""
+def partial_name(remote: str, tag: str) -> str:
+    """The temporary name an upload of `remote` tagged `tag` is written to."""
+    folder, name = posixpath.split(remote)
+    return posixpath.join(folder, f".{name}.{tag}.part")
+
+
+async def _upload(
+    sftp: asyncssh.SFTPClient, local: Path, remote: str, tag: str | None = None
+) -> None:
+    """Upload to a temporary name in the target folder, then rename over the target.
+
+    A staging tags its uploads with its run id, so that after a lost session it writes the
+    same temporary name again (or removes it) instead of leaving it to the sweep.
+    """
     folder = posixpath.dirname(remote)
     await sftp.makedirs(folder, exist_ok=True)
-    partial = posixpath.join(folder, f".{posixpath.basename(remote)}.{uuid.uuid4().hex}.part")
+    partial = partial_name(remote, tag or uuid.uuid4().hex)
     try:
         await sftp.put(str(local), partial)
         try:
@@ -551,6 +581,131 @@ async def _upload(sftp: asyncssh.SFTPClient, local: Path, remote: str) -> None:
         with suppress(asyncssh.Error, OSError):
             await sftp.remove(partial)
         raise
+
+
+class _Session:
+    """One staging on the board: its connection, SFTP client and run folder.
+
+    `open` (again after a lost session) connects and puts the evaluator, the bundle and the
+    artifact in place; `run` runs one job and fetches its outputs; `close` removes the run
+    folder and disconnects.
+    """
+
+    def __init__(self, runner: SshRunner, artifact: Path, bundle: Path) -> None:
+        self.runner, self.artifact, self.bundle = runner, artifact, bundle
+        self.bundle_sha = sha256_file(bundle)
+        self.run_id = uuid.uuid4().hex
+        self.run_dir = runner.layout.run(self.run_id)
+        self.lost_before = False
+        self.remote_artifact = posixpath.join(self.run_dir, artifact.name)
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.sftp: asyncssh.SFTPClient | None = None
+        self.script = self.remote_bundle = ""
+
+    async def open(self) -> None:
+        await self._drop()
+        runner = self.runner
+        self.conn = await runner._connect()
+        self.sftp = sftp = await self.conn.start_sftp_client()
+        try:
+            if self.lost_before:  # half uploads of the lost session
+                await self._remove_partials(sftp)
+            self.script = await runner._ensure_evaluator(sftp, self.run_id)
+            await sftp.makedirs(self.run_dir, exist_ok=True)
+            board_now = float((await sftp.stat(self.run_dir)).mtime or 0)
+            self.remote_bundle = await runner._ensure_bundle(
+                sftp, self.bundle, self.bundle_sha, board_now, self.run_id
+            )
+            await sftp.put(str(self.artifact), self.remote_artifact)
+        except _LOST:
+            await self._drop()
+            raise
+
+    async def _remove_partials(self, sftp: asyncssh.SFTPClient) -> None:
+        layout = self.runner.layout
+        for remote in (layout.evaluator(), layout.bundle(self.bundle_sha)):
+            with suppress(asyncssh.SFTPError):
+                await sftp.remove(partial_name(remote, self.run_id))
+
+    async def run(self, job: EvalJob, out_dir: Path) -> None:
+        if self.conn is None or self.sftp is None:  # the last session was lost
+            await self.open()
+        assert self.conn is not None and self.sftp is not None
+        runner = self.runner
+        remote_out = posixpath.join(self.run_dir, RUN_OUT)
+        argv = job_argv(
+            job,
+            self.remote_artifact,
+            self.remote_bundle,
+            remote_out,
+            runner.batch_size,
+            runner.warmup,
+            runner.threads,
+        )
+        try:
+            with suppress(asyncssh.SFTPNoSuchFile):  # outputs of an earlier job
+                await self.sftp.rmtree(remote_out)
+            what = f"{job.command} {self.artifact.name}"
+            await runner._run_evaluator(self.conn, self.script, argv, what)
+            await runner._fetch_results(self.sftp, remote_out, out_dir)
+        except _LOST:
+            await self._drop()
+            raise
+
+    async def close(self) -> None:
+        if self.sftp is not None:
+            await self.runner._remove_run(self.sftp, self.run_dir)
+        await self._drop()
+
+    async def _drop(self) -> None:
+        """Forget the connection (closing it if it still lives)."""
+        sftp, conn, self.sftp, self.conn = self.sftp, self.conn, None, None
+        self.lost_before = self.lost_before or conn is not None
+        if sftp is not None:
+            sftp.exit()
+        if conn is not None:
+            conn.close()
+            with suppress(asyncssh.Error, OSError, TimeoutError):
+                await asyncio.wait_for(conn.wait_closed(), 5)
+
+
+_LOST = (asyncssh.ConnectionLost, asyncssh.SFTPConnectionLost, OSError)
+
+
+class _LoopThread:
+    """An event loop in a thread of its own: a staged connection lives across calls, from
+    synchronous code and from inside a running loop alike."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="edgetune-ssh", daemon=True
+        )
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run `coro` there; an interrupt here cancels it and waits for its clean-up."""
+        done = threading.Event()
+
+        async def tracked() -> _T:
+            try:
+                return await coro
+            finally:
+                done.set()
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():
+                future.cancel()
+                done.wait(CANCEL_WAIT_S)
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -10,12 +10,13 @@ fake stages.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from uuid import UUID
 
 import optuna
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterState,
@@ -24,6 +25,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
+from prefect.futures import PrefectFlowRunFuture
 from prefect.states import Cancelled, Cancelling, Crashed
 
 from tasks.hpo.optuna_ops import trial_id
@@ -55,6 +57,18 @@ class Slot:
     stage: str = "train"
     times: dict[str, float] = field(default_factory=dict)
     float_metrics: dict[str, float] = field(default_factory=dict)
+    #: A trained model queued for its next stage (compile, or the board), not yet in it.
+    waiting: bool = False
+    #: Called by ``started`` (the loop asks again: a place in the queue came free).
+    on_start: Callable[[], None] | None = field(default=None, repr=False)
+
+    def started(self) -> None:
+        """The queued stage began its work: the model no longer waits (``study.max_pending``
+        counts the models waiting, not those being compiled or on the board)."""
+        if self.waiting:
+            self.waiting = False
+            if self.on_start is not None:
+                self.on_start()
 
     @property
     def number(self) -> int:
@@ -72,6 +86,11 @@ class Stages(Protocol):
     pruner stopped the trial; ``compile`` and ``evaluate`` raise on failure (the loop tells
     the trial FAIL with the reason). ``cancel`` ends the stage runs of trials the loop gave
     up (a no-op where stages run in the loop's own process).
+
+    ``compile`` calls ``slot.started()`` when the compilation begins, and the board's slot
+    (``tasks.board.ON_BOARD``, set by the loop) when the evaluation takes the board; until
+    then the model counts as waiting. A stage that never says so counts as waiting until
+    it returns.
     """
 
     def prepare(self, parent_run_id: str) -> Checked: ...
@@ -150,30 +169,47 @@ class DeploymentStages:
         return load_outcome(Tracker(self.config.tracking_uri), slot.run_id, stage)
 
     def _follow(self, flow_run: FlowRun, slot: Slot) -> FlowRun:
-        """Poll a child flow run until it ends, or until it is found dead."""
-        stale_after = self.config.study.stale_after_s
+        """Follow a child flow run until it ends, or until it is found dead. It is looked at
+        every ``orchestration.poll_interval_s``, and at once when it ends (its event)."""
+        interval = self.config.orchestration.poll_interval_s
         with get_client(sync_client=True) as client:
             while True:
-                time.sleep(self.config.orchestration.poll_interval_s)
                 try:
                     flow_run = client.read_flow_run(flow_run.id)
                 except Exception:  # the API is restarting: ask again next time
+                    until_final(flow_run.id, interval)
                     continue
                 state = flow_run.state
                 if state is None or state.is_final():
                     return flow_run
-                if not state.is_running():
-                    continue  # scheduled or pending: waiting for a worker of its pool
-                beat = stage_beat_at(self.storage, slot.trial_id, str(flow_run.id))
-                since = beat if beat is not None else state.timestamp.timestamp()
-                silent = time.time() - since
-                if silent > stale_after:
-                    message = (
-                        f"no heartbeat for {silent:.0f} s (limit {stale_after:g} s): its worker "
-                        f"or host is gone"
-                    )
-                    client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
-                    raise StageFailed(f"{flow_run.name}: {message}")
+                if state.is_running():  # else scheduled or pending: queued in its pool
+                    slot.started()  # a compile or edge worker took it (the pool limits them)
+                    self._check_alive(client, flow_run, slot)
+                until_final(flow_run.id, interval)
+
+    def _check_alive(self, client: SyncPrefectClient, flow_run: FlowRun, slot: Slot) -> None:
+        """Mark a running child CRASHED, and fail its stage, once its beat is too old."""
+        stale_after = self.config.study.stale_after_s
+        assert flow_run.state is not None
+        beat = stage_beat_at(self.storage, slot.trial_id, str(flow_run.id))
+        since = beat if beat is not None else flow_run.state.timestamp.timestamp()
+        silent = time.time() - since
+        if silent > stale_after:
+            message = (
+                f"no heartbeat for {silent:.0f} s (limit {stale_after:g} s): its worker "
+                f"or host is gone"
+            )
+            client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+            raise StageFailed(f"{flow_run.name}: {message}")
+
+
+def until_final(flow_run_id: UUID, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for the flow run to end. Its final state's event wakes the
+    wait, so the parent reads the outcome at once rather than at its next poll."""
+    try:
+        PrefectFlowRunFuture(flow_run_id).wait(timeout=timeout_s)
+    except Exception:  # the API or its events are restarting: wait as a poll would
+        time.sleep(timeout_s)
 
 
 def stage_beat_at(

@@ -5,7 +5,8 @@
 A trial holds a GPU slot only while it trains and exports; its compilation and board
 evaluation overlap the training of the next trials. New trials are asked only while a GPU
 slot is free and fewer than ``study.max_pending`` trained models wait for the compiler or
-the board, so the sampler always asks with the freshest results told. Every failure is
+the board (queued, not yet being compiled or on the board), so the sampler always asks
+with the freshest results told, and a GPU never idles while the queues have room. Every failure is
 told FAIL with its stage and reason; nothing is told a sentinel value.
 
 The loop builds nothing it talks to: it receives its stages (``tasks.hpo.launch.Stages``),
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -28,7 +30,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tasks.board import BoardBusyError
+from tasks.board import ON_BOARD, BoardBusyError
 from tasks.devices.base import DeviceConfigError, DeviceUnreachableError
 from tasks.failures import DeterministicFailure, deterministic_names
 from tasks.hpo import optuna_ops
@@ -196,7 +198,9 @@ class StudyLoop:
         self.cut_short: list[Slot] = []  # trials whose telling a fault cut short
         self.failing: dict[int, BaseException] = {}  # trials being told FAIL, and why
         self.in_train = 0  # trials holding a GPU slot
-        self.in_eval = 0  # trained trials waiting for or in compile and board evaluation
+        self.kick: Future[None] = Future()  # set when a queued model's stage begins
+        self.kick_lock = threading.Lock()
+        self.stage_lock = threading.Lock()  # a trial's stage is written in the order it moves
         self.board_failures: list[str] = []
         self.stopped_by: str | None = None
         self.started = time.time()
@@ -216,8 +220,9 @@ class StudyLoop:
         self.started = time.time()
         cfg = self.config.study
         self.train_pool = ThreadPoolExecutor(cfg.parallel, thread_name_prefix="train")
+        # room for the models waiting, and for those being compiled or on the board
         self.eval_pool = ThreadPoolExecutor(
-            cfg.max_pending or cfg.parallel, thread_name_prefix="evaluate"
+            (cfg.max_pending or cfg.parallel) + cfg.parallel, thread_name_prefix="evaluate"
         )
         self._start()
 
@@ -275,11 +280,10 @@ class StudyLoop:
             stage = trial.user_attrs.get(ATTR_STAGE, "unknown")
             why = f"stale: {stale.reason} (stage {stage})"
             try:
-                optuna_ops.set_trial_attr(
-                    self.study, optuna_ops.trial_id(trial), ATTR_FAIL_STAGE, stage
-                )
-                optuna_ops.set_trial_attr(
-                    self.study, optuna_ops.trial_id(trial), ATTR_FAIL_REASON, why
+                optuna_ops.set_trial_attrs(
+                    self.study,
+                    optuna_ops.trial_id(trial),
+                    {ATTR_FAIL_STAGE: stage, ATTR_FAIL_REASON: why},
                 )
                 self.study.tell(trial.number, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -310,14 +314,32 @@ class StudyLoop:
         queue are free; returns how many were asked."""
         cfg = self.config.study
         max_pending = cfg.max_pending or cfg.parallel
+        if gpu_free <= 0 or self.in_train >= cfg.parallel or self.waiting() >= max_pending:
+            return 0  # no room: the study's trials are not read (each turn would)
         to_ask, asked = self._to_ask(), 0
         while to_ask and asked < gpu_free and self.in_train < cfg.parallel:
-            if self.in_eval >= max_pending:
+            if self.waiting() >= max_pending:
                 break
             to_ask -= 1
             if self._ask():  # a repeat answered from an earlier trial takes no GPU slot
                 asked += 1
         return asked
+
+    def waiting(self) -> int:
+        """Trained models queued for the compiler or the board (not those in either)."""
+        return sum(slot.waiting for slot in list(self.slots.values()))
+
+    def rearm(self) -> Future[None]:
+        """A future that ``_started`` will set: the driver waits on it with the stages."""
+        with self.kick_lock:
+            if self.kick.done():
+                self.kick = Future()
+            return self.kick
+
+    def _started(self) -> None:
+        with self.kick_lock:
+            if not self.kick.done():
+                self.kick.set_result(None)
 
     def training(self) -> bool:
         """Whether the study still trains, or has trials left to ask (it needs the GPU)."""
@@ -407,11 +429,15 @@ class StudyLoop:
             self.last_reconcile = now
             self._reconcile()
         for slot in list(self.slots.values()):
-            try:
-                optuna_ops.set_trial_attr(self.study, slot.trial_id, ATTR_HEARTBEAT, now)
-                optuna_ops.set_trial_attr(self.study, slot.trial_id, ATTR_STAGE, slot.stage)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # told meanwhile
+            # under the stage lock: an evaluation thread moving the trial on (``_enter``)
+            # writes its new stage after this, never before
+            with (
+                self.stage_lock,
+                contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError),  # told
+            ):
+                optuna_ops.set_trial_attrs(
+                    self.study, slot.trial_id, {ATTR_HEARTBEAT: now, ATTR_STAGE: slot.stage}
+                )
 
     # Asking -----------------------------------------------------------------------------------
     def _sample(self) -> tuple[optuna.Trial, dict[str, Any]]:
@@ -430,9 +456,9 @@ class StudyLoop:
             if attempt >= MAX_REJECTED:
                 self._enqueue_feasible(base, attempt)
             trial = self.study.ask()
-            trial.set_user_attr(ATTR_OWNER, self.me)
-            trial.set_user_attr(ATTR_HEARTBEAT, time.time())
-            trial.set_user_attr(ATTR_STAGE, "train")
+            optuna_ops.set_attrs(
+                trial, {ATTR_OWNER: self.me, ATTR_HEARTBEAT: time.time(), ATTR_STAGE: "train"}
+            )
             try:
                 params = suggest(trial, cfg.search_space, base)
                 why = violated(cfg.constraints, {**base, **params})
@@ -454,9 +480,9 @@ class StudyLoop:
         sampler reads it (TPE ranks it with the worst trials, and asks elsewhere); FAIL
         would teach the sampler nothing. It carries no value and no intermediate value,
         so no pruner reads it, and ``state_name`` shows it as REJECTED."""
-        trial.set_user_attr(ATTR_REJECTED, True)
-        trial.set_user_attr(ATTR_FAIL_STAGE, "sample")
-        trial.set_user_attr(ATTR_FAIL_REASON, why)
+        optuna_ops.set_attrs(
+            trial, {ATTR_REJECTED: True, ATTR_FAIL_STAGE: "sample", ATTR_FAIL_REASON: why}
+        )
         if learns_from_rejections(self.study.sampler):
             for key, amount in amounts.items():
                 trial.set_constraint(key[:200], amount)
@@ -598,7 +624,6 @@ class StudyLoop:
             if pipelined or failed:
                 self.in_train -= 1
             return
-        self.in_eval -= 1
         if not pipelined:
             self.in_train -= 1
 
@@ -607,10 +632,10 @@ class StudyLoop:
             self.in_train -= 1
         # What it spent and would have: the time saved.
         slot.times.update(train_started=outcome.started_at, train_finished=outcome.finished_at)
-        slot.trial.set_user_attr("epochs_run", outcome.epochs_run)
-        slot.trial.set_user_attr("epochs_planned", outcome.epochs)
-        self._record(slot)
-        slot.trial.set_user_attr(ATTR_FAIL_REASON, outcome.reason)
+        spent = {"epochs_run": outcome.epochs_run, "epochs_planned": outcome.epochs}
+        optuna_ops.set_attrs(
+            slot.trial, {**spent, **self._recorded(slot), ATTR_FAIL_REASON: outcome.reason}
+        )
         self.study.tell(slot.trial, state=TrialState.PRUNED)
         self._end_trial_run(slot.run_id, "PRUNED", "FINISHED")
         self.logger.info("trial %d: %s", slot.number, outcome.reason)
@@ -620,35 +645,44 @@ class StudyLoop:
         slot.float_metrics = outcome.metrics
         slot.times.update(train_started=outcome.started_at, train_finished=outcome.finished_at)
         self._enter(slot, "evaluate")
+        slot.waiting, slot.on_start = True, self._started  # queued for the compiler
         self.slots[_in_context(self.eval_pool, self._evaluate, slot)] = slot
-        self.in_eval += 1
 
     def _evaluate(self, slot: Slot) -> tuple[CompileOutcome, DeviceOutcome]:
-        """Compile, then evaluate on the board; runs in an evaluation thread."""
-        self._enter(slot, "compile")
-        compiled = self.stages.compile(slot)
-        slot.times.update(
-            compile_started=compiled.started_at, compile_finished=compiled.finished_at
-        )
-        self._enter(slot, "device")
-        device = self.stages.evaluate(slot, compiled.artifact)
+        """Compile, then evaluate on the board; runs in an evaluation thread. The model
+        waits in each queue until the stage says it began (``Slot.started``)."""
+        try:
+            self._enter(slot, "compile")
+            compiled = self.stages.compile(slot)
+            slot.times.update(
+                compile_started=compiled.started_at, compile_finished=compiled.finished_at
+            )
+            self._enter(slot, "device")
+            slot.waiting = True  # queued for the board
+            ON_BOARD.set(slot.started)
+            device = self.stages.evaluate(slot, compiled.artifact)
+        finally:
+            slot.waiting = False
         slot.times.update(device_started=device.started_at, device_finished=device.finished_at)
         return compiled, device
 
     def _enter(self, slot: Slot, stage: str) -> None:
         """Move the trial to ``stage``, and record it at once for those who watch the study
         (``edgetune tune``'s progress) rather than at the next heartbeat."""
-        slot.stage = stage
         # Told meanwhile, or the database is busy: the next heartbeat records the stage.
-        with contextlib.suppress(
-            optuna.exceptions.UpdateFinishedTrialError, optuna.exceptions.StorageInternalError
+        with (
+            self.stage_lock,
+            contextlib.suppress(
+                optuna.exceptions.UpdateFinishedTrialError, optuna.exceptions.StorageInternalError
+            ),
         ):
+            slot.stage = stage
             optuna_ops.set_trial_attr(self.study, slot.trial_id, ATTR_STAGE, stage)
 
     # Telling ----------------------------------------------------------------------------------
-    def _record(self, slot: Slot) -> None:
-        for key, value in {**slot.float_metrics, **slot.times}.items():
-            slot.trial.set_user_attr(key, value)
+    def _recorded(self, slot: Slot) -> dict[str, Any]:
+        """What the trial's stages measured and when they ran, as its user attributes."""
+        return {**slot.float_metrics, **slot.times}
 
     def _end_trial_run(self, run_id: str, state: str, status: str, why: str = "") -> None:
         tags = {"edgetune.state": state, **({"edgetune.fail_reason": why} if why else {})}
@@ -657,27 +691,30 @@ class StudyLoop:
 
     def _complete(self, slot: Slot, compiled: CompileOutcome, device: DeviceOutcome) -> None:
         objective, trial = self.objective, slot.trial
-        self._record(slot)
         measured = {**compiled.metrics, **device.metrics}
-        for key in (*objective.trial_attrs, "device_latency_ms", "compiled_size_mb"):
-            if key in measured:
-                trial.set_user_attr(key, measured[key])
-        trial.set_user_attr("compiled_artifact", compiled.artifact)
+        kept = (*objective.trial_attrs, "device_latency_ms", "compiled_size_mb")
+        attrs = {  # written in one transaction, with the feasibility or the failure
+            **self._recorded(slot),
+            **{key: measured[key] for key in kept if key in measured},
+            "compiled_artifact": compiled.artifact,
+        }
         if device.flags:
-            trial.set_user_attr(ATTR_FLAGS, device.flags)
+            attrs[ATTR_FLAGS] = device.flags
             self.tracker.set_tags(
                 slot.run_id, {f"edgetune.{k}": v for k, v in device.flags.items()}
             )
             if device.fails:  # the model's fault, not the board's: no pause is counted
                 self.board_failures.clear()
-                self._fail(slot, "quality", QualityFailed("; ".join(device.flags.values())))
+                broke = QualityFailed("; ".join(device.flags.values()))
+                self._fail(slot, "quality", broke, attrs)
                 return
         missing = [m for m in self.goals.metrics if m not in measured]
         if missing:
-            self._fail(slot, "evaluate", RuntimeError(f"the stages measured no {missing[0]}"))
+            unmeasured = RuntimeError(f"the stages measured no {missing[0]}")
+            self._fail(slot, "evaluate", unmeasured, attrs)
             return
         value = device.metrics[objective.metric]
-        broken = self.goals.constrain(trial, measured)
+        broken = self.goals.constrain(trial, measured, attrs)
         values = [float(measured[m]) for m in self.goals.metrics]
         self.study.tell(trial, values if self.goals.multi else value)
         self.board_failures.clear()
@@ -692,12 +729,16 @@ class StudyLoop:
         )
         self.hooks.on_trial_outcome(self, trial)
 
-    def _fail(self, slot: Slot, stage: str, exc: BaseException) -> None:
+    def _fail(
+        self, slot: Slot, stage: str, exc: BaseException, attrs: dict[str, Any] | None = None
+    ) -> None:
+        """Tell the trial FAIL; ``attrs`` (what it measured) are written with its reason."""
         why = reason(exc)
         where = slot.stage if stage == "evaluate" else stage
-        self._record(slot)
-        slot.trial.set_user_attr(ATTR_FAIL_STAGE, where)
-        slot.trial.set_user_attr(ATTR_FAIL_REASON, why)
+        recorded = attrs if attrs is not None else self._recorded(slot)
+        optuna_ops.set_attrs(
+            slot.trial, {**recorded, ATTR_FAIL_STAGE: where, ATTR_FAIL_REASON: why}
+        )
         self.study.tell(slot.trial, state=TrialState.FAIL)
         self.tracker.set_tags(slot.run_id, {"edgetune.state": "FAIL", "edgetune.fail_reason": why})
         self.tracker.log_text(slot.run_id, "".join(traceback.format_exception(exc)), "error.txt")
@@ -784,8 +825,7 @@ class StudyLoop:
         trial = optuna_ops.fresh_trial(self.study, slot.trial_id)
         if trial.state == TrialState.RUNNING:
             marks = {ATTR_INFRA: why, ATTR_FAIL_STAGE: slot.stage, ATTR_FAIL_REASON: why}
-            for key, value in marks.items():
-                slot.trial.set_user_attr(key, value)
+            optuna_ops.set_attrs(slot.trial, marks)
             self.study.tell(slot.trial, state=TrialState.FAIL)
             trial = optuna_ops.fresh_trial(self.study, slot.trial_id)
             enqueue_retry(self.study, trial, self.config.study.retries, charge=False)
@@ -921,6 +961,7 @@ def _stop(
 def _step(active: list[StudyLoop], parallel: int, results: dict[int, dict[str, Any]]) -> None:
     """One turn: ask into the free GPU slots, close finished studies, advance what returned."""
     free = parallel - sum(loop.in_train for loop in active)
+    kicks = [loop.rearm() for loop in active]  # before fill: no start goes unseen
     for loop in active:
         free -= loop.fill(free)
     for loop in [loop for loop in active if loop.done()]:
@@ -930,12 +971,13 @@ def _step(active: list[StudyLoop], parallel: int, results: dict[int, dict[str, A
     futures = {future: loop for loop in active for future in loop.slots}
     if futures:
         finished, _ = wait(
-            list(futures),
+            [*futures, *kicks],  # a queued model's stage began: ask again
             timeout=min(loop.config.study.heartbeat_s for loop in active),
             return_when=FIRST_COMPLETED,
         )
         for future in finished:
-            futures[future].advance(future)
+            if future in futures:
+                futures[future].advance(future)
     for loop in active:
         loop.beat()
 

@@ -9,6 +9,7 @@ sampler's random state again; if a release renames them, only this module change
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
@@ -29,6 +30,28 @@ def set_trial_attr(study: optuna.Study, trial: int, key: str, value: Any) -> Non
     """Set a user attribute of the trial with storage id ``trial`` (raises
     ``UpdateFinishedTrialError`` once the trial has been told)."""
     storage_of(study).set_trial_user_attr(trial, key, value)
+
+
+def set_trial_attrs(study: optuna.Study, trial: int, attrs: Mapping[str, Any]) -> None:
+    """Set several user attributes of the trial with storage id ``trial`` at once: in one
+    transaction on edgetune's RDB storage (``ResilientRDBStorage.set_trial_user_attrs``),
+    one by one on others. Raises ``UpdateFinishedTrialError`` once the trial has been told."""
+    storage = storage_of(study)
+    if isinstance(storage, optuna.storages._CachedStorage):
+        storage = storage._backend  # the cache forwards attribute writes as they are
+    write_all = getattr(storage, "set_trial_user_attrs", None)
+    if write_all is not None:
+        write_all(trial, attrs)
+        return
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial, key, value)
+
+
+def set_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """``trial.set_user_attr`` for several attributes, written at once (``set_trial_attrs``);
+    the trial's own view (``trial.user_attrs``) shows them as after ``set_user_attr``."""
+    set_trial_attrs(trial.study, trial_id(trial), attrs)
+    trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
 def fresh_trial(study: optuna.Study, trial: int) -> FrozenTrial:

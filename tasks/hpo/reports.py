@@ -7,7 +7,8 @@
   intermediate values, attributes, stage times), written when the trial gets its outcome.
 - ``plots/*.png``: optimization history, parameter importances, the Pareto front of a
   multi-objective study and the risk–coverage curves of the best classifier trials, drawn
-  at the end of the study.
+  at the end of the study; each with an interactive ``.html`` twin
+  (``tasks.hpo.interactive``).
 
 Everything is written under the study's run directory (atomically: a temporary file, then
 ``os.replace``) and logged to the study's MLflow parent run under the same folder names.
@@ -43,7 +44,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.data import load_bundle
-from tasks.hpo.interactive import write_html
+from tasks.hpo.interactive import DRAWING, write_html
 from tasks.hpo.recovery import outcome_count
 from tasks.hpo.study import (
     ATTR_APPLIED,
@@ -372,7 +373,7 @@ def _figure(width: float = 7.0, height: float = 4.5, columns: int = 1) -> tuple[
 
 def _save(figure: Any, path: Path) -> Path:
     """The PNG at ``path`` and its interactive twin beside it (``.html``)."""
-    with _atomic(path) as tmp:
+    with DRAWING, _atomic(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     write_html(figure, path.with_suffix(".html"))
     return path
@@ -473,12 +474,12 @@ def plot_importances(study: optuna.Study, path: Path, seed: int = 0) -> dict[str
     Returns the importances, or None (nothing drawn) with fewer than 2 complete trials or
     no parameter that varies.
     """
-    # matplotlib, fANOVA and optuna-dashboard load only where a plot or the dashboard is made.
-    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
-
     params = varying_params(study)
     if len(_complete(study)) < 2 or not params:
         return None
+    # fANOVA (scikit-learn, about a second to import) loads only where importances are drawn.
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
     target = None if _single(study) else (lambda t: t.values[0])
     importances = get_param_importances(
         uniform_space(study, params),

@@ -481,23 +481,30 @@ class Goals:
                 broken.append(f"{key} {shown} > {limit:g} {unit}")
         return broken
 
-    def constrain(self, trial: optuna.Trial, metrics: Mapping[str, Any]) -> list[str]:
+    def constrain(
+        self,
+        trial: optuna.Trial,
+        metrics: Mapping[str, Any],
+        attrs: Mapping[str, Any] | None = None,
+    ) -> list[str]:
         """Record on the trial how far it is inside each limit (Optuna's constraint values,
         <= 0: met; the samplers read them) and whether it is feasible; returns the limits
-        it broke. Call before the trial is told."""
+        it broke. Call before the trial is told. ``attrs``, other user attributes of the
+        trial, are written with its feasibility in one transaction."""
         broken = self.violations(metrics)
-        if not self.limited:
-            return broken
-        for key, limit in (
-            ("device_latency_ms", self.max_latency_ms),
-            ("compiled_size_mb", self.max_size_mb),
-        ):
-            if limit is not None:
-                value = metrics.get(key)
-                trial.set_constraint(key, 1.0 if value is None else float(value) - limit)
-        trial.set_user_attr(ATTR_FEASIBLE, not broken)
-        if broken:
-            trial.set_user_attr(ATTR_INFEASIBLE, "; ".join(broken))
+        written = dict(attrs or {})
+        if self.limited:
+            for key, limit in (
+                ("device_latency_ms", self.max_latency_ms),
+                ("compiled_size_mb", self.max_size_mb),
+            ):
+                if limit is not None:
+                    value = metrics.get(key)
+                    trial.set_constraint(key, 1.0 if value is None else float(value) - limit)
+            written[ATTR_FEASIBLE] = not broken
+            if broken:
+                written[ATTR_INFEASIBLE] = "; ".join(broken)
+        optuna_ops.set_attrs(trial, written)
         return broken
 
 

@@ -41,6 +41,7 @@ from tasks.data import (
     split_items,
 )
 from tasks.devices import create_runner
+from tasks.devices.base import Staged
 from tasks.metrics import classification_metrics
 from tasks.packaging import MODEL_DIR, save_served_model, served_arrays
 from tasks.seeding import trial_seed
@@ -315,8 +316,22 @@ def device_inputs(
         yield compiled, bundle, work
 
 
-def run_on_device(config: EdgetuneConfig, compiled: Path, bundle: Path, work: Path) -> Any:
-    """Run the shipped evaluator on the board (hold the device's slot around this call)."""
+@contextmanager
+def staged_on_device(config: EdgetuneConfig, compiled: Path, bundle: Path) -> Iterator[Staged]:
+    """The artifact, the bundle and the evaluator on the board before its slot is taken,
+    so they travel while another evaluation runs there; removed from the board after."""
+    runner = create_runner(config.device.runner, **config.device.runner_options())
+    with runner.stage(compiled, bundle) as staged:
+        yield staged
+
+
+def run_on_device(
+    config: EdgetuneConfig, compiled: Path, bundle: Path, work: Path, staged: Staged | None = None
+) -> Any:
+    """Run the shipped evaluator on the board (hold the device's slot around this call);
+    on `staged` inputs (`staged_on_device`) when given, else staged here first."""
+    if staged is not None:
+        return staged.evaluate(work / "result")
     runner = create_runner(config.device.runner, **config.device.runner_options())
     return runner.evaluate(compiled, bundle, work / "result")
 
@@ -406,8 +421,12 @@ def dry_run(config: EdgetuneConfig) -> DryRun:
         with steps.step("compile"):
             compiler = create_compiler(config.compile.backend, **config.compile.backend_options())
             artifact = compiler.compile(exported.path, calibration, work / "compiled")
-        with steps.step("device"), holding_board(config):
-            result = run_on_device(config, artifact.path, bundle, work)
+        with (
+            steps.step("device"),
+            staged_on_device(config, artifact.path, bundle) as staged,
+            holding_board(config),
+        ):
+            result = run_on_device(config, artifact.path, bundle, work, staged)
     return steps.done(artifact, result.latency_ms["mean"], len(evaluated))
 
 
@@ -506,13 +525,14 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
     def evaluate(
         self, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
     ) -> DeviceOutcome:
-        """The compiled trial on the board, holding the board's slot only while it runs there."""
+        """The compiled trial on the board, holding the board's slot only while it runs there:
+        its inputs are staged on the board first, while another evaluation may run."""
         config = self.config
         with device_inputs(config, tracker, run_id, parent_run_id, artifact) as inputs:
             compiled, bundle, work = inputs
             labels = load_bundle(bundle)["labels"]
-            with hold_board(config):
-                result = run_on_device(config, compiled, bundle, work)
+            with staged_on_device(config, compiled, bundle) as staged, hold_board(config):
+                result = run_on_device(config, compiled, bundle, work, staged)
         return score_device_result(config, tracker, run_id, result, labels)
 
     def planned_epochs(self, params: dict[str, Any]) -> int:

@@ -228,11 +228,10 @@ class DetectorWorkload(Workload[DetectorStudy]):
                     config.compile.backend, **config.compile.backend_options()
                 )
                 artifact = compiler.compile(onnx, calibration, work / "compiled")
-            with steps.step("device"), holding_board(config):
+            with steps.step("device"):
                 runner = create_runner(config.device.runner, **config.device.runner_options())
-                result = runner.detect(
-                    artifact.path, bundle, work / "device", **config.eval.model_dump()
-                )
+                with runner.stage(artifact.path, bundle) as staged, holding_board(config):
+                    result = staged.detect(work / "device", **config.eval.model_dump())
         return steps.done(artifact, result.latency_ms["mean"], images)
 
     def dry_run_settings(self) -> dict[str, Any]:

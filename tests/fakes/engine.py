@@ -111,6 +111,7 @@ class FakeStages:
         return TrainOutcome(metrics=metrics, started_at=started, finished_at=time.time())
 
     def compile(self, slot: Slot) -> CompileOutcome:
+        slot.started()  # as LocalStages: compiled at once
         started = time.time()
         self._work(slot, "compile", self.compile_s)
         return CompileOutcome(
@@ -126,6 +127,7 @@ class FakeStages:
             with hold_board(self.config):
                 self._work(slot, "device", self.device_s)
         else:
+            slot.started()  # no board to wait for
             self._work(slot, "device", self.device_s)
         metrics = {
             "device_augrc": self.value(slot.params),
@@ -234,7 +236,7 @@ def fake_config(
     """A valid classifier config for the engine (its data is never read by fake stages);
     ``study`` items and other ``sections`` go over the tiny test config."""
     raw = tiny_config(tmp_path, tmp_path / "run")
-    raw["study"].update(heartbeat_s=0.02, stale_after_s=5.0, **study)
+    raw["study"].update({"heartbeat_s": 0.02, "stale_after_s": 5.0, **study})
     raw["device"]["name"] = f"fake-{tmp_path.name}"
     for section, values in (sections or {}).items():
         raw.setdefault(section, {}).update(values)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from edgetune.cli import app
 from tasks.config import parse_config
-from tasks.hpo import reports
+from tasks.hpo import interactive, reports
 from tasks.hpo.study import best_trial, open_study
 from tasks.tracking import Tracker
 from tasks.workloads.classifier import CLASSIFIER
@@ -243,6 +243,37 @@ def test_history_follows_the_best_so_far(tmp_path: Path) -> None:
         "hv",
         [0.3, 0.3, 0.1, 0.1],
     )
+
+
+def test_the_warm_up_figure_loads_the_plotting_code_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    interactive.warm()
+    assert list(tmp_path.iterdir()) == []
+    assert {"plotly.graph_objs._scatter", "plotly.graph_objs._bar"} <= set(sys.modules)
+
+
+def test_importances_are_not_computed_or_imported_when_skipped(tmp_path: Path) -> None:
+    """fANOVA imports scikit-learn (about a second): a one-trial study's end never pays it."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import optuna\n"
+        "from optuna.distributions import FloatDistribution\n"
+        "from optuna.trial import create_trial\n"
+        "from tasks.hpo import reports\n"
+        "study = optuna.create_study()\n"
+        "dist = {'x': FloatDistribution(0.0, 1.0)}\n"
+        "study.add_trial(create_trial(value=0.1, params={'x': 0.5}, distributions=dist))\n"
+        f"print(reports.plot_importances(study, Path({str(tmp_path / 'i.png')!r})))\n"
+        "print('sklearn' in sys.modules, 'optuna.importance' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["None", "False", "False"]
 
 
 def test_importances_cover_dependent_and_conditional_parameters(tmp_path: Path) -> None:

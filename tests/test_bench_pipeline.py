@@ -1,0 +1,72 @@
+"""The pipeline benchmark's pure parts: the scenarios, the medians and the table."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.pipeline import SCENARIOS, main, medians, report
+
+
+def _args(**over: float) -> argparse.Namespace:
+    base = {
+        "gpus": 2,
+        "compile_slots": 1,
+        "trials": 20,
+        "worker_poll": 1.0,
+        "parent_poll": 2.0,
+        "repeats": 3,
+        **SCENARIOS["gpu"],
+    }
+    return argparse.Namespace(**{**base, **over})
+
+
+def test_each_scenario_is_bound_where_its_name_says() -> None:
+    def bound(durations: dict[str, float], gpus: int = 2, compile_slots: int = 1) -> str:
+        rates = {
+            "gpu": gpus / durations["train"],
+            "compile": compile_slots / durations["compile"],
+            "board": 1 / durations["device"],
+        }
+        return min(rates, key=rates.__getitem__)
+
+    assert {name: bound(durations) for name, durations in SCENARIOS.items()} == {
+        "gpu": "gpu",
+        "board": "board",
+    }
+
+
+def test_a_design_reports_the_median_of_its_repeats() -> None:
+    runs = [{"wall_s": 300.0, "gpu_utilisation": 0.9}, {"wall_s": 100.0, "gpu_utilisation": 0.5}]
+    runs.append({"wall_s": 200.0, "gpu_utilisation": 0.97})
+    assert medians(runs) == {"wall_s": 200.0, "gpu_utilisation": 0.9}
+
+
+def test_the_table_has_one_column_per_design_and_states_the_repeats() -> None:
+    runs = {
+        "pipelined": [{"fraction_of_bound": v} for v in (0.95, 0.97, 0.96)],
+        "blocking": [{"fraction_of_bound": v} for v in (0.5, 0.52, 0.51)],
+    }
+    text = report(_args(), runs)
+    assert "3 repeat(s), medians" in text and "E[train]=60.0s" in text
+    assert text.splitlines()[-3:] == [
+        "| metric | pipelined | blocking |",
+        "|---|---|---|",
+        "| fraction_of_bound | 0.96 | 0.51 |",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--scenarios", "gpu,cpu"], "--scenarios takes gpu, board (got 'cpu')"),
+        (["--repeats", "0"], "--repeats must be >= 1, but got 0"),
+    ],
+)
+def test_bad_arguments_say_what_to_write(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
