@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tasks.hpo import optuna_ops
 from tasks.hpo.recovery import ATTR_ATTEMPT, ATTR_HEARTBEAT, ATTR_OWNER, ATTR_RETRY_OF, ATTR_STAGE
 from tasks.hpo.study import ATTR_REJECTED, ATTR_REPEAT_OF, Goals
 
@@ -39,16 +40,20 @@ def earlier_result(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | No
 
 
 def answer(study: optuna.Study, trial: optuna.Trial, earlier: FrozenTrial, goals: Goals) -> Any:
-    """Tell ``trial`` what ``earlier`` measured; returns the state told."""
-    for key, value in earlier.user_attrs.items():
-        if key not in _OWN and not key.endswith(_TIMES):  # its times are not this trial's
-            trial.set_user_attr(key, value)
-    trial.set_user_attr(ATTR_REPEAT_OF, earlier.user_attrs.get(ATTR_REPEAT_OF, earlier.number))
+    """Tell ``trial`` what ``earlier`` measured; returns the state told. Its attributes are
+    written in one transaction (with its feasibility, when it completed)."""
+    copied = {
+        key: value
+        for key, value in earlier.user_attrs.items()
+        if key not in _OWN and not key.endswith(_TIMES)  # its times are not this trial's
+    }
+    copied[ATTR_REPEAT_OF] = earlier.user_attrs.get(ATTR_REPEAT_OF, earlier.number)
     if earlier.state == TrialState.COMPLETE:
-        goals.constrain(trial, earlier.user_attrs)
+        goals.constrain(trial, earlier.user_attrs, copied)
         values = list(earlier.values or [])
         study.tell(trial, values if goals.multi else values[0])
         return TrialState.COMPLETE
+    optuna_ops.set_attrs(trial, copied)
     for step, value in sorted(earlier.intermediate_values.items()):
         trial.report(value, step)
     study.tell(trial, state=TrialState.PRUNED)

@@ -49,7 +49,8 @@ def test_a_board_settings_error_pauses_at_once_and_charges_no_trial(
         parallel=1,
         retries=0,
     )
-    stages = FakeStages(config, fail=fail)
+    # trial 1 trains while trial 0 is on the board, and is still training at the pause
+    stages = FakeStages(config, fail=fail, train_s=0.6, compile_s=0.2)
     tracker = FakeTracker()
     loop = StudyLoop(
         config,
@@ -73,14 +74,18 @@ def test_a_board_settings_error_pauses_at_once_and_charges_no_trial(
         "study again"
     )
     assert "\n" not in message
-    # one training, one evaluation: no countdown to max_consecutive_failures
-    assert [w.trial for w in stages.of("train")] == [0]
+    # one evaluation: no countdown to max_consecutive_failures; trial 1, training when
+    # the study paused, is stopped (the GPU did not wait for the board)
     assert [w.trial for w in stages.of("device")] == [0]
-    failed, retry = loop.study.get_trials()
-    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_stage"] == "device"
-    # enqueued again with retries: 0, its attempt not counted: not charged
-    assert retry.state == TrialState.WAITING
-    assert retry.user_attrs[ATTR_RETRY_OF] == 0 and retry.user_attrs["attempt"] == 0
+    assert [w.trial for w in stages.of("train")] == [0, 1]
+    trials = loop.study.get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_stage"] == "device"
+    # every trial stopped is enqueued again with retries: 0, its attempt not counted
+    failed = [t.number for t in trials if t.state == TrialState.FAIL]
+    retries = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs[ATTR_RETRY_OF] for t in retries) == failed
+    assert all(t.user_attrs["attempt"] == 0 for t in retries)
+    assert failed == [0, 1] and len(trials) == 4  # nothing RUNNING, nothing complete
     assert tracker.named(f"study-{config.study.name}").status == "KILLED"
     assert all(run.status != "RUNNING" for run in tracker.runs.values())
 
