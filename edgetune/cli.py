@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgetune import prefect_server, warmup
+from edgetune import prefect_server
 
 app = typer.Typer(
     help="Hardware-in-the-loop hyperparameter tuning for edge vision models.",
@@ -271,7 +271,6 @@ def tune(
     """
     _quiet_services(verbose)
     _prefect_in_background()
-    warmup.start()  # torch, MLflow's store, the plotting libraries: while the command waits
     if restart and reuse_best:
         raise _fail("--restart and --reuse-best exclude each other; choose one")
     if as_json and as_csv:

@@ -9,17 +9,11 @@ zoom and hover values.
 
 from __future__ import annotations
 
-import io
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-#: One figure is drawn at a time: the warm-up (``warm``, in a thread of its own) and the
-#: study's plots share matplotlib's and plotly's caches, which are not made for threads.
-DRAWING = threading.RLock()
 
 
 def _name(label: str) -> tuple[str | None, bool]:
@@ -88,35 +82,12 @@ def write_html(figure: Any, path: Path) -> Path:
     """``figure``'s data as an interactive plotly page at ``path`` (written whole). plotly.js
     is inside (about 3.5 MB): MLflow's artifact view shows the page, which a script beside
     it would not reach."""
-    with DRAWING:
-        plot = _page(figure)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        plot.write_html(partial, include_plotlyjs=True, full_html=True)
-        partial.replace(path)
+    plot = _page(figure)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    plot.write_html(partial, include_plotlyjs=True, full_html=True)
+    partial.replace(path)
     return path
-
-
-def warm() -> None:
-    """Draw a throwaway figure both ways, off the critical path: the first PNG loads
-    matplotlib's fonts, and the first plotly page imports every trace type its template
-    names (about 200 modules, seconds on a small machine); a study's end then draws its
-    plots at the cost of a second figure. Nothing is written."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    with DRAWING:
-        figure = Figure(figsize=(3.0, 2.0), layout="constrained")
-        FigureCanvasAgg(figure)
-        axes = figure.subplots()
-        axes.scatter([0, 1], [1, 0], label="points")
-        axes.step([0, 1], [1, 1], where="post", label="steps")
-        axes.barh([0], [0.5])
-        axes.annotate("0", (0, 1))
-        axes.set_title("warm-up")
-        axes.legend()
-        figure.savefig(io.BytesIO(), format="png", dpi=110)
-        _page(figure).to_html(include_plotlyjs=False, full_html=True)
 
 
 def _page(figure: Any) -> Any:

@@ -44,7 +44,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.data import load_bundle
-from tasks.hpo.interactive import DRAWING, write_html
+from tasks.hpo.interactive import write_html
 from tasks.hpo.recovery import outcome_count
 from tasks.hpo.study import (
     ATTR_APPLIED,
@@ -373,7 +373,7 @@ def _figure(width: float = 7.0, height: float = 4.5, columns: int = 1) -> tuple[
 
 def _save(figure: Any, path: Path) -> Path:
     """The PNG at ``path`` and its interactive twin beside it (``.html``)."""
-    with DRAWING, _atomic(path) as tmp:
+    with _atomic(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     write_html(figure, path.with_suffix(".html"))
     return path

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from edgetune.cli import app
 from tasks.config import parse_config
-from tasks.hpo import interactive, reports
+from tasks.hpo import reports
 from tasks.hpo.study import best_trial, open_study
 from tasks.tracking import Tracker
 from tasks.workloads.classifier import CLASSIFIER
@@ -243,15 +243,6 @@ def test_history_follows_the_best_so_far(tmp_path: Path) -> None:
         "hv",
         [0.3, 0.3, 0.1, 0.1],
     )
-
-
-def test_the_warm_up_figure_loads_the_plotting_code_and_writes_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    interactive.warm()
-    assert list(tmp_path.iterdir()) == []
-    assert {"plotly.graph_objs._scatter", "plotly.graph_objs._bar"} <= set(sys.modules)
 
 
 def test_importances_are_not_computed_or_imported_when_skipped(tmp_path: Path) -> None:
