@@ -73,6 +73,17 @@ def noop_flow(n: int) -> int:
     return n + 1
 
 
+@flow(name="bench-noop-stage", validate_parameters=False)
+def noop_stage(n: int) -> None:
+    """The no-op as a stage: its outcome left where the parent reads it (``edgetune worker``
+    runs it without the flow engine, as it runs edgetune's stages)."""
+    from prefect.runtime import flow_run
+
+    path = lean_outcome(str(flow_run.id))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(n + 1))
+
+
 @task(name="bench-noop-task", persist_result=True)
 def noop_task(n: int) -> int:
     return n + 1
@@ -120,7 +131,7 @@ class RouteSpec:
         return self.kind if self.poll is None else f"{self.kind}@{self.poll:g}"
 
 
-KINDS = ("process", "serve", "task", "prefork", "lean")
+KINDS = ("process", "serve", "task", "prefork", "lean", "stage")
 
 
 def parse_routes(text: str) -> list[RouteSpec]:
@@ -392,7 +403,8 @@ class DeploymentRoute(Route):
 class PoolRoute(DeploymentRoute):
     """A deployment on a ``process`` work pool with a concurrency limit of 1 (as ``edge``)."""
 
-    def start(self, env: dict[str, str], processes: Processes) -> None:
+    def deploy(self, stage: Any) -> str:
+        """The pool of this route (limit 1) and a deployment of ``stage`` on it."""
         from prefect.client.orchestration import get_client
         from prefect.deployments.runner import EntrypointType
 
@@ -401,12 +413,16 @@ class PoolRoute(DeploymentRoute):
         pool = f"dispatch-{self.slug}"
         with get_client(sync_client=True) as client:
             ensure_pool(client, pool, 1)
-        deployment: Any = noop_flow.to_deployment(  # sync here: not a coroutine
+        deployment: Any = stage.to_deployment(  # sync here: not a coroutine
             name=pool, entrypoint_type=EntrypointType.MODULE_PATH
         )
         deployment.apply(work_pool_name=pool)
-        self.deployment, self.pool_name = f"{FLOW_NAME}/{pool}", pool
+        self.deployment, self.pool_name = f"{stage.name}/{pool}", pool
         self.pool = f"{pool} (limit 1)"
+        return pool
+
+    def start(self, env: dict[str, str], processes: Processes) -> None:
+        pool = self.deploy(noop_flow)
         command = (
             [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
             if self.spec.kind == "process"
@@ -469,7 +485,23 @@ class LeanRoute(PoolRoute):
         return int(json.loads(lean_outcome(str(flow_run.id)).read_text()))
 
 
+class StageRoute(LeanRoute):
+    """``edgetune worker`` (edgetune's stage worker) on a pool with a limit of 1, serving the
+    no-op stage flow."""
+
+    def start(self, env: dict[str, str], processes: Processes) -> None:
+        pool = self.deploy(noop_stage)
+        assert self.spec.poll is not None
+        command = [
+            str(BIN / "edgetune"), "worker", "--pool", pool, "--name", pool, "--limit", "1",
+            "--poll", f"{self.spec.poll:g}", "--stage", "bench.dispatch:noop_stage",
+        ]  # fmt: skip
+        path = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        processes.start(f"worker-{self.slug}", command, {**env, "PYTHONPATH": path})
+
+
 ROUTES: dict[str, type[Route]] = {
+    "stage": StageRoute,
     "process": PoolRoute,
     "prefork": PoolRoute,
     "lean": LeanRoute,

@@ -83,6 +83,12 @@ def start_cluster(state: Path, args: argparse.Namespace) -> dict[str, str]:
         "EDGETUNE_GPU_WORKERS": str(args.gpus),
         "PYTHONPATH": str(ROOT),  # workers import bench.synthetic
         "PREFECT_WORKER_QUERY_SECONDS": str(args.worker_poll),
+        # gpu, compile and edge: edgetune's stage worker, serving the synthetic stages (or
+        # Prefect's process worker, a new interpreter per run, with --workers process)
+        "EDGETUNE_WORKER_KIND": args.workers,
+        "EDGETUNE_WORKER_STAGES": ",".join(
+            f"bench.synthetic:{name}" for name in ("bench_train", "bench_compile", "bench_device")
+        ),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     _run([str(ROOT / "infra" / "services.sh"), "up"], env)
@@ -211,7 +217,7 @@ def header(args: argparse.Namespace) -> str:
         f"Python {platform.python_version()}; {packages}\n"
         f"config: N_gpu={args.gpus}, C_compile={args.compile_slots}, E[train]={args.train}s, "
         f"E[compile]={args.compile}s, E[device]={args.device}s, {args.trials} trials per design, "
-        f"worker poll {args.worker_poll}s, parent poll {args.parent_poll}s, "
+        f"{args.workers} workers, worker poll {args.worker_poll}s, parent poll {args.parent_poll}s, "
         f"{args.repeats} repeat(s), medians"
     )
 
@@ -263,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--parent-poll", type=float, default=1.0, help="run_deployment poll interval"
     )
+    parser.add_argument(
+        "--workers", choices=("stage", "process"), default="stage",
+        help="the gpu, compile and edge pools' worker: edgetune's stage worker, or Prefect's "
+        "process worker",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="runs of each design")
     parser.add_argument(
         "--scenarios", default="", help=f"preset durations, run in turn: {','.join(SCENARIOS)}"

@@ -584,6 +584,47 @@ def deploy_command(
         typer.echo(f"deployment {name}")
 
 
+@app.command("worker")
+def worker_command(
+    pool: Annotated[str, typer.Option("--pool", help="work pool: gpu, compile or edge")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="worker name (unique per pool)")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="runs at a time (slots)")] = 1,
+    poll: Annotated[
+        float, typer.Option("--poll", min=0.05, help="seconds between looks for new runs")
+    ] = 1.0,
+    preload: Annotated[
+        list[str] | None, typer.Option("--preload", help="one more module to import once")
+    ] = None,
+    stages: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stage",
+            help="one more flow (MODULE:FLOW) to run without the flow engine; it must "
+            "leave its outcome where its caller reads it",
+        ),
+    ] = None,
+) -> None:
+    """Serve a stage pool: every stage run forked from a process that imported edgetune once.
+
+    A Prefect process worker to the API and the UI; other flows run as a process worker
+    runs them. Stops on SIGINT or SIGTERM, with the stages it runs."""
+    _quiet_services(True)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise _fail(
+            "PREFECT_API_URL is not set: a worker serves a Prefect server's pool; "
+            "export PREFECT_API_URL (infra/services.sh env prints it)"
+        )
+    from edgetune.worker import WorkerSetupError, check_pool, serve
+
+    try:
+        check_pool(pool)
+    except WorkerSetupError as exc:
+        raise _fail(str(exc)) from None
+    serve(pool, name, limit, poll, tuple(preload or ()), tuple(stages or ()))
+
+
 @device_app.command("check")
 def device_check(config: ConfigArg, overrides: Overrides = None) -> None:
     """Run the device-side evaluator's `info` on the config's board and print it."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from tasks.hpo.trial_stages import train_stage
+from tasks.runlog import run_logger
 from tasks.workloads.base import Pruned, StudyTarget, TrainOutcome
 from tasks.workloads.registry import parse_study_config
 
@@ -29,7 +30,7 @@ def train_trial(
     parent_run_id: str,
 ) -> TrainOutcome | Pruned:
     """Train, export and log one trial; a trial the pruner stopped returns ``Pruned``."""
-    logger = get_run_logger()
+    logger = run_logger()
     return train_stage(
         as_config(config, "train-trial"),
         trial_id,

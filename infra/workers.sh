@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Prefect process workers for the edgetune work pools: controller, gpu (×$EDGETUNE_GPU_WORKERS),
-# compile, edge. Each runs in its own process group; pid and log in $STATE/workers/.
+# Workers for the edgetune work pools: controller (a Prefect process worker), gpu
+# (×$EDGETUNE_GPU_WORKERS), compile and edge (edgetune's stage worker: a process worker that
+# forks each stage run from a process that imported edgetune once). Each runs in its own
+# process group; pid and log in $STATE/workers/.
 #
 #   infra/workers.sh up|down|status
 #   EDGETUNE_WORKER_POOLS=gpu infra/workers.sh up      # a GPU host: gpu workers only
@@ -25,6 +27,13 @@ load_config() {
     [[ $GPU_WORKERS =~ ^[0-9]+$ ]] || die "EDGETUNE_GPU_WORKERS must be a number, not '$GPU_WORKERS'"
     POLL_S=${EDGETUNE_WORKER_POLL_S:-1}
     [[ $POLL_S =~ ^[0-9]+$ && $POLL_S -ge 1 ]] || die "EDGETUNE_WORKER_POLL_S must be a whole number of seconds >= 1, not '$POLL_S'"
+    STAGE_POLL_S=${EDGETUNE_STAGE_POLL_S:-0.25}
+    [[ $STAGE_POLL_S =~ ^[0-9]*\.?[0-9]+$ ]] && awk "BEGIN{exit !($STAGE_POLL_S >= 0.05)}" ||
+        die "EDGETUNE_STAGE_POLL_S must be a number of seconds >= 0.05, not '$STAGE_POLL_S'"
+    WORKER_KIND=${EDGETUNE_WORKER_KIND:-stage}
+    [[ $WORKER_KIND == stage || $WORKER_KIND == process ]] || die "EDGETUNE_WORKER_KIND must be 'stage' (edgetune worker) or 'process' (Prefect's process worker), not '$WORKER_KIND'"
+    local stages=${EDGETUNE_WORKER_STAGES:-}
+    read -r -a EXTRA_STAGES <<<"${stages//,/ }"
     local devices=${EDGETUNE_GPU_DEVICES:-}
     read -r -a GPU_DEVICES <<<"${devices//,/ }"
     # Worker names must differ between hosts that serve the same pool.
@@ -73,26 +82,36 @@ recorded_workers() {
     return 0
 }
 
-worker_group() { live_group "$WDIR/$1.pid" "worker start"; }
+worker_group() { live_group "$WDIR/$1.pid" " worker "; }
 
 start_worker() { # ID
-    local id=$1 pool=${1%-*} n=${1##*-} prefect
-    prefect=$(venv_bin prefect)
-    # Poll often (Prefect's default is 10 s, paid by every stage run).
-    local -a env_extra=(PREFECT_CLI_PROMPT=false "PREFECT_WORKER_QUERY_SECONDS=$POLL_S")
+    local id=$1 pool=${1%-*} n=${1##*-}
+    local -a env_extra=(PREFECT_CLI_PROMPT=false) command
     if [[ $pool == gpu && ${#GPU_DEVICES[@]} -gt 0 ]]; then
         env_extra+=("CUDA_VISIBLE_DEVICES=${GPU_DEVICES[(n - 1) % ${#GPU_DEVICES[@]}]}")
     fi
-    # A gpu, compile or edge worker is one slot: one run at a time (two trainings on one
-    # worker would share its GPU while another worker idles). The controller runs studies.
-    local -a limit=()
-    [[ $pool == controller ]] || limit=(--limit 1)
-    log "starting worker $id-$HOST_TAG for pool $pool${env_extra[2]:+ (${env_extra[2]})}"
+    if [[ $pool == controller || $WORKER_KIND == process ]]; then
+        # The controller runs studies (the flow engine, many at once) as a process worker.
+        # Poll often: Prefect's default is 10 s.
+        env_extra+=("PREFECT_WORKER_QUERY_SECONDS=$POLL_S")
+        command=("$(venv_bin prefect)" worker start --pool "$pool" --type process --name "$id-$HOST_TAG")
+        [[ $pool == controller ]] || command+=(--limit 1)
+    else
+        # A gpu, compile or edge worker is one slot (--limit 1: two trainings on one worker
+        # would share its GPU while another worker idles), and forks each stage run from a
+        # process that imported edgetune once (edgetune worker). Compile and edge runs are
+        # short: their workers look for new ones more often.
+        local poll=$POLL_S
+        [[ $pool == gpu ]] || poll=$STAGE_POLL_S
+        command=("$(venv_bin edgetune)" worker --pool "$pool" --name "$id-$HOST_TAG" --limit 1 --poll "$poll")
+        local stage
+        for stage in "${EXTRA_STAGES[@]}"; do command+=(--stage "$stage"); done
+    fi
+    log "starting worker $id-$HOST_TAG for pool $pool${env_extra[1]:+ (${env_extra[1]})}"
     # Flows load from the installed package (module entrypoints), so any directory will do.
     (
         export "${env_extra[@]}"
-        start_detached "$WDIR/$id.pid" "$WDIR/$id.log" "$WDIR" \
-            "$prefect" worker start --pool "$pool" --type process --name "$id-$HOST_TAG" "${limit[@]}"
+        start_detached "$WDIR/$id.pid" "$WDIR/$id.log" "$WDIR" "${command[@]}"
     )
 }
 

@@ -45,6 +45,7 @@ LAYERS = (
         "tasks.secrets",
         "tasks.host",
         "tasks.seeding",
+        "tasks.runlog",
         "tasks.failures",
         "tasks",
     ),

@@ -58,7 +58,7 @@ def test_routes_parse_with_their_polls() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("celery", "must be one of process, serve, task, prefork, lean"),
+        ("celery", "must be one of process, serve, task, prefork, lean, stage"),
         ("task@1", "task workers are pushed to"),
         ("serve@0.5", "whole seconds for serve"),
         ("process@0", "must be > 0 s"),

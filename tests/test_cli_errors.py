@@ -167,6 +167,17 @@ CASES: dict[str, dict[str, Case]] = {
             "no study named 'run' in sqlite:///{tmp}/run/optuna.db; run 'edgetune tune",
         ),
     },
+    "worker": {
+        "no Prefect server named": Case(
+            lambda w: ["worker", "--pool", "compile"],
+            "PREFECT_API_URL is not set: a worker serves a Prefect server's pool",
+        ),
+        "poll of zero": Case(
+            lambda w: ["worker", "--pool", "compile", "--poll", "0"],
+            "Invalid value for '--poll'",
+            subprocess=True,
+        ),
+    },
     "deploy": {
         "malformed deployments file": Case(
             lambda w: ["deploy", "--file", str(w.write("deploy.yaml", "deployments: [a"))],

@@ -237,21 +237,27 @@ def _flow_runs(cluster: dict[str, str], study: str) -> list[Any]:
         )
 
 
-def _process_of(flow_run_id: str) -> int | None:
-    """The pid of the process executing a flow run (its engine has the id in its env)."""
-    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if needle in environ.read_bytes().split(b"\0"):
-                return int(environ.parent.name)
-        except OSError:
-            continue
-    return None
+def _process_of(run: Any) -> int | None:
+    """The pid of the process running a stage's flow run, as its worker recorded it (the
+    stage worker forks it: it has no environment of its own to find it by)."""
+    pid = run.infrastructure_pid
+    return int(pid) if pid and Path(f"/proc/{pid}").exists() else None
 
 
 def _ppid(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _worker_of(pid: int) -> int:
+    """The nearest ancestor of ``pid`` that is a worker (``edgetune worker``)."""
+    ancestor = _ppid(pid)
+    while ancestor > 1:
+        cmdline = Path(f"/proc/{ancestor}/cmdline").read_bytes().split(b"\0")
+        if b"worker" in cmdline and b"--pool" in cmdline:
+            return ancestor
+        ancestor = _ppid(ancestor)
+    raise AssertionError(f"no worker above process {pid}")
 
 
 def _wait_for(predicate: Any, timeout: float, what: str) -> Any:
@@ -322,15 +328,13 @@ def test_a_killed_gpu_worker_and_a_database_restart_lose_no_trial(
                 for r in _flow_runs(cluster, "faults")
                 if r.name.startswith("train-trial") and r.state and r.state.is_running()
             ]
-            return runs and _process_of(str(runs[0].id)) and runs[0]
+            return runs and _process_of(runs[0]) and runs[0]
 
         victim = _wait_for(training, 300, "a training on the gpu pool")
         time.sleep(3)  # mid-training
-        pid = _process_of(str(victim.id))
+        pid = _process_of(victim)
         assert pid is not None
-        worker = _ppid(pid)
-        cmdline = Path(f"/proc/{worker}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        assert "worker" in cmdline, cmdline  # the gpu worker that started it
+        worker = _worker_of(pid)  # the gpu worker that started it (through its fork server)
         # The worker's host dies: the worker and the training it runs, with no goodbye.
         os.kill(pid, signal.SIGKILL)
         os.kill(worker, signal.SIGKILL)

@@ -320,14 +320,21 @@ def test_workers_come_online_in_their_pools_and_stop(services: Services) -> None
         ]
         pids = [int(p.read_text()) for p in pidfiles]
         assert all(_pid_alive(pid) for pid in pids)
+        polls = {"controller": None, "gpu": b"1", "compile": b"0.25", "edge": b"0.25"}
         for pid, pidfile in zip(pids, pidfiles, strict=True):
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            assert b"worker" in command and b"start" in command
-            # one run at a time per slot (not the controller), and a short poll
-            limited = b"--limit" in command and command[command.index(b"--limit") + 1] == b"1"
-            assert limited == (not pidfile.stem.startswith("controller")), command
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            assert b"PREFECT_WORKER_QUERY_SECONDS=1" in environ
+            pool = pidfile.stem.rsplit("-", 1)[0]
+            if pool == "controller":  # studies: Prefect's process worker, polling every 1 s
+                assert command[2:5] == [b"worker", b"start", b"--pool"], command
+                assert b"--limit" not in command
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                assert b"PREFECT_WORKER_QUERY_SECONDS=1" in environ
+                continue
+            # a stage pool: edgetune's stage worker, one run at a time per slot, a short poll
+            assert Path(command[1].decode()).name == "edgetune" and command[2] == b"worker"
+            assert command[command.index(b"--pool") + 1] == pool.encode()
+            assert command[command.index(b"--limit") + 1] == b"1"
+            assert command[command.index(b"--poll") + 1] == polls[pool], command
 
         def online(pool: str) -> list[str]:
             workers = _http_json(f"{api}/work_pools/{pool}/workers/filter", {})

@@ -1,0 +1,251 @@
+"""``edgetune worker`` on the real Prefect test server: stage runs forked from a warm fork
+server, with the states, logs, cancellation and crash handling the flow engine gave them.
+
+The worker runs as users run it (``edgetune worker --pool …``, a process of its own) on a
+``process`` pool with a limit, and serves the stage flows of ``tests/fakes/stageflows.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import FlowRun
+from prefect.settings import get_current_settings
+from prefect.states import Cancelled, Cancelling
+
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+POOL = "stage-worker-test"
+STAGES = {
+    "ok": "stageflows:ok_stage",
+    "failing": "stageflows:failing_stage",
+    "slow": "stageflows:slow_stage",
+    "plain": "stageflows:plain_flow",
+}
+
+
+def _deployments(client: SyncPrefectClient) -> dict[str, UUID]:
+    """One deployment per test flow on a process pool with a limit of 2."""
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=POOL, type="process", concurrency_limit=2))
+    ids = {}
+    for key, entrypoint in STAGES.items():
+        flow_id = client.create_flow_from_name(entrypoint.split(":")[1].replace("_", "-"))
+        ids[key] = client.create_deployment(
+            flow_id=flow_id, name=key, entrypoint=entrypoint, work_pool_name=POOL
+        )
+    return ids
+
+
+def _start_worker(tmp: Path, name: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(get_current_settings().api.url),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fakes"), str(ROOT)]),
+        "STAGE_PROBE": "from-the-worker",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    command = [str(BIN / "edgetune"), "worker", "--pool", POOL, "--name", name, "--poll", "0.2"]
+    for entrypoint in list(STAGES.values())[:-1]:  # the plain flow is not a stage
+        command += ["--stage", entrypoint]
+    log = (tmp / f"{name}.log").open("wb")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+
+
+def _wait_online(client: SyncPrefectClient, name: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the worker exited {process.returncode}"
+        if any(
+            w.name == name and w.status == "ONLINE" for w in client.read_workers_for_work_pool(POOL)
+        ):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"worker {name} not online after 120 s")
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("stage-worker")
+    with get_client(sync_client=True) as client:
+        ids = _deployments(client)
+        process = _start_worker(tmp, "stage-1")
+        try:
+            _wait_online(client, "stage-1", process)
+            yield {"ids": ids, "process": process, "tmp": tmp, "client": client}
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+
+
+def _run(worker: dict[str, Any], key: str, **parameters: Any) -> FlowRun:
+    client: SyncPrefectClient = worker["client"]
+    return client.create_flow_run_from_deployment(worker["ids"][key], parameters=parameters)
+
+
+def _final(client: SyncPrefectClient, run: FlowRun, timeout: float = 60) -> FlowRun:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run.id)
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(0.2)
+    raise AssertionError(f"{run.name} still {run.state} after {timeout:g} s")
+
+
+def _until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_stage_runs_forked_with_its_run_id_logs_and_states(
+    worker: dict[str, Any], tmp_path: Path
+) -> None:
+    client: SyncPrefectClient = worker["client"]
+    out = tmp_path / "ok.json"
+    run = _final(client, _run(worker, "ok", out=str(out), value=41))
+    assert run.state is not None and run.state.is_completed(), run.state
+    seen = json.loads(out.read_text())
+    assert seen["flow_run_id"] == str(run.id)  # prefect.runtime names the run in the child
+    assert seen["value"] == 41 and seen["env"] == "from-the-worker"
+    assert seen["pid"] != worker["process"].pid  # a process of its own
+    assert run.infrastructure_pid == str(seen["pid"])
+    kinds = [s.type.value for s in client.read_flow_run_states(run.id)]
+    assert kinds[-2:] == ["RUNNING", "COMPLETED"], kinds
+    logs = _until(
+        lambda: [
+            log.message
+            for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            if "ok-stage saw value 41" in log.message
+        ],
+        15,
+        "the stage's log line in the API",
+    )
+    assert logs == ["ok-stage saw value 41"]
+
+
+def test_a_failing_stage_ends_failed_with_its_error(worker: dict[str, Any], tmp_path: Path) -> None:
+    client: SyncPrefectClient = worker["client"]
+    run = _final(client, _run(worker, "failing", out=str(tmp_path / "f.json")))
+    assert run.state is not None and run.state.type.value == "FAILED", run.state
+    assert "ValueError: the stage's input is bad: fix it" in str(run.state.message)
+
+
+def test_a_flow_that_is_not_a_stage_runs_as_the_process_worker_runs_it(
+    worker: dict[str, Any], tmp_path: Path
+) -> None:
+    client: SyncPrefectClient = worker["client"]
+    out = tmp_path / "plain.json"
+    run = _final(client, _run(worker, "plain", out=str(out)), timeout=120)
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert json.loads(out.read_text())["flow_run_id"] == str(run.id)
+
+
+def test_cancelling_a_stage_stops_its_process_which_cleans_up(
+    worker: dict[str, Any], tmp_path: Path
+) -> None:
+    client: SyncPrefectClient = worker["client"]
+    out = tmp_path / "slow.json"
+    run = _run(worker, "slow", out=str(out), seconds=120)
+    _until(out.exists, 30, "the slow stage to start")
+    pid = json.loads(out.read_text())["pid"]
+    client.set_flow_run_state(run.id, Cancelling(), force=True)
+    run = _final(client, run, timeout=30)
+    assert run.state is not None and run.state.type.value == "CANCELLED", run.state
+    assert out.with_suffix(".ended").read_text() == "cleaned up"  # SIGTERM, then its finally
+    _until(lambda: not _alive(pid), 10, "the stage's process to end")
+
+
+@contextlib.contextmanager
+def _slow_stage_on_another_worker(
+    worker: dict[str, Any], tmp_path: Path, name: str
+) -> Iterator[tuple[subprocess.Popen[bytes], FlowRun, int]]:
+    """A second worker running a slow stage (the first one paused meanwhile, so that it
+    takes nothing): the worker, the run and the stage's pid."""
+    client: SyncPrefectClient = worker["client"]
+    worker["process"].send_signal(signal.SIGSTOP)
+    try:
+        other = _start_worker(tmp_path, name)
+        _wait_online(client, name, other)
+        out = tmp_path / "slow.json"
+        run = _run(worker, "slow", out=str(out), seconds=120)
+        _until(out.exists, 30, "the slow stage to start")
+        yield other, run, json.loads(out.read_text())["pid"]
+    finally:
+        worker["process"].send_signal(signal.SIGCONT)
+
+
+def test_a_stopped_worker_stops_its_stages_and_marks_them_crashed(
+    worker: dict[str, Any], tmp_path: Path
+) -> None:
+    """SIGTERM to a worker: its stage stops and its run ends CRASHED at once (the study's
+    parent fails the stage then, without waiting for the heartbeat to go stale)."""
+    with _slow_stage_on_another_worker(worker, tmp_path, "stage-2") as (second, run, pid):
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    run = _final(worker["client"], run, timeout=10)
+    assert run.state is not None and run.state.type.value == "CRASHED", run.state
+    assert "stage worker stopped" in str(run.state.message)
+    assert not _alive(pid)
+
+
+def test_a_killed_worker_takes_its_stages_with_it(worker: dict[str, Any], tmp_path: Path) -> None:
+    """SIGKILL, no goodbye: the stage's process ends too (it watches a pipe to the worker);
+    its run stays RUNNING for the study's parent to find by its silent heartbeat."""
+    client: SyncPrefectClient = worker["client"]
+    with _slow_stage_on_another_worker(worker, tmp_path, "stage-3") as (third, run, pid):
+        third.kill()
+        third.wait(10)
+        _until(lambda: not _alive(pid), 10, "the stage's process to end with its worker")
+    assert client.read_flow_run(run.id).state.type.value == "RUNNING"  # type: ignore[union-attr]
+    client.set_flow_run_state(run.id, Cancelled(), force=True)  # nobody else will end it
+
+
+def test_a_worker_on_a_pool_that_does_not_exist_says_so_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    """Prefect's own worker would create the misspelt pool (without its limit) and wait."""
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    done = subprocess.run(
+        [str(BIN / "edgetune"), "worker", "--pool", "gpuu"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: work pool 'gpuu' does not exist; create the pools with `edgetune deploy` "
+        "(gpu, compile, edge) or name one that exists"
+    ]
+    with get_client(sync_client=True) as client:
+        assert "gpuu" not in [pool.name for pool in client.read_work_pools()]
