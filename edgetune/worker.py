@@ -20,7 +20,10 @@ engine has nothing to add. The worker does what the engine did:
   study's parent finds the silent run by its heartbeat and retries the trial.
 
 To the API and the UI it is a ``process`` worker: the pools, their limits and the runs
-stay as they were. A flow that is not one of the stages (a detector's own training on the
+stay as they were. It leans on parts of Prefect's worker that are not public API
+(``_cancel_run``, ``_cancelling_observer``, ``_release_limit_slot``,
+``_mark_flow_run_as_cancelled``, ``_has_successfully_synced``, ``_work_pool``); Prefect is
+pinned to 3.8.x, and ``tests/test_stage_worker.py`` exercises each of them. A flow that is not one of the stages (a detector's own training on the
 gpu pool, say) runs as the process worker runs it, in a new interpreter.
 """
 
@@ -40,6 +43,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 from uuid import UUID
+
+from tasks.runlog import RUN_NAME
 
 #: Deployment entrypoints whose runs are forked and run without the flow engine.
 STAGE_ENTRYPOINTS = frozenset(
@@ -137,7 +142,7 @@ def run_stage(job: StageJob, channel: Connection) -> None:
     the error) goes back over ``channel``, and its logs to the API."""
     _leave_with(channel)
     signal.signal(signal.SIGTERM, _cancelled)
-    os.environ.update(job.env)
+    os.environ.update({**job.env, RUN_NAME: job.flow_run_name})
     if job.cwd:
         os.chdir(job.cwd)
     from prefect.logging.loggers import flow_run_logger
@@ -245,8 +250,8 @@ def stage_worker_class() -> type[Any]:
                 return await super().run(flow_run, configuration, task_status)
             running: Any = await self.client.set_flow_run_state(flow_run.id, Running())
             if running.status != SetStateStatus.ACCEPT:  # cancelled while it waited
-                if task_status is not None:
-                    task_status.started(0)
+                if task_status is not None:  # no process: the run gets no pid to kill
+                    task_status.started(RuntimeError(f"{flow_run.name}: not started"))
                 return ProcessWorkerResult(status_code=0, identifier="")
             ours, theirs = self.context.Pipe()
             env = {k: v for k, v in configuration.env.items() if v is not None}
@@ -312,7 +317,10 @@ def stage_worker_class() -> type[Any]:
             # The slot is free now, before the run's final state wakes its caller: a run
             # submitted at once is taken at once, not left to the next poll.
             self._release_limit_slot(flow_run.id)
-            outcome = channel.recv() if channel.poll() else None
+            try:
+                outcome = channel.recv() if channel.poll() else None
+            except (EOFError, OSError):  # it died while it wrote
+                outcome = None
             channel.close()
             if flow_run.id in self._cancelled:
                 return 0  # _cancel_run marks it CANCELLED
@@ -336,7 +344,10 @@ def stage_worker_class() -> type[Any]:
             if process.exitcode is None:
                 await anyio.to_thread.run_sync(_stop, process, STOP_GRACE_S)
                 message = "its stage worker stopped; the stage was stopped with it"
-                await self.client.set_flow_run_state(flow_run.id, Crashed(message=message))
+                try:
+                    await self.client.set_flow_run_state(flow_run.id, Crashed(message=message))
+                except Exception as exc:  # the API is gone too: the parent's stale check
+                    self._logger.warning("%s: not marked CRASHED: %s", flow_run.name, exc)
 
         async def wake_on_new_runs(self) -> None:
             """Look for runs the moment one is scheduled on this pool (its event), rather

@@ -123,7 +123,7 @@ wait_online() { # ID...
     while :; do
         pending=()
         for id in "$@"; do
-            worker_group "$id" >/dev/null || die "worker $id exited during start; see $WDIR/$id.log"
+            worker_group "$id" >/dev/null || die "worker $id exited during start: $(grep -m1 '^error: ' "$WDIR/$id.log" 2>/dev/null || tail -n 1 "$WDIR/$id.log" 2>/dev/null) (log: $WDIR/$id.log)"
             "$python" - "$PREFECT_API_URL" "${id%-*}" "$id-$HOST_TAG" <<'PY' 2>/dev/null || pending+=("$id")
 import json, sys, urllib.request
 api, pool, name = sys.argv[1:]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from uuid import UUID
 
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import flow_run
+
+#: The run's name, where a stage worker runs the flow's function (for the console's lines).
+RUN_NAME = "EDGETUNE_FLOW_RUN_NAME"
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -21,4 +25,5 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         run_id = flow_run.id
         if run_id is None:
             return logging.getLogger(__name__)
-        return flow_run_logger(flow_run_id=UUID(run_id))
+        name = os.environ.get(RUN_NAME, "<unknown>")
+        return flow_run_logger(flow_run_id=UUID(run_id), flow_run_name=name)

@@ -17,6 +17,7 @@ def _args(**over: float) -> argparse.Namespace:
         "worker_poll": 1.0,
         "parent_poll": 2.0,
         "repeats": 3,
+        "workers": "stage",
         **SCENARIOS["gpu"],
     }
     return argparse.Namespace(**{**base, **over})

@@ -307,6 +307,20 @@ def test_status_env_and_a_second_up_is_a_no_op(services: Services) -> None:
 @integration
 def test_workers_come_online_in_their_pools_and_stop(services: Services) -> None:
     api = f"http://127.0.0.1:{services.prefect_port}/api"
+    # Before the pools exist, a stage worker refuses to start (it would create a pool
+    # without its limit) and up says why, stopping what it started.
+    early = services.run(WORKERS, "up", EDGETUNE_WORKER_POOLS="edge")
+    assert early.returncode != 0
+    assert (
+        "work pool 'edge' does not exist; create the pools with `edgetune deploy`" in early.stderr
+    )
+    assert not list((services.state / "workers").glob("*.pid"))
+    deploy = subprocess.run(
+        [str(Path(sys.executable).parent / "edgetune"), "deploy"],
+        env={**services.env, "PREFECT_API_URL": api}, capture_output=True, text=True,
+        timeout=300, cwd=services.state.parent,
+    )  # fmt: skip
+    assert deploy.returncode == 0, deploy.stderr
     up = services.run(WORKERS, "up", EDGETUNE_GPU_WORKERS="2")
     try:
         assert up.returncode == 0, up.stderr

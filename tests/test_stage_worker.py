@@ -154,6 +154,9 @@ def test_a_stage_runs_forked_with_its_run_id_logs_and_states(
         "the stage's log line in the API",
     )
     assert logs == ["ok-stage saw value 41"]
+    # and on the worker's console, under the run's name
+    console = (worker["tmp"] / "stage-1.log").read_text()
+    assert f"Flow run '{run.name}' - ok-stage saw value 41" in console
 
 
 def test_a_failing_stage_ends_failed_with_its_error(worker: dict[str, Any], tmp_path: Path) -> None:

@@ -42,6 +42,9 @@ from tasks.workloads.base import (
 )
 from tasks.workloads.registry import workload_for
 
+#: A stage's flow runs are named ``<this>-<trial number>`` (as the stage flows name them).
+RUN_NAMES = {"train": "train-trial", "compile": "compile-trial", "device": "evaluate-trial"}
+
 #: Trial user attribute: the last beat of the trial's stage run on a work pool.
 ATTR_STAGE_BEAT = "stage_heartbeat"
 
@@ -159,6 +162,8 @@ class DeploymentStages:
             },
             timeout=0,
             tags=[f"study:{self.config.study.name}", f"trial:{slot.number}"],
+            # The flows' own run names; a stage worker runs no engine that would set them.
+            flow_run_name=f"{RUN_NAMES[stage]}-{slot.number}",
         )
         flow_run = self._follow(flow_run, slot)
         state = flow_run.state
