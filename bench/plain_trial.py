@@ -40,21 +40,20 @@ def _train_and_export(config: EdgetuneConfig, info: Any, bundle: Path, work: Pat
     # torch loads here, as in a trial's training stage.
     from tasks.export import export_checked
     from tasks.models import create_model
-    from tasks.training.fmfp import train_fmfp
-    from tasks.training.loaders import bundle_tensors, train_loader
+    from tasks.training.fmfp import resolve_device, train_fmfp
+    from tasks.training.loaders import bundle_tensors, train_batches
     from tasks.training.rng import build_model
 
     settings = trial_train_config(config, {})
     assert isinstance(settings.batch_size, int), "the plain script takes a fixed batch size"
     val_x, val_y = bundle_tensors(load_bundle(bundle))
     items = [item for split in config.data.train_splits for item in info.files[split]]
-    loader = train_loader(
+    loader = train_batches(
+        config.data,
         items,
-        config.data.image_size,
-        config.data.augment,
         settings.batch_size,
         seed=config.seed,
-        num_workers=config.data.num_workers,
+        device=resolve_device(settings.device),
     )
     model = build_model(config.seed, lambda: create_model(config.model.arch, len(info.classes)))
     result = train_fmfp(model, loader, val_x, val_y, settings)

@@ -318,20 +318,19 @@ def _train(inputs: TableInputs, params: dict[str, Any], seed: int, row: dict[str
     """FMFP training with the trial's seed; records each epoch's val_augrc and seconds."""
     from tasks.config import trial_train_config
     from tasks.models import create_model
-    from tasks.training.fmfp import train_fmfp
-    from tasks.training.loaders import train_loader
+    from tasks.training.fmfp import resolve_device, train_fmfp
+    from tasks.training.loaders import train_batches
     from tasks.training.rng import build_model
 
     config = inputs.config
     settings = trial_train_config(config, params)
     started = time.perf_counter()
-    loader = train_loader(
+    loader = train_batches(
+        config.data,
         inputs.info.files["train"],
-        config.data.image_size,
-        config.data.augment,
         int(settings.batch_size),  # the benchmark config sets it (never "auto")
         seed=seed,
-        num_workers=config.data.num_workers,
+        device=resolve_device(settings.device),
     )
     model = build_model(seed, lambda: create_model(config.model.arch, len(inputs.info.classes)))
 

@@ -19,6 +19,15 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 URL_VARIABLES = ("EDGETUNE_STORAGE", "MLFLOW_TRACKING_URI")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _decoded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Decoded training images go to the session's temporary folder, not the user's cache
+    (commands started by tests inherit it)."""
+    os.environ["EDGETUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("decoded"))
+    yield
+    os.environ.pop("EDGETUNE_CACHE_DIR", None)
+
+
 @pytest.fixture(autouse=True)
 def _url_environment() -> Iterator[None]:
     """Each test starts without the URL variables, and whatever it sets is removed after.

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 import torch
 
-from tasks.config import AugmentConfig, ConfigError, TrainConfig, parse_config, trial_train_config
+from tasks.config import (
+    AugmentConfig,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    parse_config,
+    trial_train_config,
+)
 from tasks.data import inspect_dataset, load_bundle, make_bundle
 from tasks.models import create_model
 from tasks.preflight import check_search_space
@@ -252,8 +259,7 @@ def _resolve(digits: dict[str, Any], settings: TrainConfig) -> auto.AutoChoices:
         train_items=info.files["train"],
         val_images=digits["val_x"],
         val_labels=digits["val_y"],
-        image_size=16,
-        augment=AugmentConfig(rotation=0),
+        data=DataConfig(root="unused", image_size=16, augment=AugmentConfig(rotation=0)),
         num_classes=len(info.classes),
         seed=0,
     )

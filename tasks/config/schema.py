@@ -122,7 +122,15 @@ class DataConfig(_Strict):
     root: str = Field(description="image-folder dataset: train/, val/, optional test/")
     image_size: int = Field(32, gt=0, le=4096)
     augment: AugmentConfig = AugmentConfig()
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="loader processes on the per-image path")
+    cache: bool = Field(
+        True, description="decode the images once per host (EDGETUNE_CACHE_DIR, ~/.cache/edgetune)"
+    )
+    loader: Literal["auto", "batched", "per_image"] = Field(
+        "auto",
+        description="batched: whole batches augmented on the training device; per_image: "
+        "image by image in num_workers processes; auto: batched when the decoded set fits",
+    )
     train_splits: list[Literal["train", "val"]] = Field(
         default_factory=_train_only, description="the splits a model trains on"
     )

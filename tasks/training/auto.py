@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from tasks.config import AUTO, AugmentConfig, TrainConfig
+from tasks.config import AUTO, DataConfig, TrainConfig
 from tasks.training.fmfp import make_sam, resolve_device, sam_step, train_fmfp
-from tasks.training.loaders import train_loader
+from tasks.training.loaders import train_batches
 
 
 class AutoChoiceError(RuntimeError):
@@ -204,17 +204,15 @@ def resolve_auto(
     train_items: Sequence[tuple[Path, int]],
     val_images: torch.Tensor,
     val_labels: torch.Tensor,
-    image_size: int,
-    augment: AugmentConfig,
+    data: DataConfig,
     num_classes: int,
     seed: int,
-    num_workers: int = 0,
     fits: Callable[[int], bool] | None = None,
 ) -> AutoChoices:
     """``settings`` with ``auto`` replaced by what suits this host, data and model.
 
     ``make_model`` builds the trial's initial model (seeded); short runs train on
-    ``train_items`` and are scored on ``val_images``. ``fits`` replaces the GPU memory
+    ``train_items`` (read as ``data`` says) and are scored on ``val_images``. ``fits`` replaces the GPU memory
     probe (tests).
     """
     if not needs_choices(settings):
@@ -228,7 +226,7 @@ def resolve_auto(
         if heaviest == AUTO:  # AdamW keeps two buffers per weight, SGD one
             heaviest = "adamw" if "adamw" in names else names[0]
         probe = fits or fits_in_memory(
-            training_step(make_model, settings, heaviest, image_size, num_classes, device)
+            training_step(make_model, settings, heaviest, data.image_size, num_classes, device)
         )
         batch_size, batch_size_by = choose_batch_size(settings, device, len(train_items), probe)
         settings = settings.model_copy(update={"batch_size": batch_size})
@@ -240,9 +238,7 @@ def resolve_auto(
         size = settings.batch_size
 
         def short_run(name: str) -> float:
-            loader = train_loader(
-                train_items, image_size, augment, size, seed=seed, num_workers=num_workers
-            )
+            loader = train_batches(data, train_items, size, seed=seed, device=device)
             candidate = settings.model_copy(update={"optimizer": name})
             result = train_fmfp(
                 make_model(),

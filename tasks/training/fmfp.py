@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
-from torch.utils.data import DataLoader
 
 from tasks.config import TrainConfig
 from tasks.failures import TrainingDiverged
@@ -118,10 +117,10 @@ class DivergenceGuard:
         )
 
 
-def _batches(loader: DataLoader[Any]) -> int | None:
+def _batches(loader: Iterable[Any]) -> int | None:
     """Batches per epoch, or None for a loader without a length (an iterable dataset)."""
     try:
-        return len(loader)
+        return len(loader)  # type: ignore[arg-type]
     except TypeError:
         return None
 
@@ -206,7 +205,7 @@ def sam_step(
 
 def _train_epoch(
     model: nn.Module,
-    loader: DataLoader[Any],
+    loader: Iterable[Any],
     optimizer: SAM,
     device: torch.device,
     amp: bool,
@@ -252,7 +251,7 @@ def _diverged_row(diverged: TrainingDiverged, optimizer: SAM) -> dict[str, float
 
 def train_fmfp(
     model: nn.Module,
-    loader: DataLoader[Any],
+    loader: Iterable[Any],
     val_images: torch.Tensor,
     val_labels: torch.Tensor,
     params: TrainConfig,

@@ -5,12 +5,19 @@ for every image of an epoch, the image's index and a seed for that image's augme
 both from the trial's ``shuffle`` generator. The augmentation of an image therefore
 depends on neither the loader's worker count nor on what other trials in the process
 draw, and the same trial seed gives the same batches.
+
+``train_batches`` picks the path a trial takes (``data.loader``): whole batches on the
+training device (``tasks.training.batched``) when the decoded set fits there, else this
+module's loader, image by image in worker processes. Both read the images decoded once per
+host (``tasks.training.cache``) unless ``data.cache`` is off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +25,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from tasks.config import AugmentConfig
+from tasks.config import AugmentConfig, DataConfig
 from tasks.data import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalise
+from tasks.training.cache import decode_images, decoded_images
 from tasks.training.rng import generator
 
 _MEAN = [m / 255 for m in IMAGENET_MEAN]
@@ -71,12 +79,23 @@ def augment_image(image: torch.Tensor, augment: AugmentConfig, g: torch.Generato
 
 
 class ImageItems(Dataset[tuple[torch.Tensor, int]]):
-    """Training images keyed by ``(index, augmentation seed)`` (see ``DrawSampler``)."""
+    """Training images keyed by ``(index, augmentation seed)`` (see ``DrawSampler``).
 
-    def __init__(self, items: Sequence[tuple[Path, int]], image_size: int, augment: AugmentConfig):
+    ``images``: the items decoded (uint8 N×3×H×W, ``tasks.training.cache``); without it
+    each image is decoded when drawn.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[tuple[Path, int]],
+        image_size: int,
+        augment: AugmentConfig,
+        images: np.ndarray | None = None,
+    ):
         self.items = list(items)
         self.image_size = image_size
         self.augment = augment
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.items)
@@ -84,7 +103,10 @@ class ImageItems(Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key
         path, label = self.items[index]
-        image = F.pil_to_tensor(load_rgb(path, self.image_size))
+        if self.images is None:
+            image = F.pil_to_tensor(load_rgb(path, self.image_size))
+        else:
+            image = torch.from_numpy(np.array(self.images[index]))
         image = augment_image(image, self.augment, torch.Generator().manual_seed(seed))
         image = F.to_dtype(image, torch.float32, scale=True)
         return F.normalize(image, _MEAN, _STD), label
@@ -114,17 +136,74 @@ def train_loader(
     *,
     seed: int,
     num_workers: int = 0,
+    images: np.ndarray | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader[tuple[torch.Tensor, int]]:
     """Shuffled, augmented batches of ``items``, all drawn from the trial seed ``seed``."""
     return DataLoader(
-        ImageItems(items, image_size, augment),
+        ImageItems(items, image_size, augment, images),
         batch_size=batch_size,
         sampler=DrawSampler(len(items), generator(seed, "shuffle")),
         drop_last=len(items) > batch_size,  # BatchNorm cannot train on a batch of one
         generator=generator(seed, "workers"),  # the workers' base seed
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+#: Share of the training device's free memory the decoded set may take on the batched path.
+DEVICE_SHARE = 0.25
+
+
+def train_batches(
+    data: DataConfig,
+    items: Sequence[tuple[Path, int]],
+    batch_size: int,
+    *,
+    seed: int,
+    device: torch.device,
+    share: float = DEVICE_SHARE,
+) -> Iterable[Any]:
+    """One trial's training batches, on the path ``data.loader`` names (``auto``: batched on
+    the device when the decoded set takes at most ``share`` of its free memory)."""
+    from tasks.training.batched import BatchedImages  # kornia: only on this path
+
+    size = data.image_size
+    images = decoded_images(items, size) if data.cache else None
+    if use_batched(data.loader, len(items) * 3 * size * size, device, share):
+        array = images if images is not None else decode_images(items, size)
+        labels = torch.tensor([label for _, label in items], dtype=torch.int64, device=device)
+        on_device = torch.from_numpy(np.array(array)).to(device)  # a copy: the map is read-only
+        return BatchedImages(
+            on_device, labels, data.augment, batch_size, generator(seed, "shuffle")
+        )
+    return train_loader(
+        items,
+        size,
+        data.augment,
+        batch_size,
+        seed=seed,
+        num_workers=data.num_workers,
+        images=images,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def use_batched(choice: str, nbytes: int, device: torch.device, share: float) -> bool:
+    """Whether a set of ``nbytes`` decoded takes the batched path on ``device``."""
+    if choice != "auto":
+        return choice == "batched"
+    return nbytes <= share * free_memory(device)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the training device: the GPU's, or the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def bundle_tensors(bundle: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,8 +130,8 @@ def train(
     """Train one trial, export it, log checkpoint and ONNX; return the float metrics."""
     # torch is imported where it is used: the compile and device stages never need it.
     from tasks.models import create_model
-    from tasks.training.fmfp import train_fmfp
-    from tasks.training.loaders import bundle_tensors, train_loader
+    from tasks.training.fmfp import resolve_device, train_fmfp
+    from tasks.training.loaders import bundle_tensors, train_batches
     from tasks.training.rng import build_model
 
     started = time.time()
@@ -161,13 +161,12 @@ def train(
             tracker.log_metrics(run_id, choices.metrics())
         settings = choices.settings
         assert isinstance(settings.batch_size, int)
-        loader = train_loader(
+        loader = train_batches(
+            config.data,
             items,
-            config.data.image_size,
-            config.data.augment,
             settings.batch_size,
             seed=seed,
-            num_workers=config.data.num_workers,
+            device=resolve_device(settings.device),
         )
         model = make_model()
 
@@ -224,11 +223,9 @@ def _auto_choices(
         train_items=info.files["train"],
         val_images=select_x,
         val_labels=select_y,
-        image_size=config.data.image_size,
-        augment=config.data.augment,
+        data=config.data,
         num_classes=len(info.classes),
         seed=seed,
-        num_workers=config.data.num_workers,
     )
 
 

@@ -1,0 +1,227 @@
+"""Training data decoded once per host, and batches augmented whole on the training device.
+
+The cache gives the same pixels as decoding each image (so the same metrics), decodes once
+for trials that start together, and leaves nothing behind when an image is unreadable. The
+batched path draws per image from the trial's generator and matches the per-image path's
+distribution."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as F
+
+import tasks.training.cache as cache
+from tasks.config import AugmentConfig, DataConfig, TrainConfig
+from tasks.data import DataError, inspect_dataset, load_bundle, load_rgb, make_bundle
+from tasks.models import create_model
+from tasks.training.batched import BatchedImages, augment_batch
+from tasks.training.fmfp import train_fmfp
+from tasks.training.loaders import augment_image, bundle_tensors, train_batches
+from tasks.training.rng import build_model, generator
+
+AUGMENT = AugmentConfig(rotation=20, perspective=0.3, color_jitter=0.3, hflip=True)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache folder, and nothing opened yet in this process."""
+    folder = tmp_path / "decoded"
+    monkeypatch.setenv(cache.CACHE_ENV, str(folder))
+    monkeypatch.setattr(cache, "_OPENED", {})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digits(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    info = inspect_dataset(digits_root)
+    bundle = make_bundle(
+        info.files["val"], info.classes, 16, tmp_path_factory.mktemp("b") / "val.npz"
+    )
+    val_x, val_y = bundle_tensors(load_bundle(bundle))
+    return {"items": info.files["train"][:300], "val_x": val_x, "val_y": val_y}
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    decoded: list[Path] = []
+
+    def counting(path: Path, size: int) -> Any:
+        decoded.append(path)
+        return load_rgb(path, size)
+
+    monkeypatch.setattr(cache, "load_rgb", counting)
+    return decoded
+
+
+def test_the_cache_holds_the_decoded_pixels_and_decodes_once_per_host(
+    fresh_cache: Path, digits: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = digits["items"][:40]
+    decoded = _count_decodes(monkeypatch)
+
+    images = cache.decoded_images(items, 24)
+
+    assert images.dtype == np.uint8 and images.shape == (40, 3, 24, 24)
+    for k in (0, 17, 39):
+        assert np.array_equal(images[k], np.asarray(load_rgb(items[k][0], 24)).transpose(2, 0, 1))
+    assert len(decoded) == 40
+    assert [p.suffix for p in fresh_cache.iterdir() if p.suffix != ".lock"] == [".npy"]
+    monkeypatch.setattr(cache, "_OPENED", {})  # another process on the host
+    again = cache.decoded_images(items, 24)
+    assert len(decoded) == 40 and np.array_equal(again, images)
+    cache.decoded_images(items, 16)  # another size: another entry
+    assert len(decoded) == 80
+
+
+def test_the_key_follows_the_images_bytes_not_their_place(
+    fresh_cache: Path, digits: dict[str, Any], tmp_path: Path
+) -> None:
+    items = digits["items"][:5]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    copies = [
+        (Path(shutil.copy(path, moved / f"{k}.png")), label)
+        for k, (path, label) in enumerate(items)
+    ]
+    assert cache.dataset_key(copies, 16) == cache.dataset_key(items, 16)
+    assert cache.dataset_key(copies[::-1], 16) != cache.dataset_key(items, 16)
+    copies[2][0].write_bytes(items[3][0].read_bytes())  # one image changed
+    assert cache.dataset_key(copies, 16) != cache.dataset_key(items, 16)
+
+
+def test_trials_starting_together_decode_once(
+    fresh_cache: Path, digits: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = digits["items"][:30]
+    writes: list[int] = []
+    real_write = cache._write
+
+    def counting(*args: Any) -> None:
+        writes.append(1)
+        real_write(*args)
+
+    monkeypatch.setattr(cache, "_write", counting)
+    results: list[np.ndarray] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.decoded_images(items, 16)))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert len(writes) == 1 and len(results) == 4
+    assert all(np.array_equal(r, results[0]) for r in results)
+
+
+def test_an_unreadable_image_leaves_no_entry(
+    fresh_cache: Path, digits: dict[str, Any], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    items = [*digits["items"][:3], (broken, 0)]
+
+    with pytest.raises(DataError, match=r"broken\.png"):
+        cache.decoded_images(items, 16)
+
+    assert [p.name for p in fresh_cache.iterdir() if p.suffix != ".lock"] == []
+
+
+def _train(data: DataConfig, digits: dict[str, Any]) -> list[dict[str, float]]:
+    loader = train_batches(data, digits["items"], 64, seed=5, device=CPU)
+    model = build_model(5, lambda: create_model("tinycnn", 10))
+    settings = TrainConfig(epochs=2, swa_start=1, batch_size=64, device="cpu")
+    return train_fmfp(model, loader, digits["val_x"], digits["val_y"], settings).history
+
+
+@pytest.mark.parametrize("loader", ["per_image", "batched"])
+def test_a_trial_gives_the_same_metrics_with_and_without_the_cache(
+    fresh_cache: Path, digits: dict[str, Any], loader: str
+) -> None:
+    data = DataConfig(root="unused", image_size=16, augment=AUGMENT, loader=loader)  # type: ignore[arg-type]
+
+    cached = _train(data, digits)
+    plain = _train(data.model_copy(update={"cache": False}), digits)
+
+    assert [p.suffix for p in fresh_cache.iterdir() if p.suffix != ".lock"] == [".npy"]
+    assert cached == plain
+    assert cached[-1]["val_loss"] > 0
+
+
+def test_auto_takes_the_batched_path_only_when_the_set_fits(
+    fresh_cache: Path, digits: dict[str, Any]
+) -> None:
+    data = DataConfig(root="unused", image_size=16, augment=AUGMENT)
+    assert data.loader == "auto" and data.cache
+    items = digits["items"]
+
+    assert isinstance(train_batches(data, items, 64, seed=0, device=CPU), BatchedImages)
+    assert isinstance(train_batches(data, items, 64, seed=0, device=CPU, share=0), DataLoader)
+    forced = data.model_copy(update={"loader": "batched"})
+    assert isinstance(train_batches(forced, items, 64, seed=0, device=CPU, share=0), BatchedImages)
+
+
+def _batches(seed: int, images: torch.Tensor, batch_size: int = 32) -> list[torch.Tensor]:
+    labels = torch.arange(len(images))
+    return [
+        x for x, _ in BatchedImages(images, labels, AUGMENT, batch_size, generator(seed, "shuffle"))
+    ]
+
+
+def test_batches_follow_the_trial_seed_and_drop_only_a_last_partial_batch(
+    digits: dict[str, Any],
+) -> None:
+    images = torch.from_numpy(cache.decode_images(digits["items"][:100], 16))
+
+    first, again, other = _batches(1, images), _batches(1, images), _batches(2, images)
+
+    assert len(first) == 3 == len(BatchedImages(images, images, AUGMENT, 32, generator(1, "x")))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+    assert first[0].shape == (32, 3, 16, 16) and first[0].dtype == torch.float32
+    single = BatchedImages(images[:10], torch.arange(10), AUGMENT, 32, generator(1, "x"))
+    assert [len(x) for x, _ in single] == [10]  # one short batch is kept
+
+
+def test_each_image_of_a_batch_gets_its_own_draw() -> None:
+    one = torch.rand(1, 3, 64, 64)
+    batch = augment_batch(
+        one.expand(16, 3, 64, 64).clone(), AugmentConfig(rotation=30), generator(0, "x")
+    )
+    distinct = {tuple(image.flatten().tolist()) for image in batch}
+    assert len(distinct) == 16
+
+
+def test_the_batched_augmentation_matches_the_per_image_distribution(
+    digits: dict[str, Any],
+) -> None:
+    """Mean image, pixel spread and spread of image brightness over 16 draws of 150 images,
+    the two paths side by side (leaving out any one augmentation on one side fails one)."""
+    images = torch.from_numpy(cache.decode_images(digits["items"][:150], 16))
+    g_image, g_batch = generator(0, "image"), generator(0, "batch")
+    per_image, batched = [], []
+    for _ in range(16):
+        per_image += [
+            F.to_dtype(augment_image(image, AUGMENT, g_image), torch.float32, scale=True)
+            for image in images
+        ]
+        batched.append(augment_batch(images.float() / 255, AUGMENT, g_batch))
+    a, b = torch.stack(per_image), torch.cat(batched)
+    unaugmented = images.float().div(255).mean(0)
+
+    moved = (a.mean(0) - unaugmented).abs().mean()
+    assert moved > 0.01  # the augmentations change the mean image measurably
+    assert (a.mean(0) - b.mean(0)).abs().mean() < 0.15 * moved  # 0.06 here; 0.17-0.78 without one
+    brightness_a, brightness_b = a.mean((1, 2, 3)).std(), b.mean((1, 2, 3)).std()
+    assert abs(brightness_a - brightness_b) < 0.05 * brightness_a  # 0.014; 0.23 without jitter
+    assert abs(float(a.std()) - float(b.std())) < 0.03 * float(a.std())
+    assert abs(float(a.mean()) - float(b.mean())) < 0.03 * float(a.mean())
