@@ -63,6 +63,21 @@ def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def digits16(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The digits at 16 px for trainings: the dataset (``info``), its train items, and its
+    val split as the float tensors a trial validates on (``val_x``, ``val_y``)."""
+    from tasks.data import inspect_dataset, load_bundle, make_bundle
+    from tasks.training.loaders import bundle_tensors
+
+    info = inspect_dataset(digits_root, verify_images=False)
+    bundle = make_bundle(
+        info.files["val"], info.classes, 16, tmp_path_factory.mktemp("val16") / "val.npz"
+    )
+    val_x, val_y = bundle_tensors(load_bundle(bundle))
+    return {"info": info, "items": info.files["train"], "val_x": val_x, "val_y": val_y}
+
+
 def tiny_config(root: Path, run_dir: Path, **sections: Any) -> dict[str, Any]:
     """A config small enough for a CPU test: 16 px, 2 epochs, 2 trials in parallel."""
     raw: dict[str, Any] = {

@@ -16,7 +16,6 @@ from tasks.config import (
     parse_config,
     trial_train_config,
 )
-from tasks.data import inspect_dataset, load_bundle, make_bundle
 from tasks.models import create_model
 from tasks.preflight import check_search_space
 from tasks.training import auto, fmfp
@@ -28,7 +27,6 @@ from tasks.training.auto import (
     largest_fitting,
     resolve_auto,
 )
-from tasks.training.loaders import bundle_tensors
 from tasks.training.rng import build_model
 from tests.conftest import tiny_config
 
@@ -216,13 +214,8 @@ def test_choose_optimizer_keeps_the_lowest_validation_loss() -> None:
 
 
 @pytest.fixture(scope="module")
-def digits(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    info = inspect_dataset(digits_root, verify_images=False)
-    bundle = make_bundle(
-        info.files["val"], info.classes, 16, tmp_path_factory.mktemp("b") / "v.npz"
-    )
-    val_x, val_y = bundle_tensors(load_bundle(bundle))
-    return {"info": info, "val_x": val_x, "val_y": val_y}
+def digits(digits16: dict[str, Any]) -> dict[str, Any]:
+    return digits16
 
 
 class TrainingSpy:

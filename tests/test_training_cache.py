@@ -20,11 +20,11 @@ from torchvision.transforms.v2 import functional as F
 
 import tasks.training.cache as cache
 from tasks.config import AugmentConfig, DataConfig, TrainConfig
-from tasks.data import DataError, inspect_dataset, load_bundle, load_rgb, make_bundle
+from tasks.data import DataError, load_rgb
 from tasks.models import create_model
 from tasks.training.batched import BatchedImages, augment_batch
 from tasks.training.fmfp import train_fmfp
-from tasks.training.loaders import augment_image, bundle_tensors, train_batches
+from tasks.training.loaders import augment_image, train_batches
 from tasks.training.rng import build_model, generator
 
 AUGMENT = AugmentConfig(rotation=20, perspective=0.3, color_jitter=0.3, hflip=True)
@@ -41,13 +41,8 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def digits(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    info = inspect_dataset(digits_root)
-    bundle = make_bundle(
-        info.files["val"], info.classes, 16, tmp_path_factory.mktemp("b") / "val.npz"
-    )
-    val_x, val_y = bundle_tensors(load_bundle(bundle))
-    return {"items": info.files["train"][:300], "val_x": val_x, "val_y": val_y}
+def digits(digits16: dict[str, Any]) -> dict[str, Any]:
+    return {**digits16, "items": digits16["items"][:300]}
 
 
 def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:

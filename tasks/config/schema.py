@@ -203,7 +203,15 @@ class TrainConfig(_Strict):
         "for this many epochs (null: train all epochs)",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(True, description="bf16 autocast when training on CUDA")
+    amp: bool | Literal["auto", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on CUDA (fp16 with a gradient scaler where bf16 is "
+        "missing), float32 on a CPU; bf16/fp16 on any device; false: float32",
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels-last memory layout (auto: on CUDA)"
+    )
+    compile: bool = Field(False, description="torch.compile the training passes")
 
     @field_validator("batch_size", mode="plain", json_schema_input_type=int | Literal["auto"])
     @classmethod

@@ -28,6 +28,7 @@ from torch.optim.swa_utils import AveragedModel
 from tasks.config import AUTO, DataConfig, TrainConfig
 from tasks.training.fmfp import make_sam, resolve_device, sam_step, train_fmfp
 from tasks.training.loaders import train_batches
+from tasks.training.precision import prepare, resolve_precision
 
 
 class AutoChoiceError(RuntimeError):
@@ -135,13 +136,15 @@ def training_step(
 
     def step(size: int) -> None:
         model = make_model().to(device).train()
+        precision = resolve_precision(settings, device)
+        prepare(model, precision, compile=False)
         trainable = [p for p in model.parameters() if p.requires_grad]
         sam = make_sam(trainable, settings, optimizer)
         average = AveragedModel(model)
-        inputs = torch.randn(size, 3, image_size, image_size, device=device)
+        inputs = precision.inputs(torch.randn(size, 3, image_size, image_size, device=device))
         targets = torch.randint(0, num_classes, (size,), device=device)
         for _ in range(2):  # the second step also holds the base optimizer's state
-            sam_step(model, sam, inputs, targets, device, settings.amp)
+            sam_step(model, sam, inputs, targets, precision)
         average.update_parameters(model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -16,7 +16,6 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from tasks.config import TrainConfig
 from tasks.failures import TrainingDiverged
 from tasks.metrics import classification_metrics
+from tasks.training.precision import Precision, prepare, resolve_precision
 from tasks.training.sam import SAM
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -117,6 +117,12 @@ class DivergenceGuard:
         )
 
 
+def loader_batch(loader: Iterable[Any], params: TrainConfig) -> int:
+    """The loader's batch size (``train.batch_size`` when it does not say)."""
+    size = getattr(loader, "batch_size", None)
+    return size if isinstance(size, int) else int(params.batch_size)
+
+
 def _batches(loader: Iterable[Any]) -> int | None:
     """Batches per epoch, or None for a loader without a length (an iterable dataset)."""
     try:
@@ -131,12 +137,6 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def _autocast(device: torch.device, amp: bool) -> Any:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @torch.no_grad()
@@ -156,8 +156,9 @@ def _validate(
     images: torch.Tensor,
     labels: torch.Tensor,
     device: torch.device,
+    batch_size: int,
 ) -> dict[str, float]:
-    probs = predict_proba(model, images, device)
+    probs = predict_proba(model, images, device, batch_size)
     y = labels.numpy()
     metrics = classification_metrics(probs, y, bootstrap=0)
     metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
@@ -186,40 +187,59 @@ def sam_step(
     optimizer: SAM,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    device: torch.device,
-    amp: bool,
+    precision: Precision,
 ) -> torch.Tensor:
-    """One SAM step on one batch (two forward/backward passes); the first pass's loss."""
+    """One SAM step on one batch (two forward/backward passes); the first pass's loss.
+
+    With an fp16 scaler, a step whose first gradient overflowed is skipped whole (the
+    weights stay, the scale is lowered); the second pass's overflow is the scaler's own skip.
+    """
     criterion = nn.CrossEntropyLoss()
-    with _autocast(device, amp):
+    scaler = precision.scaler
+    with precision.autocast():
         loss = criterion(model(inputs), targets)
-    loss.backward()
-    optimizer.first_step()
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler is not None and not _finite_grads(optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        return loss.detach()
+    optimizer.first_step()  # the ascent g/||g|| is the same for a scaled gradient
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(device, amp):
-        criterion(model(inputs), targets).backward()
-    optimizer.second_step()
+    with precision.autocast():
+        second = criterion(model(inputs), targets)
+    if scaler is None:
+        second.backward()
+        optimizer.second_step()
+    else:
+        scaler.scale(second).backward()
+        optimizer.second_step(lambda: scaler.step(optimizer.base_optimizer))
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
+def _finite_grads(optimizer: SAM) -> bool:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
+
+
 def _train_epoch(
-    model: nn.Module,
+    forward: nn.Module,
     loader: Iterable[Any],
     optimizer: SAM,
-    device: torch.device,
-    amp: bool,
+    precision: Precision,
     guard: DivergenceGuard,
     epoch: int,
 ) -> float:
-    model.train()
+    forward.train()
     total, count = 0.0, 0
+    device = precision.device
     for batch, (inputs, targets) in enumerate(loader):
         inputs, targets = (
-            inputs.to(device, non_blocking=True),
+            precision.inputs(inputs.to(device, non_blocking=True)),
             targets.to(device, non_blocking=True),
         )
-        loss = float(sam_step(model, optimizer, inputs, targets, device, amp))
+        loss = float(sam_step(forward, optimizer, inputs, targets, precision))
         guard.check(epoch, batch, loss)  # float() waited for the step anyway
         total += loss * len(targets)
         count += len(targets)
@@ -273,6 +293,8 @@ def train_fmfp(
     _check_settings(params)
     device = resolve_device(params.device)
     model = model.to(device)
+    precision = resolve_precision(params, device)
+    forward = prepare(model, precision, params.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_sam(trainable, params, params.optimizer)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -288,7 +310,7 @@ def train_fmfp(
     guard = DivergenceGuard(params, _batches(loader))
     for epoch in range(epochs):
         try:
-            train_loss = _train_epoch(model, loader, optimizer, device, params.amp, guard, epoch)
+            train_loss = _train_epoch(forward, loader, optimizer, precision, guard, epoch)
         except TrainingDiverged as diverged:
             if stop_after is None:
                 raise
@@ -302,7 +324,8 @@ def train_fmfp(
         else:
             cosine.step()
             current = model
-        metrics = _validate(current, val_images, val_labels, device)
+        # in training-sized batches: they fit, and a CPU's caches favour them over larger ones
+        metrics = _validate(current, val_images, val_labels, device, loader_batch(loader, params))
         row = {
             "epoch": float(epoch),
             "train_loss": train_loss,

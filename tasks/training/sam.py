@@ -43,14 +43,18 @@ class SAM(torch.optim.Optimizer):
                 self.state[p]["e_w"] = e_w
 
     @torch.no_grad()
-    def second_step(self) -> None:
-        """Return to the weights and step with the neighbour's gradient."""
+    def second_step(self, step: Callable[[], Any] | None = None) -> None:
+        """Return to the weights and step with the neighbour's gradient (through ``step``
+        when given: a gradient scaler's step of the base optimizer)."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or "e_w" not in self.state[p]:
                     continue
                 p.sub_(self.state[p].pop("e_w"))
-        self.base_optimizer.step()
+        if step is None:
+            self.base_optimizer.step()
+        else:
+            step()
 
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
         if closure is None:

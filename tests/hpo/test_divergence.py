@@ -19,13 +19,12 @@ from prefect import flow
 
 from tasks.compilers import InvalidCalibrationError
 from tasks.config import AugmentConfig, TrainConfig
-from tasks.data import inspect_dataset, load_bundle, make_bundle
 from tasks.failures import DeterministicFailure, TrainingDiverged, deterministic_names
 from tasks.hpo.launch import Slot, StageFailed
 from tasks.hpo.loop import StudyLoop, deterministic
 from tasks.models import create_model
 from tasks.training.fmfp import DIVERGENCE_FACTOR, DivergenceGuard, train_fmfp
-from tasks.training.loaders import bundle_tensors, train_loader
+from tasks.training.loaders import train_loader
 from tasks.training.rng import build_model
 
 from fakes.engine import FakeStages, FakeTracker, fake_config, memory_study
@@ -36,11 +35,8 @@ LOG = logging.getLogger("test-divergence")
 
 
 @pytest.fixture(scope="module")
-def digits(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    info = inspect_dataset(digits_root, verify_images=False)
-    bundle = make_bundle(info.files["val"], info.classes, 16, tmp_path_factory.mktemp("b") / "v")
-    val_x, val_y = bundle_tensors(load_bundle(bundle))
-    return {"items": info.files["train"], "val_x": val_x, "val_y": val_y}
+def digits(digits16: dict[str, Any]) -> dict[str, Any]:
+    return digits16
 
 
 def _train(digits: dict[str, Any], lr: float, **kwargs: Any) -> Any:
