@@ -7,6 +7,7 @@ distribution."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -129,6 +130,27 @@ def test_an_unreadable_image_leaves_no_entry(
         cache.decoded_images(items, 16)
 
     assert [p.name for p in fresh_cache.iterdir() if p.suffix != ".lock"] == []
+
+
+def test_a_cache_folder_that_cannot_be_used_names_it_and_the_ways_out(
+    fresh_cache: Path, digits: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    items = digits["items"][:3]
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    monkeypatch.setenv(cache.CACHE_ENV, str(taken / "decoded"))  # under a file: no folder
+
+    with pytest.raises(
+        cache.CacheError, match=r"cannot be used .*EDGETUNE_CACHE_DIR.*data\.cache: false"
+    ):
+        cache.decoded_images(items, 16)
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(fresh_cache))
+    fresh_cache.mkdir()
+    damaged = fresh_cache / f"{cache.dataset_key(items, 16)}.npy"
+    damaged.write_bytes(b"half a file")
+    with pytest.raises(cache.CacheError, match=re.escape(str(damaged)) + ".*remove it"):
+        cache.decoded_images(items, 16)
 
 
 def _train(data: DataConfig, digits: dict[str, Any]) -> list[dict[str, float]]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.data import load_rgb
+from tasks.data import DataError, load_rgb
 
 CACHE_ENV = "EDGETUNE_CACHE_DIR"
 #: Bumped when the decoding changes, so old entries are never read as new ones.
@@ -39,6 +39,11 @@ _CHUNK = 1 << 20
 #: Arrays this process has opened, by key: trials in one process share one mapping.
 _OPENED: dict[str, np.ndarray] = {}
 _LOCK = threading.Lock()
+
+
+class CacheError(RuntimeError):
+    """The cache folder cannot be written or holds an unreadable entry; the message says how
+    to choose another folder or go without the cache."""
 
 
 def cache_dir() -> Path:
@@ -72,14 +77,22 @@ def decoded_images(items: Sequence[tuple[Path, int]], image_size: int) -> np.nda
         if key in _OPENED:
             return _OPENED[key]
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.npy"
-    with _file_lock(folder / f"{key}.lock"):
-        if not path.exists():
-            _write(items, image_size, path)
-        images = np.load(path, mmap_mode="r")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _file_lock(folder / f"{key}.lock"):
+            if not path.exists():
+                _write(items, image_size, path)
+            images = np.load(path, mmap_mode="r")
+    except DataError:
+        raise  # an unreadable image: its own message
+    except (OSError, ValueError) as exc:  # no room, no write access, a damaged entry
+        raise CacheError(
+            f"the decoded-image cache {path} cannot be used ({type(exc).__name__}: {exc}); "
+            f"remove it, set {CACHE_ENV} to a writable folder with room, or set data.cache: false"
+        ) from exc
     if images.shape != (len(items), 3, image_size, image_size) or images.dtype != np.uint8:
-        raise RuntimeError(
+        raise CacheError(
             f"the decoded-image cache {path} holds {images.dtype}{list(images.shape)}, not "
             f"{len(items)} images of {image_size} px; remove it and run again"
         )
