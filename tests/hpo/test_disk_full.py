@@ -487,6 +487,8 @@ def test_a_study_on_a_filesystem_that_fills_up_stops_in_one_line_and_resumes_to_
     run_dir = small_disk / "full"
     raw = tiny_config(digits_root, run_dir)
     raw["study"].update(n_trials=3, parallel=1, retries=0, heartbeat_s=1, stale_after_s=30)
+    # epochs enough that trial 1 is still training when the filler sees its first epoch
+    raw["train"].update(epochs=8, swa_start=4)
     path = tmp_path / "full.yaml"
     path.write_text(yaml.safe_dump(raw))
     config = parse_config(raw)
