@@ -158,22 +158,28 @@ def test_an_embedded_waiter_takes_the_board_right_after_its_release(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _config(tmp_path)
-    polls: list[float] = []
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:
-        if threading.current_thread().name == "waiter":
-            polls.append(seconds)
-        real_sleep(seconds)
-
-    monkeypatch.setattr(tasks.board.time, "sleep", sleep)
+    polls = _waiter_sleeps(monkeypatch)
     gaps = sorted(_handoff(config) for _ in range(5))
 
     assert polls and max(polls) <= 0.02  # a waiter tries the lock every 0.01 s
     assert gaps[2] < HANDOFF_BOUND_S, gaps  # the median: a loaded machine may stall one
 
 
-def _handoff(config: Any) -> float:
+def _waiter_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The seconds every sleep of tasks.board asks for in the thread named "waiter"."""
+    sleeps: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if threading.current_thread().name == "waiter":
+            sleeps.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(tasks.board.time, "sleep", sleep)
+    return sleeps
+
+
+def _handoff(config: Any, join_s: float = 10) -> float:
     """Seconds from one holder's release of the board to a waiter holding it."""
     acquired: list[float] = []
 
@@ -186,7 +192,7 @@ def _handoff(config: Any) -> float:
         thread.start()
         time.sleep(0.3)  # the waiter is polling by now
     released = time.monotonic()
-    thread.join(10)
+    thread.join(join_s)
     return acquired[0] - released
 
 
@@ -200,16 +206,8 @@ def test_with_a_prefect_server_a_waiter_takes_the_board_right_after_its_release(
     config = _config(tmp_path)
     ensure_device_limit(config.device.concurrency_limit)
 
-    sleeps: list[float] = []
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:
-        if threading.current_thread().name == "waiter":
-            sleeps.append(seconds)
-        real_sleep(seconds)
-
-    monkeypatch.setattr(tasks.board.time, "sleep", sleep)
-    gaps = sorted(_handoff_after(config, 0.3) for _ in range(5))
+    sleeps = _waiter_sleeps(monkeypatch)
+    gaps = sorted(_handoff(config, join_s=120) for _ in range(5))
 
     # the waiter's own poll between denied tries, never the server's Retry-After
     assert sleeps and set(sleeps) == {tasks.board.PREFECT_POLL_S}, sleeps
@@ -217,20 +215,3 @@ def test_with_a_prefect_server_a_waiter_takes_the_board_right_after_its_release(
     # about the slot's average occupancy (2 s for a new limit) x (1 + denied tries), on every
     # handoff. The median, because the test server now and then stalls a request for ~2 s.
     assert gaps[2] < 0.5, gaps
-
-
-def _handoff_after(config: Any, hold_s: float) -> float:
-    """Hold the board `hold_s` while a waiter asks for it; seconds from release to its hold."""
-    acquired: list[float] = []
-
-    def waiter() -> None:
-        with hold_board(config):
-            acquired.append(time.monotonic())
-
-    with hold_board(config):
-        thread = threading.Thread(target=waiter, name="waiter")
-        thread.start()
-        time.sleep(hold_s)
-    released = time.monotonic()
-    thread.join(120)
-    return acquired[0] - released
