@@ -30,9 +30,14 @@ counts the SAM steps only (no loading, no validation, no BatchNorm refresh).
 By default the decode cache lives in a folder of the benchmark's own (a cold cache on the
 first repeat, as for a study's first trial on a new host; warm after that).
 
+``--slots N`` also times N of edgetune's trainings at once on each device, each in its own
+GPU slot (``gpu.slots_per_device: N``, threads as in a study's own process), against one
+alone: trials per hour together / alone.
+
     python -m bench.train_throughput
     python -m bench.train_throughput --repeats 5 --device all --json throughput.json
     python -m bench.train_throughput --loader per_image --no-cache
+    python -m bench.train_throughput --device cuda --slots 4
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +78,7 @@ from tasks.models import create_model
 from tasks.seeding import trial_seed
 from tasks.training import loaders
 from tasks.training.fmfp import make_sam, resolve_device, sam_step, train_fmfp
+from tasks.training.gpus import gpu_slot
 from tasks.training.precision import prepare as prepare_model
 from tasks.training.precision import resolve_precision
 from tasks.training.rng import build_model
@@ -340,6 +347,33 @@ def measure(work: Workload, device: torch.device, args: argparse.Namespace) -> d
         "projection": projection(
             device, work.settings, args.projection_batch, args.projection_steps
         ),
+        "slots": measure_slots(work, device, args.slots) if args.slots > 1 else None,
+    }
+
+
+def measure_slots(work: Workload, device: torch.device, slots: int) -> dict[str, Any]:
+    """Trials per hour with ``slots`` trainings at once on ``device`` (threads, each in its
+    GPU slot, as a study's own process runs them) against one training alone."""
+
+    def trial(_: int) -> float:
+        with gpu_slot(slots, slots, in_process=True):
+            started = time.perf_counter()
+            run_edgetune(work, resolve_device(device.type))
+            return time.perf_counter() - started
+
+    alone = trial(0)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(slots, thread_name_prefix="slot") as pool:
+        each = list(pool.map(trial, range(slots)))
+    together = time.perf_counter() - started
+    return {
+        "slots": slots,
+        "alone_s": alone,
+        "together_s": together,
+        "each_s": each,
+        "trials_per_hour_alone": 3600 / alone,
+        "trials_per_hour_together": 3600 * slots / together,
+        "ratio": slots * alone / together,
     }
 
 
@@ -395,6 +429,25 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"| {_spread(runs, 'minimal_images_per_s')} | {result['ratio']:.2f} "
             f"| {result['edgetune_first_epoch_s']:.2f} | {projected['images_per_s']:.0f} "
             f"| {_duration(projected['seconds'])} |"
+        )
+    return "\n".join(lines)
+
+
+def slots_table(results: dict[str, dict[str, Any]]) -> str:
+    """Trials per hour alone and with several trainings at once (``--slots``), if measured."""
+    rows = [(name, r["slots"]) for name, r in results.items() if r.get("slots")]
+    if not rows:
+        return ""
+    lines = [
+        "| device | trainings at once | one alone s | all together s | trials/h alone "
+        "| trials/h together | together / alone |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in rows:
+        lines.append(
+            f"| {name} | {m['slots']} | {m['alone_s']:.1f} | {m['together_s']:.1f} "
+            f"| {m['trials_per_hour_alone']:.0f} | {m['trials_per_hour_together']:.0f} "
+            f"| {m['ratio']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -470,9 +523,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true", help="data.cache: false")
     parser.add_argument("--projection-batch", type=int, default=128)
     parser.add_argument("--projection-steps", type=int, default=4)
+    parser.add_argument(
+        "--slots", type=int, default=1, help="also time this many trainings at once per device"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    for name in ("repeats", "epochs", "limit", "threads", "projection_batch", "projection_steps"):
+    numbers = ("repeats", "epochs", "limit", "threads", "projection_batch", "projection_steps")
+    for name in (*numbers, "slots"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, but got {value}")
@@ -488,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         with cache_folder(Path(tmp) / "cache"):
             results = {d.type: measure(work, d, args) for d in devices(args.device)}
     facts = {**machine(), "load_start": load_start, "load_end": _load()}
-    text = "\n\n".join([header(facts, work, args), table(results), goal(results)])
+    parts = [header(facts, work, args), table(results), goal(results), slots_table(results)]
+    text = "\n\n".join(part for part in parts if part)
     print(text)
     for name, result in results.items():
         print(f"{name} loader: {result['loader']}")

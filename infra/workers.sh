@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Workers for the edgetune work pools: controller (a Prefect process worker), gpu
-# (×$EDGETUNE_GPU_WORKERS), compile and edge (edgetune's stage worker: a process worker that
+# Workers for the edgetune work pools: controller (a Prefect process worker), gpu (one per
+# GPU slot: $EDGETUNE_GPU_SLOTS_PER_DEVICE per GPU of $EDGETUNE_GPU_DEVICES, or
+# $EDGETUNE_GPU_WORKERS), compile and edge (edgetune's stage worker: a process worker that
 # forks each stage run from a process that imported edgetune once). Each runs in its own
 # process group; pid and log in $STATE/workers/.
 #
@@ -23,8 +24,9 @@ load_config() {
     local pools=${EDGETUNE_WORKER_POOLS:-${ALL_POOLS[*]}}
     read -r -a POOLS <<<"${pools//,/ }"
     ((${#POOLS[@]})) || die "EDGETUNE_WORKER_POOLS is empty; name pools, e.g. EDGETUNE_WORKER_POOLS=gpu"
-    GPU_WORKERS=${EDGETUNE_GPU_WORKERS:-1}
-    [[ $GPU_WORKERS =~ ^[0-9]+$ ]] || die "EDGETUNE_GPU_WORKERS must be a number, not '$GPU_WORKERS'"
+    SLOTS=${EDGETUNE_GPU_SLOTS_PER_DEVICE:-}
+    [[ -z $SLOTS || ($SLOTS =~ ^[0-9]+$ && $SLOTS -ge 1) ]] ||
+        die "EDGETUNE_GPU_SLOTS_PER_DEVICE must be a whole number of trainings per GPU >= 1, not '$SLOTS'"
     POLL_S=${EDGETUNE_WORKER_POLL_S:-1}
     [[ $POLL_S =~ ^[0-9]+$ && $POLL_S -ge 1 ]] || die "EDGETUNE_WORKER_POLL_S must be a whole number of seconds >= 1, not '$POLL_S'"
     STAGE_POLL_S=${EDGETUNE_STAGE_POLL_S:-0.25}
@@ -36,6 +38,12 @@ load_config() {
     read -r -a EXTRA_STAGES <<<"${stages//,/ }"
     local devices=${EDGETUNE_GPU_DEVICES:-}
     read -r -a GPU_DEVICES <<<"${devices//,/ }"
+    # By default one gpu worker per slot: EDGETUNE_GPU_SLOTS_PER_DEVICE per listed GPU.
+    local gpus=${#GPU_DEVICES[@]}
+    GPU_WORKERS=${EDGETUNE_GPU_WORKERS:-$(((gpus > 0 ? gpus : 1) * ${SLOTS:-1}))}
+    [[ $GPU_WORKERS =~ ^[0-9]+$ ]] || die "EDGETUNE_GPU_WORKERS must be a number, not '$GPU_WORKERS'"
+    # Trainings sharing each listed GPU: the slots asked for, else the workers spread evenly.
+    ((gpus == 0)) || SLOTS=${SLOTS:-$(((GPU_WORKERS + gpus - 1) / gpus))}
     # Worker names must differ between hosts that serve the same pool.
     HOST_TAG=${EDGETUNE_WORKER_HOST:-$(hostname -s 2>/dev/null || hostname)}
 }
@@ -84,12 +92,23 @@ recorded_workers() {
 
 worker_group() { live_group "$WDIR/$1.pid" " worker "; }
 
-start_worker() { # ID
-    local id=$1 pool=${1%-*} n=${1##*-}
-    local -a env_extra=(PREFECT_CLI_PROMPT=false) command
-    if [[ $pool == gpu && ${#GPU_DEVICES[@]} -gt 0 ]]; then
-        env_extra+=("CUDA_VISIBLE_DEVICES=${GPU_DEVICES[(n - 1) % ${#GPU_DEVICES[@]}]}")
+# The environment of gpu worker ID (gpu-N) that pins it to its GPU slot, one VAR=VALUE a line.
+gpu_env() { # ID
+    [[ ${1%-*} == gpu ]] || return 0
+    local n=${1##*-}
+    if ((${#GPU_DEVICES[@]})); then
+        # Slots fill the GPUs in turn: gpu-1 … gpu-SLOTS on the first GPU listed, and so on.
+        echo "CUDA_VISIBLE_DEVICES=${GPU_DEVICES[((n - 1) / SLOTS) % ${#GPU_DEVICES[@]}]}"
     fi
+    # batch_size: auto and the batched data path take 1/SLOTS of the GPU's memory.
+    [[ -z $SLOTS ]] || echo "EDGETUNE_GPU_SLOTS_PER_DEVICE=$SLOTS"
+}
+
+start_worker() { # ID
+    local id=$1 pool=${1%-*}
+    local -a env_extra=(PREFECT_CLI_PROMPT=false) command
+    local gpu
+    for gpu in $(gpu_env "$id"); do env_extra+=("$gpu"); done
     if [[ $pool == controller || $WORKER_KIND == process ]]; then
         # The controller runs studies (the flow engine, many at once) as a process worker.
         # Poll often: Prefect's default is 10 s.
@@ -107,7 +126,7 @@ start_worker() { # ID
         local stage
         for stage in "${EXTRA_STAGES[@]}"; do command+=(--stage "$stage"); done
     fi
-    log "starting worker $id-$HOST_TAG for pool $pool${env_extra[1]:+ (${env_extra[1]})}"
+    log "starting worker $id-$HOST_TAG for pool $pool${env_extra[1]:+ (${env_extra[*]:1})}"
     # Flows load from the installed package (module entrypoints), so any directory will do.
     (
         export "${env_extra[@]}"
@@ -192,13 +211,14 @@ cmd_down() {
 
 cmd_status() {
     load_config
-    local id pgid down=0 ids
+    local id pgid pin down=0 ids
     mapfile -t ids < <({ wanted_workers; recorded_workers; } | sort -u)
     for id in "${ids[@]}"; do
+        pin=$(gpu_env "$id" | paste -sd' ')
         if pgid=$(worker_group "$id"); then
-            printf '%-14s up    pool %-10s name %s  (pid %s, log %s)\n' "$id" "${id%-*}" "$id-$HOST_TAG" "$pgid" "$WDIR/$id.log"
+            printf '%-14s up    pool %-10s name %s  (pid %s, log %s%s)\n' "$id" "${id%-*}" "$id-$HOST_TAG" "$pgid" "$WDIR/$id.log" "${pin:+, $pin}"
         else
-            printf '%-14s down  pool %s\n' "$id" "${id%-*}"
+            printf '%-14s down  pool %s%s\n' "$id" "${id%-*}" "${pin:+ ($pin)}"
             down=1
         fi
     done

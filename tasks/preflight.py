@@ -20,6 +20,7 @@ from sqlalchemy.pool import NullPool
 
 from tasks.compilers import COMPILERS
 from tasks.config import (
+    AUTO,
     STORAGE_ENV,
     TRACKING_ENV,
     ConfigError,
@@ -33,6 +34,7 @@ from tasks.data import DataError, DatasetInfo, inspect_dataset, split_items
 from tasks.devices import DeviceConfigError, create_runner
 from tasks.storage import StudyError
 from tasks.tracking import TrackingError, mask_uri, one_line
+from tasks.training.gpus import capacity_error, visible_gpus
 
 
 class _Orchestrated(Protocol):
@@ -70,6 +72,7 @@ def preflight(config: EdgetuneConfig) -> DatasetInfo:
     check_weights(config, len(info.classes))
     COMPILERS[config.compile.backend].check_available()
     check_device(config)
+    check_gpu_slots(config)
     check_shared_services(config)
     check_storage(config.storage_url)
     check_tracking(config.tracking_uri)
@@ -119,6 +122,18 @@ def check_device(config: EdgetuneConfig) -> None:
         message = str(exc)
         where = "" if message.startswith("device.") else "device: "
         raise ConfigError(f"{where}{message}") from None
+
+
+def check_gpu_slots(config: EdgetuneConfig) -> None:
+    """In this process, ``study.parallel`` trainings fit the GPUs' slots (torch loads only
+    when ``gpu.slots_per_device`` is set)."""
+    setting = config.gpu.slots_per_device
+    local = config.orchestration.mode == "local"
+    if not local or setting == AUTO or config.train.device == "cpu":
+        return
+    refusal = capacity_error(setting, config.study.parallel, visible_gpus())
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def check_shared_services(config: _Orchestrated) -> None:

@@ -190,7 +190,7 @@ def test_batch_size_auto_on_a_gpu_is_capped_by_the_settings_and_the_train_split(
     assert str(caught.value) == (
         "train.batch_size: auto found no batch size that fits in GPU memory (even 8 runs "
         "out); lower train.auto_batch_min or data.image_size, choose a smaller model.arch, "
-        "or free the GPU"
+        "share the GPU between fewer trainings (gpu.slots_per_device), or free the GPU"
     )
 
 

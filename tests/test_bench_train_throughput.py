@@ -18,7 +18,7 @@ def record(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     """One real run on the CPU: 96 digits, 1 epoch, 1 repeat, a one-step projection."""
     out = tmp_path_factory.mktemp("throughput") / "throughput.json"
     argv = ["--data", str(digits_root), "--device", "cpu", "--epochs", "1", "--limit", "96"]
-    argv += ["--repeats", "1", "--projection-batch", "4", "--projection-steps", "1"]
+    argv += ["--repeats", "1", "--projection-batch", "4", "--projection-steps", "1", "--slots", "2"]
     assert tt.main([*argv, "--json", str(out)]) == 0
     loaded: dict[str, Any] = json.loads(out.read_text())
     return loaded
@@ -49,6 +49,16 @@ def test_the_projection_is_the_reference_images_over_the_rate(record: dict[str, 
     assert math.isfinite(projected["images_per_s"]) and projected["images_per_s"] > 0
     assert projected["seconds"] == pytest.approx(50_000 * 200 / projected["images_per_s"])
     assert record["reference"] == {"images": 50_000, "epochs": 200}
+
+
+def test_slots_time_several_trainings_at_once_against_one_alone(record: dict[str, Any]) -> None:
+    slots = record["results"]["cpu"]["slots"]
+    assert slots["slots"] == 2 and len(slots["each_s"]) == 2
+    assert all(0 < each <= slots["together_s"] for each in slots["each_s"])
+    assert slots["ratio"] == pytest.approx(2 * slots["alone_s"] / slots["together_s"])
+    assert slots["trials_per_hour_together"] == pytest.approx(
+        slots["ratio"] * slots["trials_per_hour_alone"]
+    )
 
 
 def test_the_record_states_the_machine_and_the_loader(record: dict[str, Any]) -> None:

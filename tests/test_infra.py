@@ -42,6 +42,9 @@ INHERITED_SETTINGS = {
     "EDGETUNE_ARTIFACTS",
     "EDGETUNE_WORKER_POOLS",
     "EDGETUNE_GPU_DEVICES",
+    "EDGETUNE_GPU_SLOTS_PER_DEVICE",
+    "EDGETUNE_GPU_WORKERS",
+    "CUDA_VISIBLE_DEVICES",
     "PREFECT_API_URL",
     "MLFLOW_TRACKING_URI",
     "EDGETUNE_STORAGE",
@@ -321,7 +324,7 @@ def test_workers_come_online_in_their_pools_and_stop(services: Services) -> None
         timeout=300, cwd=services.state.parent,
     )  # fmt: skip
     assert deploy.returncode == 0, deploy.stderr
-    up = services.run(WORKERS, "up", EDGETUNE_GPU_WORKERS="2")
+    up = services.run(WORKERS, "up", EDGETUNE_GPU_DEVICES="5,7")
     try:
         assert up.returncode == 0, up.stderr
         pidfiles = sorted((services.state / "workers").glob("*.pid"))
@@ -349,6 +352,11 @@ def test_workers_come_online_in_their_pools_and_stop(services: Services) -> None
             assert command[command.index(b"--pool") + 1] == pool.encode()
             assert command[command.index(b"--limit") + 1] == b"1"
             assert command[command.index(b"--poll") + 1] == polls[pool], command
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            pinned = [v for v in environ if v.startswith((b"CUDA_VISIBLE", b"EDGETUNE_GPU_SLOTS"))]
+            gpu = {"gpu-1": [b"CUDA_VISIBLE_DEVICES=5"], "gpu-2": [b"CUDA_VISIBLE_DEVICES=7"]}
+            slots = [b"EDGETUNE_GPU_SLOTS_PER_DEVICE=1"] if pool == "gpu" else []
+            assert sorted(pinned) == [*gpu.get(pidfile.stem, []), *slots], pinned
 
         def online(pool: str) -> list[str]:
             workers = _http_json(f"{api}/work_pools/{pool}/workers/filter", {})
@@ -361,9 +369,9 @@ def test_workers_come_online_in_their_pools_and_stop(services: Services) -> None
         assert {name: pools.get(name) for name in POOLS} == dict.fromkeys(POOLS, "process")
         assert online("gpu") == ["gpu-1-test", "gpu-2-test"]
 
-        status = services.run(WORKERS, "status", EDGETUNE_GPU_WORKERS="2")
+        status = services.run(WORKERS, "status", EDGETUNE_GPU_DEVICES="5,7")
         assert status.returncode == 0, status.stdout
-        assert services.run(WORKERS, "up", EDGETUNE_GPU_WORKERS="2").returncode == 0
+        assert services.run(WORKERS, "up", EDGETUNE_GPU_DEVICES="5,7").returncode == 0
         assert [int(p.read_text()) for p in pidfiles] == pids
     finally:
         down = services.run(WORKERS, "down", timeout=90)
@@ -415,6 +423,41 @@ def test_scripts_refuse_bad_arguments_with_a_usage_line(script: Path, tmp_path: 
         assert result.returncode == 2
         assert result.stderr.startswith(f"usage: infra/{script.name} up|down|")
     assert not list(tmp_path.iterdir())
+
+
+def test_gpu_workers_are_one_per_slot_each_pinned_to_its_gpu(tmp_path: Path) -> None:
+    def status(**settings: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGETUNE_GPU_")}
+        env |= {"EDGETUNE_STATE_DIR": str(tmp_path / "state"), "EDGETUNE_WORKER_POOLS": "gpu"}
+        return subprocess.run(
+            ["bash", str(WORKERS), "status"], env={**env, **settings}, cwd=tmp_path,
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    def pins(result: subprocess.CompletedProcess[str]) -> list[str]:
+        assert result.returncode == 1, result.stderr  # listed, none running
+        return [line.split("pool gpu")[1].strip() for line in result.stdout.splitlines()]
+
+    slot = "EDGETUNE_GPU_SLOTS_PER_DEVICE"
+    two_each = status(EDGETUNE_GPU_DEVICES="5,7", **{slot: "2"})
+    assert [line.split()[0] for line in two_each.stdout.splitlines()] == [
+        "gpu-1", "gpu-2", "gpu-3", "gpu-4"
+    ]  # fmt: skip
+    assert pins(two_each) == [
+        f"(CUDA_VISIBLE_DEVICES={gpu} {slot}=2)" for gpu in ("5", "5", "7", "7")
+    ]
+    # a worker count spread over the GPUs listed, each told how many share its GPU
+    assert pins(status(EDGETUNE_GPU_DEVICES="0", EDGETUNE_GPU_WORKERS="3")) == (
+        [f"(CUDA_VISIBLE_DEVICES=0 {slot}=3)"] * 3
+    )
+    assert pins(status(EDGETUNE_GPU_DEVICES="0,1")) == [
+        f"(CUDA_VISIBLE_DEVICES={gpu} {slot}=1)" for gpu in ("0", "1")
+    ]
+    assert pins(status()) == [""]  # no GPUs named: one worker, not pinned
+    bad = status(**{slot: "0"})
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert f"{slot} must be a whole number of trainings per GPU >= 1, not '0'" in bad.stderr
+    assert not list(tmp_path.iterdir())  # status creates nothing
 
 
 def test_env_without_services_says_what_to_do(tmp_path: Path) -> None:

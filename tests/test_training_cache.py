@@ -25,7 +25,7 @@ from tasks.data import DataError, load_rgb
 from tasks.models import create_model
 from tasks.training.batched import BatchedImages, augment_batch
 from tasks.training.fmfp import train_fmfp
-from tasks.training.loaders import augment_image, train_batches
+from tasks.training.loaders import augment_image, on_device_bytes, train_batches
 from tasks.training.rng import build_model, generator
 
 AUGMENT = AugmentConfig(rotation=20, perspective=0.3, color_jitter=0.3, hflip=True)
@@ -185,6 +185,25 @@ def test_auto_takes_the_batched_path_only_when_the_set_fits(
     assert isinstance(train_batches(data, items, 64, seed=0, device=CPU, share=0), DataLoader)
     forced = data.model_copy(update={"loader": "batched"})
     assert isinstance(train_batches(forced, items, 64, seed=0, device=CPU, share=0), BatchedImages)
+
+
+def test_trainings_of_one_process_share_the_set_on_their_device(
+    fresh_cache: Path, digits: dict[str, Any]
+) -> None:
+    data = DataConfig(root="unused", image_size=16, augment=AUGMENT, loader="batched")
+    items = digits["items"]
+    first = train_batches(data, items, 64, seed=0, device=CPU)
+    second = train_batches(data, items, 64, seed=1, device=CPU)
+    assert isinstance(first, BatchedImages) and isinstance(second, BatchedImages)
+    assert first.images is second.images  # one copy, read by both
+    assert not first.images.is_inference() and first.images.dtype == torch.uint8
+    uncached = train_batches(
+        data.model_copy(update={"cache": False}), items, 64, seed=0, device=CPU
+    )
+    assert isinstance(uncached, BatchedImages) and uncached.images is not first.images
+    assert torch.equal(uncached.images, first.images)
+    # what batch_size: auto leaves for the set: nothing on a CPU or on the per-image path
+    assert on_device_bytes(data, items, CPU) == 0
 
 
 def _batches(seed: int, images: torch.Tensor, batch_size: int = 32) -> list[torch.Tensor]:

@@ -101,6 +101,17 @@ def _suggest(word: str, choices: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _positive_or_auto(value: Any) -> int | str:
+    """A whole number above zero, or ``auto`` (strict: no strings of digits, no booleans)."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("int_type", "Input should be a valid integer or 'auto'")
+    if value <= 0:
+        raise PydanticCustomError("greater_than", "Input should be greater than {gt}", {"gt": 0})
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -216,15 +227,7 @@ class TrainConfig(_Strict):
     @field_validator("batch_size", mode="plain", json_schema_input_type=int | Literal["auto"])
     @classmethod
     def _size_or_auto(cls, value: Any) -> int | str:
-        if value == AUTO:
-            return AUTO
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PydanticCustomError("int_type", "Input should be a valid integer or 'auto'")
-        if value <= 0:
-            raise PydanticCustomError(
-                "greater_than", "Input should be greater than {gt}", {"gt": 0}
-            )
-        return value
+        return _positive_or_auto(value)
 
     @field_validator("optimizer_candidates")
     @classmethod
@@ -358,6 +361,22 @@ class DeviceConfig(_Strict):
         if self.runner == "ssh" and self.ssh is not None:
             options.update(self.ssh.model_dump())
         return options
+
+
+class GpuConfig(_Strict):
+    """How trainings share the GPUs of the host they run on."""
+
+    slots_per_device: int | Literal["auto"] = Field(
+        "auto",
+        description="trainings at once on one GPU (small models leave most of a GPU idle); "
+        "auto: study.parallel spread evenly over the visible GPUs, one per worker of the gpu "
+        "pool (EDGETUNE_GPU_SLOTS_PER_DEVICE on a worker's host overrides it)",
+    )
+
+    @field_validator("slots_per_device", mode="plain", json_schema_input_type=int | Literal["auto"])
+    @classmethod
+    def _count_or_auto(cls, value: Any) -> int | str:
+        return _positive_or_auto(value)
 
 
 class OrchestrationConfig(_Strict):
@@ -965,6 +984,7 @@ class EdgetuneConfig(_Strict):
     study: StudyConfig
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    gpu: GpuConfig = GpuConfig()
     variants: list[VariantSpec] = Field(
         default_factory=list,
         description="several variants (architectures, settings) in one study run",

@@ -18,6 +18,7 @@ from tasks.config import (
     CompileConfig,
     ConfigError,
     DeviceConfig,
+    GpuConfig,
     OnnxRuntimeOptions,
     OrchestrationConfig,
     SearchParam,
@@ -231,6 +232,7 @@ class DetectorConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     study: DetectorStudyConfig | None = None
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    gpu: GpuConfig = GpuConfig()
     variants: list[VariantSpec] = Field(
         default_factory=list,
         description="several variants (architectures, settings) in one tune run",

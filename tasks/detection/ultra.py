@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.detection.config import DetectorConfig
+from tasks.training.gpus import pinned_gpu
 
 CONFIG_DIR = ".ultralytics"
 FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
@@ -137,7 +138,7 @@ def resolve_device(setting: str) -> str:
     # Ultralytics (and torch) load only where a detector trains.
     import torch
 
-    return "0" if torch.cuda.is_available() else "cpu"
+    return str(pinned_gpu()) if torch.cuda.is_available() else "cpu"  # this training's slot
 
 
 def create_model(config: DetectorConfig, run_dir: Path) -> Any:

@@ -26,6 +26,7 @@ from tasks.hpo.launch import ATTR_STAGE_BEAT
 from tasks.hpo.study import epoch_reporter
 from tasks.storage import open_storage
 from tasks.tracking import Tracker
+from tasks.training.gpus import gpu_slot
 from tasks.workloads.base import (
     CompileOutcome,
     DeviceOutcome,
@@ -122,8 +123,10 @@ def train_stage(
             report(epoch, row)
 
         started = time.time()
+        slots = config.gpu.slots_per_device, config.study.parallel
         try:
-            outcome = workload.train(params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
+            with gpu_slot(*slots, in_process=not remote):  # its GPU, shared by how many
+                outcome = workload.train(params, tracker, run_id, parent_run_id, on_epoch=on_epoch)
             if outcome.auto is not None and log is not None:  # optimizer / batch_size: auto
                 log(str(outcome.auto["summary"]))
         except optuna.TrialPruned as pruned:

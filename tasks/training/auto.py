@@ -2,9 +2,11 @@
 
 - ``train.batch_size: auto``: on a GPU, the largest power of two whose training step (two
   SAM steps of the real model at the data's image size, with SWA's copy of the weights)
-  fits in memory, probed upwards from ``auto_batch_min`` until CUDA runs out of memory,
-  ``auto_batch_max`` or the size of the train split; on a CPU, ``cpu_batch_size``
-  without probing.
+  fits in the training's share of the GPU (its memory over the GPU slots sharing it, less
+  the decoded set the batched path puts there: ``tasks.training.gpus``), probed upwards
+  from ``auto_batch_min`` until the step's peak leaves that share or CUDA runs out of
+  memory, ``auto_batch_max`` or the size of the train split; on a CPU,
+  ``cpu_batch_size`` without probing.
 - ``train.optimizer: auto``: each of ``optimizer_candidates`` trains the first
   ``auto_epochs`` epochs of the trial's own schedule (same seed, data and settings, the
   batch size above); the one with the lowest validation cross-entropy is kept.
@@ -27,7 +29,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from tasks.config import AUTO, DataConfig, TrainConfig
 from tasks.training.fmfp import make_sam, resolve_device, sam_step, train_fmfp
-from tasks.training.loaders import train_batches
+from tasks.training.gpus import device_budget
+from tasks.training.loaders import on_device_bytes, train_batches
 from tasks.training.precision import prepare, resolve_precision
 
 
@@ -108,13 +111,16 @@ def largest_fitting(try_batch: Callable[[int], bool], minimum: int, maximum: int
     return best
 
 
-def fits_in_memory(step: Callable[[int], object]) -> Callable[[int], bool]:
-    """``try_batch`` for ``largest_fitting``: whether ``step(size)`` runs without CUDA OOM."""
+def fits_in_memory(
+    step: Callable[[int], int | None], budget: int | None = None
+) -> Callable[[int], bool]:
+    """``try_batch`` for ``largest_fitting``: whether ``step(size)`` runs without CUDA OOM
+    and, with a ``budget``, its peak bytes (what ``step`` returns) stay within it."""
 
     def try_batch(size: int) -> bool:
         try:
-            step(size)
-            fitted = True
+            peak = step(size)
+            fitted = budget is None or peak is None or peak <= budget
         except torch.cuda.OutOfMemoryError:
             fitted = False  # the failed step's tensors are freed with the exception
         if torch.cuda.is_available():
@@ -131,10 +137,15 @@ def training_step(
     image_size: int,
     num_classes: int,
     device: torch.device,
-) -> Callable[[int], None]:
-    """What one batch of training holds in memory: model, SWA copy, SAM and its state."""
+) -> Callable[[int], int | None]:
+    """What one batch of training holds in memory: model, SWA copy, SAM and its state. The
+    step returns its peak of GPU memory in bytes (None on a CPU)."""
 
-    def step(size: int) -> None:
+    def step(size: int) -> int | None:
+        gpu = device.type == "cuda"
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
         model = make_model().to(device).train()
         precision = resolve_precision(settings, device)
         prepare(model, precision, compile=False)
@@ -146,8 +157,10 @@ def training_step(
         for _ in range(2):  # the second step also holds the base optimizer's state
             sam_step(model, sam, inputs, targets, precision)
         average.update_parameters(model)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if not gpu:
+            return None
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
 
     return step
 
@@ -168,7 +181,8 @@ def choose_batch_size(
         raise AutoChoiceError(
             f"train.batch_size: auto found no batch size that fits in GPU memory (even "
             f"{minimum} runs out); lower train.auto_batch_min or data.image_size, choose a "
-            f"smaller model.arch, or free the GPU"
+            f"smaller model.arch, share the GPU between fewer trainings "
+            f"(gpu.slots_per_device), or free the GPU"
         )
     return best, "probe"
 
@@ -228,8 +242,11 @@ def resolve_auto(
         heaviest: str = settings.optimizer
         if heaviest == AUTO:  # AdamW keeps two buffers per weight, SGD one
             heaviest = "adamw" if "adamw" in names else names[0]
+        # this training's share of the GPU (its slots), less the decoded set put there later
+        budget = device_budget(device) - on_device_bytes(data, train_items, device)
         probe = fits or fits_in_memory(
-            training_step(make_model, settings, heaviest, data.image_size, num_classes, device)
+            training_step(make_model, settings, heaviest, data.image_size, num_classes, device),
+            budget,
         )
         batch_size, batch_size_by = choose_batch_size(settings, device, len(train_items), probe)
         settings = settings.model_copy(update={"batch_size": batch_size})

@@ -27,6 +27,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from tasks.config import TrainConfig
 from tasks.failures import TrainingDiverged
 from tasks.metrics import classification_metrics
+from tasks.training.gpus import pinned_gpu
 from tasks.training.precision import Precision, prepare, resolve_precision
 from tasks.training.sam import SAM
 
@@ -68,6 +69,10 @@ class EarlyStop:
         else:
             self.since += 1
         return self.since >= self.patience
+
+
+#: Batches a GPU trains between two reads of their losses (each read waits for the GPU).
+GUARD_EVERY = 16
 
 
 @dataclass
@@ -134,9 +139,9 @@ def _batches(loader: Iterable[Any]) -> int | None:
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", pinned_gpu())  # this training's GPU slot (tasks.training.gpus)
 
 
 @torch.no_grad()
@@ -230,19 +235,34 @@ def _train_epoch(
     precision: Precision,
     guard: DivergenceGuard,
     epoch: int,
+    every: int = 1,
 ) -> float:
+    """One epoch of SAM steps; the mean training loss. The losses are read ``every``
+    batches at a time (the guard still names the first bad batch)."""
     forward.train()
     total, count = 0.0, 0
     device = precision.device
+    losses: list[tuple[torch.Tensor, int]] = []
+
+    def check(first_batch: int) -> None:
+        nonlocal total, count
+        values = torch.stack([loss for loss, _ in losses]).float().tolist()
+        for offset, (value, (_, size)) in enumerate(zip(values, losses, strict=True)):
+            guard.check(epoch, first_batch + offset, value)
+            total += value * size
+            count += size
+        losses.clear()
+
     for batch, (inputs, targets) in enumerate(loader):
         inputs, targets = (
             precision.inputs(inputs.to(device, non_blocking=True)),
             targets.to(device, non_blocking=True),
         )
-        loss = float(sam_step(forward, optimizer, inputs, targets, precision))
-        guard.check(epoch, batch, loss)  # float() waited for the step anyway
-        total += loss * len(targets)
-        count += len(targets)
+        losses.append((sam_step(forward, optimizer, inputs, targets, precision), len(targets)))
+        if len(losses) == every:
+            check(batch + 1 - every)
+    if losses:
+        check(batch + 1 - len(losses))
     return total / max(count, 1)
 
 
@@ -308,9 +328,12 @@ def train_fmfp(
     early = EarlyStop(params.swa_start, params.early_stop_patience)
     stopped_early_at: int | None = None
     guard = DivergenceGuard(params, _batches(loader))
+    # Reading a loss waits for its step: a GPU reads them GUARD_EVERY batches at a time, so
+    # that it never runs dry between two steps.
+    every = 1 if device.type == "cpu" else GUARD_EVERY
     for epoch in range(epochs):
         try:
-            train_loss = _train_epoch(forward, loader, optimizer, precision, guard, epoch)
+            train_loss = _train_epoch(forward, loader, optimizer, precision, guard, epoch, every)
         except TrainingDiverged as diverged:
             if stop_after is None:
                 raise

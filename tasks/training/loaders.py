@@ -14,7 +14,8 @@ host (``tasks.training.cache``) unless ``data.cache`` is off.
 
 from __future__ import annotations
 
-import os
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torchvision.transforms.v2 import functional as F
 from tasks.config import AugmentConfig, DataConfig
 from tasks.data import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalise
 from tasks.training.cache import decode_images, decoded_images
+from tasks.training.gpus import device_budget
 from tasks.training.rng import generator
 
 _MEAN = [m / 255 for m in IMAGENET_MEAN]
@@ -153,8 +155,16 @@ def train_loader(
     )
 
 
-#: Share of the training device's free memory the decoded set may take on the batched path.
+#: Share of a training's device memory (``tasks.training.gpus.device_budget``) the decoded
+#: set may take on the batched path.
 DEVICE_SHARE = 0.25
+
+#: Decoded sets already on a device, by cache file and device: trainings of one process on
+#: one GPU (GPU slots) share one read-only copy; it is freed with the last of them.
+_ON_DEVICE: weakref.WeakValueDictionary[tuple[str, str], torch.Tensor] = (
+    weakref.WeakValueDictionary()
+)
+_on_device_lock = threading.Lock()
 
 
 def train_batches(
@@ -167,17 +177,16 @@ def train_batches(
     share: float = DEVICE_SHARE,
 ) -> Iterable[Any]:
     """One trial's training batches, on the path ``data.loader`` names (``auto``: batched on
-    the device when the decoded set takes at most ``share`` of its free memory)."""
+    the device when the decoded set takes at most ``share`` of the training's memory)."""
     from tasks.training.batched import BatchedImages  # kornia: only on this path
 
     size = data.image_size
     images = decoded_images(items, size) if data.cache else None
-    if use_batched(data.loader, len(items) * 3 * size * size, device, share):
+    if use_batched(data.loader, decoded_bytes(items, size), device, share):
         array = images if images is not None else decode_images(items, size)
         labels = torch.tensor([label for _, label in items], dtype=torch.int64, device=device)
-        on_device = torch.from_numpy(np.array(array)).to(device)  # a copy: the map is read-only
         return BatchedImages(
-            on_device, labels, data.augment, batch_size, generator(seed, "shuffle")
+            on_device(array, device), labels, data.augment, batch_size, generator(seed, "shuffle")
         )
     return train_loader(
         items,
@@ -191,19 +200,44 @@ def train_batches(
     )
 
 
+def decoded_bytes(items: Sequence[tuple[Path, int]], size: int) -> int:
+    """Bytes of ``items`` decoded at ``size`` (uint8 RGB)."""
+    return len(items) * 3 * size * size
+
+
+def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a tensor on ``device``: a copy (a cached map is read-only), shared with
+    the other trainings of this process that hold the same cache entry there."""
+    path = getattr(array, "filename", None)
+    if path is None:
+        return torch.from_numpy(np.array(array)).to(device)
+    key = (str(path), str(device))
+    with _on_device_lock:
+        tensor = _ON_DEVICE.get(key)
+        if tensor is None:
+            tensor = torch.from_numpy(np.array(array)).to(device)
+            _ON_DEVICE[key] = tensor
+    return tensor
+
+
 def use_batched(choice: str, nbytes: int, device: torch.device, share: float) -> bool:
     """Whether a set of ``nbytes`` decoded takes the batched path on ``device``."""
     if choice != "auto":
         return choice == "batched"
-    return nbytes <= share * free_memory(device)
+    return nbytes <= share * device_budget(device)
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes free on the training device: the GPU's, or the host's available memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def on_device_bytes(
+    data: DataConfig,
+    items: Sequence[tuple[Path, int]],
+    device: torch.device,
+    share: float = DEVICE_SHARE,
+) -> int:
+    """Bytes of GPU memory the decoded set will take for training on ``device`` (0 on a CPU
+    or the per-image path): what ``batch_size: auto`` leaves it."""
+    nbytes = decoded_bytes(items, data.image_size)
+    gpu = device.type == "cuda"
+    return nbytes if gpu and use_batched(data.loader, nbytes, device, share) else 0
 
 
 def bundle_tensors(bundle: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
