@@ -25,7 +25,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Datasets: write the bundled example.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: write the bundled example, preview the augmentation.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 device_app = typer.Typer(help="Boards: check what a device has.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
@@ -45,6 +47,12 @@ def _quiet_services(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    # Prefect's own temporary server (PREFECT_HOME set, no API URL) gets as long to start
+    # as the project's: 20 s, Prefect's default, is too short for a first migration on a
+    # busy laptop.
+    os.environ.setdefault(
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", f"{prefect_server.STARTUP_TIMEOUT_S:g}"
+    )
     if os.environ.get(_PROJECT_STATE):
         Path(os.environ[_PROJECT_STATE]).mkdir(parents=True, exist_ok=True)
     if not verbose:
@@ -688,6 +696,38 @@ def data_digits(
         raise _fail(str(exc)) from None
     typer.echo(
         f"digits dataset in {directory}: {info.counts()} images, {len(info.classes)} classes"
+    )
+
+
+@data_app.command("preview")
+def data_preview(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="the contact sheet (PNG)")] = Path(
+        "augmented.png"
+    ),
+    images: Annotated[int, typer.Option(help="augmented training images on the sheet")] = 32,
+    seed: Annotated[int, typer.Option(help="the trial seed whose draws are shown")] = 0,
+    overrides: Overrides = None,
+) -> None:
+    """Write a contact sheet of augmented training images: what the model sees."""
+    from tasks.config import ConfigError, EdgetuneConfig
+    from tasks.training.preview import write_preview
+
+    try:
+        cfg = _load(config, overrides or [], None, None)
+        if not isinstance(cfg, EdgetuneConfig):
+            raise ConfigError(
+                f"{config} is a detector config: Ultralytics draws its own augmentation; "
+                f"give a classifier config"
+            )
+        preview = write_preview(cfg, out, images, seed)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from None
+    shown = ", ".join(f"{k}={v}" for k, v in cfg.data.augment.model_dump().items())
+    typer.echo(
+        f"{preview.path}: {preview.images} training images at {cfg.data.image_size} px as a "
+        f"trial with seed {seed} draws them ({preview.loader}; {shown}), "
+        f"{preview.columns} per row, {preview.tile} px tiles"
     )
 
 

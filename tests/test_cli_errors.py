@@ -206,6 +206,18 @@ CASES: dict[str, dict[str, Case]] = {
             "val_fraction and test_fraction must be in (0, 1) and sum below 1",
         ),
     },
+    "data preview": {
+        "a detector config": Case(
+            lambda w: ["data", "preview", str(w.detector()), "-o", str(w.tmp / "a.png")],
+            "is a detector config: Ultralytics draws its own augmentation; give a classifier",
+            lambda w: [w.tmp / "a.png", w.tmp / "detector"],
+        ),
+        "more images than the data": Case(
+            lambda w: ["data", "preview", str(w.classifier()), "--images", "99999"],
+            "--images 99999 is more than the 1077 training images of",
+            lambda w: [w.tmp / "augmented.png", w.run_dir],
+        ),
+    },
     "data shapes": {
         "no train images": Case(
             lambda w: ["data", "shapes", str(w.run_dir), "--train", "0"],
@@ -256,6 +268,23 @@ def test_every_command_has_a_bad_input_case() -> None:
     assert {"tune", "detect train", "data digits"} <= commands  # the walk finds sub-commands
     assert set(CASES) == commands, "give each command a bad-input case in CASES"
     assert all(CASES[command] for command in commands)
+
+
+def test_prefects_own_temporary_server_gets_as_long_to_start_as_the_projects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With PREFECT_HOME set and no API URL, Prefect starts its own temporary server, whose
+    default 20 s to start was too short on a busy machine (a CI run timed out there)."""
+    from edgetune import cli, prefect_server
+
+    variable = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what the command sets stays here
+    monkeypatch.delenv(variable, raising=False)
+    cli._quiet_services(False)
+    assert os.environ[variable] == "120" == f"{prefect_server.STARTUP_TIMEOUT_S:g}"
+    monkeypatch.setenv(variable, "7")
+    cli._quiet_services(False)
+    assert os.environ[variable] == "7"  # the user's setting wins
 
 
 def _subprocess(argv: list[str], tmp: Path) -> tuple[int, str]:

@@ -219,3 +219,36 @@ def test_the_train_stage_holds_a_slot_while_it_trains(
     # local: 4 trainings over 2 GPUs; a gpu worker is one slot of its own
     assert workload.slots == [GpuSlot(0, 2 if mode == "local" else 1)]
     assert current_slot() is None and not gpus._taken
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_slots_train_at_once_on_a_real_gpu(digits16: dict[str, Any]) -> None:
+    from tasks.config import AugmentConfig, TrainConfig
+    from tasks.models import create_model
+    from tasks.training.fmfp import train_fmfp
+    from tasks.training.rng import build_model
+
+    settings = TrainConfig(epochs=2, batch_size=64, swa_start=1, device="auto")
+    data = DataConfig(root="unused", image_size=16, augment=AugmentConfig(rotation=10))
+    results: dict[int, Any] = {}
+
+    def training(seed: int) -> None:
+        with gpu_slot(2, 2, in_process=True) as slot:
+            device = resolve_device("auto")
+            assert device == torch.device("cuda", slot.device_index(torch.cuda.device_count()))
+            assert device_budget(device) <= torch.cuda.mem_get_info(device)[1] // 2
+            batches = loaders.train_batches(data, digits16["items"], 64, seed=seed, device=device)
+            model = build_model(seed, lambda: create_model("tinycnn", 10))
+            results[seed] = train_fmfp(
+                model, batches, digits16["val_x"], digits16["val_y"], settings
+            )
+
+    threads = [threading.Thread(target=training, args=(seed,)) for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sorted(results) == [0, 1]
+    assert all(r.device.startswith("cuda") and len(r.history) == 2 for r in results.values())
+    assert results[0].history[-1]["val_loss"] != results[1].history[-1]["val_loss"]

@@ -328,9 +328,7 @@ def train_fmfp(
     early = EarlyStop(params.swa_start, params.early_stop_patience)
     stopped_early_at: int | None = None
     guard = DivergenceGuard(params, _batches(loader))
-    # Reading a loss waits for its step: a GPU reads them GUARD_EVERY batches at a time, so
-    # that it never runs dry between two steps.
-    every = 1 if device.type == "cpu" else GUARD_EVERY
+    every = 1 if device.type == "cpu" else GUARD_EVERY  # each read of a loss waits for a GPU
     for epoch in range(epochs):
         try:
             train_loss = _train_epoch(forward, loader, optimizer, precision, guard, epoch, every)
