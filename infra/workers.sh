@@ -43,6 +43,9 @@ load_config() {
     GPU_WORKERS=${EDGETUNE_GPU_WORKERS:-$(((gpus > 0 ? gpus : 1) * ${SLOTS:-1}))}
     [[ $GPU_WORKERS =~ ^[0-9]+$ ]] || die "EDGETUNE_GPU_WORKERS must be a number, not '$GPU_WORKERS'"
     # Trainings sharing each listed GPU: the slots asked for, else the workers spread evenly.
+    if ((gpus > 0)) && [[ -n $SLOTS ]] && ((GPU_WORKERS > gpus * SLOTS)); then
+        die "EDGETUNE_GPU_WORKERS=$GPU_WORKERS is more than $gpus GPU(s) x EDGETUNE_GPU_SLOTS_PER_DEVICE=$SLOTS; raise the slots per GPU or leave EDGETUNE_GPU_WORKERS unset (one worker per slot)"
+    fi
     ((gpus == 0)) || SLOTS=${SLOTS:-$(((GPU_WORKERS + gpus - 1) / gpus))}
     # Worker names must differ between hosts that serve the same pool.
     HOST_TAG=${EDGETUNE_WORKER_HOST:-$(hostname -s 2>/dev/null || hostname)}

@@ -457,6 +457,12 @@ def test_gpu_workers_are_one_per_slot_each_pinned_to_its_gpu(tmp_path: Path) -> 
     bad = status(**{slot: "0"})
     assert bad.returncode != 0 and bad.stdout == ""
     assert f"{slot} must be a whole number of trainings per GPU >= 1, not '0'" in bad.stderr
+    crowded = status(EDGETUNE_GPU_DEVICES="0,1", EDGETUNE_GPU_WORKERS="5", **{slot: "2"})
+    assert crowded.returncode != 0 and crowded.stdout == ""
+    assert (
+        f"EDGETUNE_GPU_WORKERS=5 is more than 2 GPU(s) x {slot}=2; raise the slots per GPU or "
+        f"leave EDGETUNE_GPU_WORKERS unset (one worker per slot)"
+    ) in crowded.stderr
     assert not list(tmp_path.iterdir())  # status creates nothing
 
 
