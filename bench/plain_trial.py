@@ -47,7 +47,7 @@ def _train_and_export(config: EdgetuneConfig, info: Any, bundle: Path, work: Pat
     settings = trial_train_config(config, {})
     assert isinstance(settings.batch_size, int), "the plain script takes a fixed batch size"
     val_x, val_y = bundle_tensors(load_bundle(bundle))
-    items = [item for split in config.data.train_splits for item in info.files[split]]
+    items = info.items(config.data.train_splits)
     loader = train_batches(
         config.data,
         items,

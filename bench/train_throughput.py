@@ -159,7 +159,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Workload:
     evaluated = split_items(info, config.data.eval_split, config.data.root)
     bundle = make_bundle(evaluated, info.classes, config.data.image_size, work / "val.npz")
     val_x, val_y = loaders.bundle_tensors(load_bundle(bundle))
-    items = [item for split in config.data.train_splits for item in info.files[split]]
+    items = info.items(config.data.train_splits)
     return Workload(
         config=config,
         settings=_settings(config, args.epochs),

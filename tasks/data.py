@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,10 @@ class DatasetInfo:
 
     def counts(self) -> dict[str, int]:
         return {split: len(items) for split, items in self.files.items()}
+
+    def items(self, splits: Iterable[str]) -> list[tuple[Path, int]]:
+        """The images of ``splits`` (e.g. ``data.train_splits``), in order, with labels."""
+        return [item for split in splits for item in self.files[split]]
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:

@@ -89,7 +89,7 @@ def write_preview(config: EdgetuneConfig, out: Path, count: int = 32, seed: int 
     if not out.parent.is_dir():
         raise DataError(f"folder {out.parent} does not exist; create it or choose another --out")
     info = inspect_dataset(config.data.root, verify_images=False)
-    items = [item for split in config.data.train_splits for item in info.files[split]]
+    items = info.items(config.data.train_splits)
     images, labels, loader = augmented_batch(config, items, count, seed)
     sheet, columns, tile = contact_sheet(images, [info.classes[label] for label in labels])
     fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)

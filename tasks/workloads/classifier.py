@@ -142,7 +142,7 @@ def train(
     with scratch(config, "train") as work:
         bundle = load_bundle(tracker.download(parent_run_id, BUNDLE, work))
         val_x, val_y = bundle_tensors(bundle)
-        items = [item for split in config.data.train_splits for item in info.files[split]]
+        items = info.items(config.data.train_splits)
 
         def make_model() -> Any:
             return build_model(
