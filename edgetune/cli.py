@@ -387,14 +387,22 @@ def evaluate(
     model: Annotated[
         str,
         typer.Argument(
-            help="models:/NAME@ALIAS, models:/NAME/VERSION, or a study config or run "
-            "directory (its @final if study.retrain made one, else its @champion)",
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, a checkpoint file "
+            "(.pt, with --config; float only), or a study config or run directory (its @final "
+            "if study.retrain made one, else its @champion)",
             show_default=False,
         ),
     ],
     split: Annotated[
         str, typer.Option("--split", help="the split to measure: test (the final report) or val")
     ] = "test",
+    on_device: Annotated[
+        bool,
+        typer.Option(
+            "--on-device/--float-only",
+            help="measure the compiled model on the board beside the float one",
+        ),
+    ] = True,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -402,67 +410,137 @@ def evaluate(
             help="study config for the data, board and tracking (default: the model's own)",
         ),
     ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="the report's folder (default: the study's evaluation/ folder, else reports/)",
+        ),
+    ] = None,
+    target_risk: Annotated[
+        float,
+        typer.Option("--target-risk", help="selective risk the deployment threshold is read at"),
+    ] = 0.01,
     tracking_uri: TrackingOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
-    """Measure a registered classifier on a split, on the board and in float (test_* names)."""
+    """Measure a classifier on a split, on the board and in float (test_* names), and write
+    its report: per-class figures, confusion matrices, curves and galleries of failures."""
     _quiet_services(False)
-    from tasks.config import TRACKING_ENV
     from tasks.devices import DeviceError
-    from tasks.tracking import Tracker
-    from tasks.workloads.evaluation import (
-        EvaluationError,
-        champion_of,
-        evaluate_version,
-        parse_model_uri,
-        resolve_version,
-    )
+    from tasks.report import ReportError
+    from tasks.workloads.evaluation import EvaluationError
 
     if split not in ("val", "test"):
         raise _fail(f"--split {split}: choose test (the final report) or val")
-    cfg = None
+    if not 0.0 <= target_risk <= 1.0:
+        raise _fail(f"--target-risk {target_risk}: give a fraction between 0 and 1, e.g. 0.01")
     try:
-        source = Path(model)
-        if source.exists():
-            cfg = _load(source / "config.yaml" if source.is_dir() else source, [], None, None)
-            model = champion_of(cfg)
-        else:
-            parse_model_uri(model)
-            if config is not None:
-                cfg = _load(config, [], None, None)
-        uri = tracking_uri or os.environ.get(TRACKING_ENV) or (cfg.tracking_uri if cfg else None)
-        if uri is None:
-            raise _fail(f"{model}: no tracking URI; give --tracking-uri URI or --config CONFIG")
-        store = Path(uri.removeprefix("sqlite:///"))
-        if uri.startswith("sqlite:///") and not store.is_file():  # opening it would create it
-            raise _fail(
-                f"{model}: no MLflow tracking store {store}; run 'edgetune tune' first, or give "
-                f"--tracking-uri URI"
-            )
-        tracker = Tracker(uri)
-        record = evaluate_version(tracker, resolve_version(tracker, model), split, cfg)
+        record = _evaluate(model, split, on_device, config, out, target_risk, tracking_uri)
     except DeviceError as exc:
         raise _fail(f"the board failed: {exc}", 1) from None
-    except (EvaluationError, *_user_errors()) as exc:
+    except (EvaluationError, ReportError, *_user_errors()) as exc:
         raise _fail(str(exc)) from None
     if as_json:
         typer.echo(json.dumps(record, indent=2))
         return
-    m, p = record["metrics"], f"{split}_"
-    typer.echo(
-        f"{model} (version {record['version']}) on {split} ({m[p + 'images']:.0f} images), "
-        f"board {record['device']}:"
+    _print_evaluation(record)
+
+
+def _evaluate(
+    model: str,
+    split: str,
+    on_device: bool,
+    config: Path | None,
+    out: Path | None,
+    target_risk: float,
+    tracking_uri: str | None,
+) -> dict[str, Any]:
+    """``evaluate``'s measurement: the model named on the command line, found and measured."""
+    from tasks.config import TRACKING_ENV
+    from tasks.tracking import Tracker
+    from tasks.workloads.evaluation import (
+        champion_of,
+        default_report_dir,
+        evaluate_checkpoint,
+        evaluate_version,
+        parse_model_uri,
+        resolve_target,
     )
-    typer.echo(
-        f"  {split} device AUGRC {m[p + 'device_augrc']:.5f} "
-        f"[{m[p + 'device_augrc_ci_low']:.5f}, {m[p + 'device_augrc_ci_high']:.5f}]  "
-        f"float {m[p + 'float_augrc']:.5f}  gap {m[p + 'augrc_gap']:+.5f}"
+
+    source, cfg = Path(model), None
+    if source.suffix in (".pt", ".pth"):
+        if config is None:
+            raise _fail(
+                f"{model}: a checkpoint file needs the config it was trained with (--config)"
+            )
+        if on_device:
+            raise _fail(
+                f"{model}: a checkpoint file is measured in float only; add --float-only, or "
+                f"give its run (runs:/RUN_ID) or registered model to measure it on the board"
+            )
+        cfg = _load(config, [], None, None)
+        target_out = out or Path("reports") / f"{source.stem}-{split}"
+        return evaluate_checkpoint(cfg, source, split, target_out, target_risk)
+    if source.exists():
+        cfg = _load(source / "config.yaml" if source.is_dir() else source, [], None, None)
+        model = champion_of(cfg)
+    else:
+        parse_model_uri(model)
+        if config is not None:
+            cfg = _load(config, [], None, None)
+    uri = tracking_uri or os.environ.get(TRACKING_ENV) or (cfg.tracking_uri if cfg else None)
+    if uri is None:
+        raise _fail(f"{model}: no tracking URI; give --tracking-uri URI or --config CONFIG")
+    store = Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("sqlite:///") and not store.is_file():  # opening it would create it
+        raise _fail(
+            f"{model}: no MLflow tracking store {store}; run 'edgetune tune' first, or give "
+            f"--tracking-uri URI"
+        )
+    tracker = Tracker(uri)
+    target = resolve_target(tracker, model)
+    folder = out or default_report_dir(cfg, target, split)
+    return evaluate_version(
+        tracker, target, split, cfg, on_device=on_device, out=folder, target_risk=target_risk
     )
-    typer.echo(
-        f"  {split} device accuracy {m[p + 'device_accuracy']:.4f}  "
-        f"float {m[p + 'float_accuracy']:.4f}  gap {m[p + 'accuracy_gap']:+.4f}  "
-        f"latency {m['device_latency_ms']:.3f} ms"
+
+
+def _print_evaluation(record: dict[str, Any]) -> None:
+    m, split = record["metrics"], record["split"]
+    p = f"{split}_"
+    who = (
+        f"{record['model']} (version {record['version']})"
+        if record["version"]
+        else (record["model"] or f"run {record['run_id']}")
     )
+    where = f", board {record['device']}" if record["device"] else ", float only"
+    typer.echo(f"{who} on {split} ({m[p + 'images']:.0f} images){where}:")
+    if record["device"]:
+        typer.echo(
+            f"  {split} device AUGRC {m[p + 'device_augrc']:.5f} "
+            f"[{m[p + 'device_augrc_ci_low']:.5f}, {m[p + 'device_augrc_ci_high']:.5f}]  "
+            f"float {m[p + 'float_augrc']:.5f}  gap {m[p + 'augrc_gap']:+.5f}"
+        )
+        typer.echo(
+            f"  {split} device accuracy {m[p + 'device_accuracy']:.4f}  "
+            f"float {m[p + 'float_accuracy']:.4f}  gap {m[p + 'accuracy_gap']:+.4f}  "
+            f"latency {m['device_latency_ms']:.3f} ms"
+        )
+        changed = record["changed"] or {}
+        typer.echo(
+            f"  predictions changed on the board: {changed.get('total', 0)} "
+            f"({changed.get('device_wrong', 0)} now wrong, {changed.get('device_right', 0)} "
+            f"now right, {changed.get('both_wrong', 0)} wrong both ways)"
+        )
+    else:
+        typer.echo(
+            f"  {split} float AUGRC {m[p + 'float_augrc']:.5f} "
+            f"[{m[p + 'float_augrc_ci_low']:.5f}, {m[p + 'float_augrc_ci_high']:.5f}]  "
+            f"accuracy {m[p + 'float_accuracy']:.4f}"
+        )
+    typer.echo(f"  report: {record['report']}")
 
 
 def _variants_champion(result: dict[str, Any]) -> dict[str, Any] | None:
@@ -699,6 +777,41 @@ def data_digits(
     )
 
 
+@data_app.command("relabel")
+def data_relabel(
+    src: Annotated[Path, typer.Argument(help="the dataset the doubts were found on")],
+    dst: Annotated[Path, typer.Argument(help="a new folder for the corrected dataset")],
+    fixes: Annotated[
+        Path,
+        typer.Option(
+            "--fixes",
+            help="the reviewed doubts.csv (a 'corrected' column: a class or drop) or a CVAT "
+            "for images 1.1 XML export of the review",
+        ),
+    ],
+    accept_suggested: Annotated[
+        bool,
+        typer.Option(
+            "--accept-suggested", help="flagged rows without a correction take the suggestion"
+        ),
+    ] = False,
+) -> None:
+    """Write a corrected copy of a dataset: reviewed label fixes applied, nothing else
+    changed (the source stays as it is)."""
+    from tasks.data import DataError, inspect_dataset
+    from tasks.relabel import read_fixes, relabel
+
+    try:
+        info = inspect_dataset(src, verify_images=False)
+        done = relabel(src, dst, read_fixes(fixes, info.classes, accept_suggested))
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"{done.out}: {done.images} images, {len(done.moved)} moved to another class, "
+        f"{len(done.dropped)} dropped (relabel.json lists them)"
+    )
+
+
 @data_app.command("preview")
 def data_preview(
     config: ConfigArg,
@@ -729,6 +842,160 @@ def data_preview(
         f"trial with seed {seed} draws them ({preview.loader}; {shown}), "
         f"{preview.columns} per row, {preview.tile} px tiles"
     )
+
+
+@data_app.command("doubts")
+def data_doubts(
+    config: ConfigArg,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="the folder to write (new or empty)")
+    ] = Path("doubts"),
+    folds: Annotated[int, typer.Option(help="stratified folds, each predicted by the rest")] = 5,
+    epochs: Annotated[
+        int | None, typer.Option(help="epochs of each fold's training (default: train.epochs)")
+    ] = None,
+    top: Annotated[int, typer.Option(help="most doubtful images on the contact sheet")] = 40,
+    seed: Annotated[
+        int | None, typer.Option(help="folds' and trainings' seed (default: the config's)")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty --out")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Rank the training images by how much the data doubts their labels (cleanlab on
+    out-of-fold probabilities of models trained as trials train); flagged ones for CVAT."""
+    from tasks.config import ConfigError, EdgetuneConfig
+    from tasks.failures import TrainingDiverged
+    from tasks.training.doubts import check_output, check_settings, find_doubts, write_doubts
+
+    try:
+        check_settings(folds, epochs, top)
+        cfg = _load(config, overrides or [], None, None)
+        if not isinstance(cfg, EdgetuneConfig):
+            raise ConfigError(
+                f"{config} is a detector config: label doubts are found for a classifier's "
+                f"image folders; give a classifier config"
+            )
+        check_output(out, force)
+        seed = cfg.seed if seed is None else seed
+        doubts = find_doubts(cfg, folds, epochs, seed)
+        written = write_doubts(doubts, out, top, force=force)
+    except (*_user_errors(), TrainingDiverged) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"{written.path}: {written.flagged} of {written.images} training images flagged "
+        f"({folds} folds, {doubts.settings.epochs} epochs each, seed {seed}); {written.path}/"
+        f"doubts.csv ranks them all, doubts.png shows the first {written.shown}, "
+        f"annotations.xml and images/ hold the flagged for review in CVAT"
+    )
+
+
+def _split_embedding(
+    checkpoint: Path | None,
+    config: Path | None,
+    model: str | None,
+    tracking_uri: str | None,
+    work: Path,
+) -> Any:
+    """What ``data split`` embeds images with: pixels; a local checkpoint, with the config
+    it was trained with; or a registered version's checkpoint and its study's config
+    (downloaded into ``work``)."""
+    from tasks.config import TRACKING_ENV, ConfigError, EdgetuneConfig
+    from tasks.data import DataError
+    from tasks.data_split import Embedding
+
+    if model is not None:
+        from tasks.tracking import Tracker
+        from tasks.workloads.classifier import CHECKPOINT
+        from tasks.workloads.evaluation import resolve_target, study_config
+
+        uri = tracking_uri or os.environ.get(TRACKING_ENV)
+        if not uri:
+            raise ConfigError(f"--model {model}: no tracking URI; give --tracking-uri URI")
+        tracker = Tracker(uri)
+        target = resolve_target(tracker, model)
+        own = study_config(tracker, target.run_id, work)
+        try:
+            local = tracker.download(target.run_id, CHECKPOINT, work / "model")
+        except Exception as exc:  # MLflow raises its own for a missing artifact
+            raise DataError(
+                f"--model {model}: run {target.run_id} has no {CHECKPOINT} "
+                f"({type(exc).__name__}); give a classifier version registered by a study"
+            ) from None
+        source = f"{model} (run {target.run_id})"
+        return Embedding(local, own.model.arch, own.data.image_size, source=source)
+    if checkpoint is None or config is None:
+        return Embedding()
+    cfg = _load(config, [], None, None)
+    if not isinstance(cfg, EdgetuneConfig):
+        raise ConfigError(
+            f"{config} is a detector config; give the classifier config the --checkpoint "
+            f"was trained with"
+        )
+    return Embedding(checkpoint, cfg.model.arch, cfg.data.image_size)
+
+
+@data_app.command("split")
+def data_split(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="the dataset: train/ val/ (test/), or class folders", show_default=False
+        ),
+    ],
+    dst: Annotated[
+        Path | None, typer.Argument(help="the folder to write (new or empty)", show_default=False)
+    ] = None,
+    by: Annotated[
+        str, typer.Option("--by", help="random, or features: near-duplicates in one split")
+    ] = "random",
+    val: Annotated[float, typer.Option("--val", help="share of each class for val/")] = 0.15,
+    test: Annotated[float, typer.Option("--test", help="share of each class for test/")] = 0.15,
+    seed: Annotated[int, typer.Option(help="split seed")] = 0,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="embed images by this state dict's penultimate layer")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="the study config the --checkpoint was trained with")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="embed by a registered version: models:/NAME@ALIAS")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option("--tracking-uri", help="--model's MLflow store (or $MLFLOW_TRACKING_URI)"),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="cosine similarity from which images are near-duplicates")
+    ] = 0.97,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="only print SRC's cross-split near-duplicates")
+    ] = False,
+) -> None:
+    """Split a dataset anew, stratified by class: at random, or by image features so that
+    near-duplicates never straddle train/val/test; reports those across splits."""
+    import tempfile
+
+    import tasks.data_split as splitting
+    from tasks.workloads.evaluation import EvaluationError
+
+    try:
+        splitting.check_settings(by, val, test, threshold)
+        splitting.check_paths(dst, report_only, checkpoint, config, model)
+        if dst is not None:
+            splitting.check_target(dst, src)
+        with tempfile.TemporaryDirectory(prefix="edgetune-split-") as work:
+            embedding = _split_embedding(checkpoint, config, model, tracking_uri, Path(work))
+            pool = splitting.read_pool(src)
+            if dst is None:
+                lines = splitting.source_report(pool, embedding, threshold)
+            else:
+                plan = splitting.plan_split(pool, by, (val, test), seed, embedding, threshold)
+                splitting.write_split(plan, dst)
+                report = splitting.report_lines(pool, plan.pairs, threshold, embedding, plan)
+                lines = [splitting.summary_line(plan, dst), *report]
+    except (*_user_errors(), EvaluationError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo("\n".join(lines))
 
 
 @data_app.command("shapes")

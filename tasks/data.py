@@ -9,7 +9,6 @@ evaluator read, so the float and device metrics see exactly the same pixels.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from tasks.folders import staged_folder
 
 #: ImageNet statistics in 0..255 pixel scale (the pretrained torchvision models expect them).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -255,21 +256,11 @@ def write_digits(
         stratify=digits.target[rest],
         random_state=seed,
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:  # an empty target is replaced
         for split, members in (("train", train), ("val", val), ("test", test)):
-            if not len(members):
-                continue
             for i in members:
                 folder = staging / split / str(digits.target[i])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
         (staging / DIGITS_MARKER).write_text(json.dumps(settings))
-        if target.exists():
-            target.rmdir()
-        staging.replace(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return inspect_dataset(target)

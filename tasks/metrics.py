@@ -40,9 +40,11 @@ __all__ = [
     "augrc_bootstrap_ci",
     "aurc",
     "classification_metrics",
+    "coverage_at_risk",
     "e_augrc",
     "ece",
     "failure_auroc",
+    "operating_points",
     "optimal_augrc",
     "risk_coverage_curve",
     "softmax",
@@ -236,6 +238,34 @@ def risk_coverage_curve(
     truth that :func:`augrc` and :func:`aurc` integrate.
     """
     return _curve(*_confidence_and_errors(probs, labels))
+
+
+def operating_points(
+    probs: npt.ArrayLike, labels: npt.ArrayLike
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """(threshold, coverage, generalized_risk, selective_risk) at each distinct confidence,
+    highest first: accepting every sample with confidence ≥ ``threshold[i]`` gives the
+    i-th point of :func:`risk_coverage_curve` (without its coverage-0 start)."""
+    conf, errors = _confidence_and_errors(probs, labels)
+    coverage, generalized, selective = _curve(conf, errors)
+    thresholds = np.unique(conf)[::-1]
+    return thresholds, coverage[1:], generalized[1:], selective[1:]
+
+
+def coverage_at_risk(
+    probs: npt.ArrayLike, labels: npt.ArrayLike, target: float
+) -> tuple[float, float | None, float]:
+    """The deployment threshold for a target selective risk: (coverage, threshold, risk)
+    of the largest coverage whose selective risk is at most ``target``; (0, None, 0) when
+    even the most confident group is wrong more often than that."""
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"target risk must lie in [0, 1], but got {target!r}; pass a fraction")
+    thresholds, coverage, _, selective = operating_points(probs, labels)
+    meets = np.flatnonzero(selective <= target)
+    if not meets.size:
+        return 0.0, None, 0.0
+    best = int(meets[-1])
+    return float(coverage[best]), float(thresholds[best]), float(selective[best])
 
 
 def augrc(probs: npt.ArrayLike, labels: npt.ArrayLike) -> float:

@@ -30,6 +30,7 @@ from tasks.config import (
     space_refusal,
     trial_train_config,
 )
+from tasks.config.schema import class_weights_refusal
 from tasks.data import DataError, DatasetInfo, inspect_dataset, split_items
 from tasks.devices import DeviceConfigError, create_runner
 from tasks.storage import StudyError
@@ -69,6 +70,7 @@ def preflight(config: EdgetuneConfig) -> DatasetInfo:
             f"{config.data.root} lacks; add a test/ split or use retrain: train"
         )
     check_search_space(config)
+    check_class_weights(config, info.classes)
     check_weights(config, len(info.classes))
     COMPILERS[config.compile.backend].check_available()
     check_device(config)
@@ -88,6 +90,13 @@ def check_search_space(config: EdgetuneConfig) -> None:
     )
     if refusal:
         raise ConfigError(at_space_file(refusal, config.study.search_space_file))
+
+
+def check_class_weights(config: EdgetuneConfig, classes: tuple[str, ...]) -> None:
+    """``train.class_weights`` weighs each class folder of the dataset, and only those."""
+    refusal = class_weights_refusal(config.train.class_weights, classes)
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def check_weights(config: EdgetuneConfig, num_classes: int) -> None:

@@ -519,7 +519,8 @@ def test_evaluate_names_what_is_wrong_in_one_line(tmp_path: Path) -> None:
 
     Tracker(uri).client.search_experiments()  # a store without the model (none: refused)
     cases = [
-        (["nonsense"], "expected models:/NAME@ALIAS, models:/NAME/VERSION or a study config"),
+        (["nonsense"], "expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, a"),
+        (["runs:/0123abc", "--tracking-uri", uri], "model 'runs:/0123abc' is not in the tracking"),
         (["models:/m@champion"], "models:/m@champion: no tracking URI; give --tracking-uri"),
         (["models:/m@champion", "--tracking-uri", uri], "model 'models:/m@champion' is not in"),
         (["models:/m/1", "--split", "train"], "--split train: choose test"),

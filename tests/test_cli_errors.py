@@ -160,6 +160,14 @@ CASES: dict[str, dict[str, Case]] = {
             lambda w: [w.tmp / "none"],
         ),
         "not a model": Case(lambda w: ["evaluate", "nonsense"], "expected models:/NAME@ALIAS"),
+        "checkpoint without its config": Case(
+            lambda w: ["evaluate", str(w.tmp / "weights.pt"), "--float-only"],
+            "a checkpoint file needs the config it was trained with (--config)",
+        ),
+        "target risk above one": Case(
+            lambda w: ["evaluate", "models:/m@champion", "--target-risk", "5"],
+            "--target-risk 5.0: give a fraction between 0 and 1, e.g. 0.01",
+        ),
     },
     "dashboard": {
         "no stored study": Case(
@@ -206,6 +214,20 @@ CASES: dict[str, dict[str, Case]] = {
             "val_fraction and test_fraction must be in (0, 1) and sum below 1",
         ),
     },
+    "data relabel": {
+        "fixes file absent": Case(
+            lambda w: [
+                "data",
+                "relabel",
+                str(w.digits),
+                str(w.tmp / "fixed"),
+                "--fixes",
+                str(w.tmp / "none.csv"),
+            ],
+            "fixes file {tmp}/none.csv does not exist; give the reviewed doubts.csv",
+            lambda w: [w.tmp / "fixed"],
+        ),
+    },
     "data preview": {
         "a detector config": Case(
             lambda w: ["data", "preview", str(w.detector()), "-o", str(w.tmp / "a.png")],
@@ -216,6 +238,32 @@ CASES: dict[str, dict[str, Case]] = {
             lambda w: ["data", "preview", str(w.classifier()), "--images", "99999"],
             "--images 99999 is more than the 1077 training images of",
             lambda w: [w.tmp / "augmented.png", w.run_dir],
+        ),
+    },
+    "data doubts": {
+        "a detector config": Case(
+            lambda w: ["data", "doubts", str(w.detector()), "-o", str(w.tmp / "d")],
+            "is a detector config: label doubts are found for a classifier's image folders",
+            lambda w: [w.tmp / "d", w.tmp / "detector"],
+        ),
+        "more folds than a class has images": Case(
+            lambda w: ["data", "doubts", str(w.classifier()), "--folds=999", f"-o{w.tmp}/d"],
+            "fewer than --folds 999: every fold needs each class; lower --folds to",
+            lambda w: [w.tmp / "d", w.run_dir],
+        ),
+    },
+    "data split": {
+        "fractions that leave no train": Case(
+            lambda w: ["data", "split", str(w.digits), str(w.run_dir), "--val=0.6", "--test=0.5"],
+            "--val + --test below 1, but got --val 0.6 and --test 0.5",
+        ),
+        "a detector config for the checkpoint": Case(
+            lambda w: [
+                *("data", "split", str(w.digits), str(w.run_dir), "--by", "features"),
+                *("--checkpoint", str(w.tmp / "m.pt"), "--config", str(w.detector())),
+            ],
+            "is a detector config; give the classifier config the --checkpoint was trained with",
+            _run_dir_and_detector,
         ),
     },
     "data shapes": {

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from edgetune.cli import app
 from tasks.config import parse_config
 from tasks.data import DataError, inspect_dataset, load_rgb
-from tasks.training.preview import CAPTION, augmented_batch, write_preview
+from tasks.sheets import CAPTION
+from tasks.training.preview import augmented_batch, write_preview
 from tests.conftest import tiny_config
 
 runner = CliRunner()
@@ -115,3 +116,32 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert sorted(tmp_path.rglob("*")) == before
     with pytest.raises(DataError):
         write_preview(parse_config(yaml.safe_load(config.read_text())), tmp_path / "x.txt")
+
+
+def test_the_sheet_draws_as_the_trial_samples(digits_root: Path, tmp_path: Path) -> None:
+    """With ``train.sampling: weighted`` the sheet shows the weighted draw a trial makes
+    first, not the uniform one."""
+    from tasks.training.loaders import Balance, train_batches
+
+    raw = yaml.safe_load(_config(digits_root, tmp_path).read_text())
+    raw["train"].update(
+        sampling="weighted", class_weights={str(c): 1 + 9 * (c == 3) for c in range(10)}
+    )
+    config = parse_config(raw)
+    preview = write_preview(config, tmp_path / "sheet.png", count=40, seed=5)
+    info = inspect_dataset(digits_root, verify_images=False)
+    items = info.files["train"]
+    import torch
+
+    weighted = train_batches(
+        config.data,
+        items,
+        40,
+        seed=5,
+        device=torch.device("cpu"),
+        balance=Balance.of(config.train, info.classes),
+    )
+    assert preview.labels == [int(y) for y in next(iter(weighted))[1]]
+    # class 3 has 10 of the 19 weight units: about half the draws, not a tenth
+    assert preview.labels.count(3) >= 12
+    assert preview.labels != augmented_batch(config, items, 40, seed=5)[1]

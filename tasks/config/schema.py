@@ -62,6 +62,8 @@ TUNABLE = (
     "epochs",
     "batch_size",
     "optimizer",
+    "sampling",
+    "class_weighted_loss",
 )
 
 #: SAM's base optimizers (``train.optimizer``, ``train.optimizer_candidates``).
@@ -223,6 +225,49 @@ class TrainConfig(_Strict):
         "auto", description="channels-last memory layout (auto: on CUDA)"
     )
     compile: bool = Field(False, description="torch.compile the training passes")
+    sampling: Literal["uniform", "weighted"] = Field(
+        "uniform",
+        description="uniform: each training image once per epoch; weighted: as many draws "
+        "with replacement, the classes in the proportions of class_weights (default: equal)",
+    )
+    class_weights: dict[str, float] | None = Field(
+        None,
+        description="class folder name -> positive relative weight, for weighted sampling "
+        "and the weighted loss (null: equal)",
+    )
+    class_weighted_loss: bool = Field(
+        False,
+        description="cross-entropy weighted per class: N/(K·n_c), times class_weights",
+    )
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights_as_floats(cls, value: Any) -> Any:
+        """YAML writes ``1`` for a weight of one: whole numbers are weights too."""
+        if not isinstance(value, dict):
+            return value
+        return {
+            k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+            for k, v in value.items()
+        }
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(
+                "names no class; give every class folder a positive weight, or null for equal "
+                "proportions"
+            )
+        for name, weight in value.items():
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(
+                    f"class {name!r} has weight {weight:g}; weights are relative proportions, "
+                    f"give every class a positive finite weight"
+                )
+        return value
 
     @field_validator("batch_size", mode="plain", json_schema_input_type=int | Literal["auto"])
     @classmethod
@@ -259,6 +304,31 @@ class TrainConfig(_Strict):
                 f"{self.auto_batch_min}; raise auto_batch_max or lower auto_batch_min"
             )
         return self
+
+
+def class_weights_refusal(
+    weights: dict[str, float] | None, classes: typing.Sequence[str]
+) -> str | None:
+    """Why ``train.class_weights`` does not fit the dataset's class folders ``classes``
+    (None: it does, or it is not set): every class needs a weight, and only classes."""
+    if weights is None:
+        return None
+    example = "{" + ", ".join(f"{name}: 1.0" for name in classes) + "}"
+    for name in weights:
+        if name not in classes:
+            return (
+                f"train.class_weights: {name!r} is not a class folder of the dataset"
+                f"{_suggest(name, classes)}; key the weights by class folder name "
+                f"({', '.join(classes)})"
+            )
+    missing = [name for name in classes if name not in weights]
+    if missing:
+        return (
+            f"train.class_weights: no weight for class {', '.join(map(repr, missing))}; give "
+            f"every class a weight, e.g. {example}, or set class_weights: null for equal "
+            f"proportions"
+        )
+    return None
 
 
 class ExportConfig(_Strict):

@@ -43,6 +43,7 @@ from optuna.distributions import (
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from tasks.config import EdgetuneConfig
 from tasks.data import load_bundle
 from tasks.hpo.interactive import write_html
 from tasks.hpo.recovery import outcome_count
@@ -59,9 +60,11 @@ from tasks.hpo.study import (
 )
 from tasks.hpo.study import best_trial as best_of
 from tasks.metrics import augrc, risk_coverage_curve
+from tasks.report import agg_figure
 from tasks.tracking import Tracker, one_line
 from tasks.workloads.base import Objective, StudyTarget
 from tasks.workloads.classifier import BUNDLE
+from tasks.workloads.evaluation import DEVICE_PROBS, report_trial
 from tasks.workloads.registry import objective_for
 
 HPO_DIR = "hpo"
@@ -78,7 +81,8 @@ def records_root(config: StudyTarget) -> Path:
 
 
 STATUS_FILE = "status.json"
-DEVICE_PROBS = "device/device_probs.npy"
+#: The champion's report (``tasks.report``), beside ``hpo/`` and ``plots/``.
+REPORT_DIR = "report"
 #: Complete trials whose risk–coverage curves are drawn.
 TOP_K = 3
 #: Stage spans kept on each trial by the parent flow: (name, start attribute, end attribute).
@@ -354,21 +358,40 @@ def on_study_end(run: StudyRun, state: str) -> None:
         _publish(run, make_plots(run), PLOTS_DIR)
     except Exception as exc:
         run.logger.warning("plots not logged: %s", one_line(exc))
+    champion_report(run)
+
+
+def champion_report(run: StudyRun) -> Path | None:
+    """The report of the trial this study made champion (``tasks.report``), into
+    ``<records>/report/`` and the trial's run; None when there is none to make (a detector
+    study, no new champion). A report that fails is logged; the study's result stands."""
+    crowned = run.study.user_attrs.get("champion") or {}
+    config = run.config
+    if crowned.get("trial") is None or not isinstance(config, EdgetuneConfig):
+        return None  # no new champion, or a detector study
+    trial = run.study.trials[int(crowned["trial"])]
+    out = records_root(config) / REPORT_DIR
+    started = time.monotonic()
+    try:
+        summary = report_trial(
+            config, run.tracker, trial.user_attrs[ATTR_RUN_ID], run.parent_run_id, out
+        )
+    except Exception as exc:
+        run.logger.warning("champion report not written: %s", one_line(exc))
+        return None
+    changed = summary.get("changed", {}).get("total", 0)
+    run.logger.info(
+        "champion report (trial %d, %d images, %d predictions changed on the board) in %s (%.1f s)",
+        trial.number,
+        summary["images"],
+        changed,
+        out,
+        time.monotonic() - started,
+    )
+    return out
 
 
 # Plots ----------------------------------------------------------------------------------
-
-
-def _figure(width: float = 7.0, height: float = 4.5, columns: int = 1) -> tuple[Any, Any]:
-    """A figure on the Agg canvas, without pyplot (no global state, safe in threads)."""
-    # matplotlib, fANOVA and optuna-dashboard load only where a plot or the dashboard is made.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width * columns, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, columns)
-    return figure, axes
 
 
 def _save(figure: Any, path: Path) -> Path:
@@ -405,7 +428,7 @@ def plot_history(
         value = float(trial.values[0])
         best = value if not rows else better(best, value)
         rows.append((trial.number, value, best))
-    figure, axes = _figure()
+    figure, axes = agg_figure()
     numbers = [r[0] for r in rows]
     axes.scatter(numbers, [r[1] for r in rows], s=22, color="tab:blue", label="trial", zorder=3)
     axes.step(numbers, [r[2] for r in rows], where="post", color="tab:red", label="best so far")
@@ -490,7 +513,7 @@ def plot_importances(study: optuna.Study, path: Path, seed: int = 0) -> dict[str
     if not all(math.isfinite(v) for v in importances.values()):
         raise ValueError(f"importances are not finite: {importances}")
     names = sorted(importances, key=lambda n: importances[n])
-    figure, axes = _figure(height=1.2 + 0.45 * len(names))
+    figure, axes = agg_figure(height=1.2 + 0.45 * len(names))
     axes.barh(range(len(names)), [importances[n] for n in names], color="tab:blue")
     axes.set_yticks(range(len(names)), names)
     for y, name in enumerate(names):
@@ -523,7 +546,7 @@ def plot_pareto_front(
     on_front = set(front)
     labels = list(names or study.metric_names or [f"objective {i}" for i in range(2)])
     directions = [d.name.lower() for d in study.directions]
-    figure, axes = _figure(width=6.0, height=5.0)
+    figure, axes = agg_figure(width=6.0, height=5.0)
     rest = [t for t in done if t.number not in on_front]
     best = sorted((t for t in done if t.number in on_front), key=lambda t: t.values[0])
     axes.scatter(
@@ -571,7 +594,7 @@ def plot_risk_coverage(
     if not best:
         return None
     drawn: dict[int, float] = {}
-    figure, (generalized, selective) = _figure(width=5.5, columns=2)
+    figure, (generalized, selective) = agg_figure(width=5.5, columns=2)
     with tempfile.TemporaryDirectory(prefix="edgetune-plots-") as tmp:
         labels = load_bundle(tracker.download(parent_run_id, BUNDLE, Path(tmp)))["labels"]
         for trial in best:

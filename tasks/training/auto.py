@@ -9,7 +9,8 @@
   ``cpu_batch_size`` without probing.
 - ``train.optimizer: auto``: each of ``optimizer_candidates`` trains the first
   ``auto_epochs`` epochs of the trial's own schedule (same seed, data and settings, the
-  batch size above); the one with the lowest validation cross-entropy is kept.
+  batch size above, the trial's sampling and loss: ``Balance``); the one with the lowest
+  validation cross-entropy is kept.
 
 The trial then trains from scratch with what was chosen; ``AutoChoices`` says what that
 was and why, for the trial's MLflow run, its outcome and its log line.
@@ -30,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel
 from tasks.config import AUTO, DataConfig, TrainConfig
 from tasks.training.fmfp import make_sam, resolve_device, sam_step, train_fmfp
 from tasks.training.gpus import device_budget
-from tasks.training.loaders import on_device_bytes, train_batches
+from tasks.training.loaders import Balance, on_device_bytes, train_batches
 from tasks.training.precision import prepare, resolve_precision
 
 
@@ -225,12 +226,13 @@ def resolve_auto(
     num_classes: int,
     seed: int,
     fits: Callable[[int], bool] | None = None,
+    balance: Balance | None = None,
 ) -> AutoChoices:
     """``settings`` with ``auto`` replaced by what suits this host, data and model.
 
     ``make_model`` builds the trial's initial model (seeded); short runs train on
-    ``train_items`` (read as ``data`` says) and are scored on ``val_images``. ``fits`` replaces the GPU memory
-    probe (tests).
+    ``train_items`` (read as ``data`` says, drawn and weighted as ``balance`` says) and are
+    scored on ``val_images``. ``fits`` replaces the GPU memory probe (tests).
     """
     if not needs_choices(settings):
         return AutoChoices(settings=settings)
@@ -256,9 +258,13 @@ def resolve_auto(
     if settings.optimizer == AUTO:
         assert isinstance(settings.batch_size, int)
         size = settings.batch_size
+        balance = balance or Balance()
+        loss_weights = balance.loss_weights([label for _, label in train_items])
 
         def short_run(name: str) -> float:
-            loader = train_batches(data, train_items, size, seed=seed, device=device)
+            loader = train_batches(
+                data, train_items, size, seed=seed, device=device, balance=balance
+            )
             candidate = settings.model_copy(update={"optimizer": name})
             result = train_fmfp(
                 make_model(),
@@ -267,6 +273,7 @@ def resolve_auto(
                 val_labels,
                 candidate,
                 stop_after=epochs,
+                loss_weights=loss_weights,
             )
             return result.history[-1]["val_loss"]
 

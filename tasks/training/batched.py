@@ -35,9 +35,10 @@ class BatchedImages:
     """Shuffled, augmented, normalised batches of a decoded image tensor, on its device.
 
     ``images``: uint8 (N, 3, H, W) on the training device; ``labels``: int64 (N,) beside
-    it; ``g``: the trial's CPU generator every draw comes from. Iterating gives one epoch;
-    the last partial batch is dropped when there is more than one batch (BatchNorm cannot
-    train on a batch of one), as the per-image loader does.
+    it; ``g``: the trial's CPU generator every draw comes from; ``weights``: per image, on
+    the CPU, for weighted sampling (None: each image once an epoch). Iterating gives one
+    epoch; the last partial batch is dropped when there is more than one batch (BatchNorm
+    cannot train on a batch of one), as the per-image loader does.
     """
 
     def __init__(
@@ -47,12 +48,15 @@ class BatchedImages:
         augment: AugmentConfig,
         batch_size: int,
         g: torch.Generator,
+        *,
+        weights: torch.Tensor | None = None,
     ) -> None:
         self.images = images
         self.labels = labels
         self.augment = augment
         self.batch_size = batch_size
         self.g = g
+        self.weights = weights
         self.drop_last = len(images) > batch_size
         self.mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) / 255
         self.std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) / 255
@@ -62,12 +66,20 @@ class BatchedImages:
         return full if self.drop_last or not rest else full + 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.images), generator=self.g).to(self.images.device)
+        order = self._order().to(self.images.device)
         for k in range(len(self)):
             index = order[k * self.batch_size : (k + 1) * self.batch_size]
             batch = self.images[index].float() / 255
             batch = augment_batch(batch, self.augment, self.g)
             yield (batch - self.mean) / self.std, self.labels[index]
+
+    def _order(self) -> torch.Tensor:
+        """One epoch's image indices: a permutation, or as many weighted draws with
+        replacement; the per-image path's ``tasks.training.loaders.epoch_order`` (that
+        module imports this one, so it is not imported here)."""
+        if self.weights is None:
+            return torch.randperm(len(self.images), generator=self.g)
+        return torch.multinomial(self.weights, len(self.images), replacement=True, generator=self.g)
 
 
 def augment_batch(images: torch.Tensor, augment: AugmentConfig, g: torch.Generator) -> torch.Tensor:

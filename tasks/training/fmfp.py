@@ -1,8 +1,9 @@
 """FMFP training (flat minima for failure prediction, ECCV 2022).
 
-SAM around SGD with plain cross-entropy; cosine annealing from ``lr`` to ``eta_min`` over
-the first ``swa_start`` epochs; then stochastic weight averaging with SWALR(``swa_lr``)
-and a BatchNorm refresh. The averaged model is the result.
+SAM around SGD with cross-entropy (per class weighted with ``train.class_weighted_loss``,
+the weights given by the caller: ``tasks.training.loaders.Balance``); cosine annealing
+from ``lr`` to ``eta_min`` over the first ``swa_start`` epochs; then stochastic weight
+averaging with SWALR(``swa_lr``) and a BatchNorm refresh. The averaged model is the result.
 
 After every epoch the float validation metrics (AUGRC first) of the model that *would*
 be the result are passed to ``on_epoch``, which may raise to stop the run (pruning).
@@ -193,13 +194,16 @@ def sam_step(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     precision: Precision,
+    criterion: nn.Module | None = None,
 ) -> torch.Tensor:
     """One SAM step on one batch (two forward/backward passes); the first pass's loss.
 
-    With an fp16 scaler, a step whose first gradient overflowed is skipped whole (the
-    weights stay, the scale is lowered); the second pass's overflow is the scaler's own skip.
+    ``criterion``: the loss of both passes (None: plain cross-entropy). With an fp16
+    scaler, a step whose first gradient overflowed is skipped whole (the weights stay, the
+    scale is lowered); the second pass's overflow is the scaler's own skip.
     """
-    criterion = nn.CrossEntropyLoss()
+    if criterion is None:
+        criterion = nn.CrossEntropyLoss()
     scaler = precision.scaler
     with precision.autocast():
         loss = criterion(model(inputs), targets)
@@ -236,6 +240,7 @@ def _train_epoch(
     guard: DivergenceGuard,
     epoch: int,
     every: int = 1,
+    criterion: nn.Module | None = None,
 ) -> float:
     """One epoch of SAM steps; the mean training loss. The losses are read ``every``
     batches at a time (the guard still names the first bad batch)."""
@@ -258,7 +263,8 @@ def _train_epoch(
             precision.inputs(inputs.to(device, non_blocking=True)),
             targets.to(device, non_blocking=True),
         )
-        losses.append((sam_step(forward, optimizer, inputs, targets, precision), len(targets)))
+        loss = sam_step(forward, optimizer, inputs, targets, precision, criterion)
+        losses.append((loss, len(targets)))
         if len(losses) == every:
             check(batch + 1 - every)
     if losses:
@@ -266,7 +272,7 @@ def _train_epoch(
     return total / max(count, 1)
 
 
-def _check_settings(params: TrainConfig) -> None:
+def _check_settings(params: TrainConfig, loss_weights: torch.Tensor | None) -> None:
     if not 0 <= params.swa_start < params.epochs:
         raise ValueError(
             f"swa_start must be in [0, epochs), but got swa_start={params.swa_start}, "
@@ -277,6 +283,38 @@ def _check_settings(params: TrainConfig) -> None:
             "train_fmfp needs a chosen optimizer, but got optimizer='auto'; "
             "resolve it first with tasks.training.auto.resolve_auto"
         )
+    if params.class_weighted_loss and loss_weights is None:
+        raise ValueError(
+            "train_fmfp needs loss_weights with class_weighted_loss: true; compute them with "
+            "tasks.training.loaders.Balance.loss_weights"
+        )
+
+
+def weighted_loss(weights: torch.Tensor | None, device: torch.device) -> nn.Module:
+    """The training loss: cross-entropy, its classes weighted by ``weights`` (None: equal)."""
+    return nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+
+
+def _schedule(
+    epoch: int,
+    params: TrainConfig,
+    model: nn.Module,
+    swa_model: AveragedModel,
+    swa_scheduler: SWALR,
+    cosine: Any,
+    loader: Iterable[Any],
+    device: torch.device,
+) -> nn.Module:
+    """The end of an epoch's schedule: from ``swa_start`` the weights join the average
+    (BatchNorm refreshed over ``loader``), before it the cosine steps. Returns the model
+    that would be the result now."""
+    if epoch >= params.swa_start:
+        swa_model.update_parameters(model)
+        swa_scheduler.step()
+        update_bn(loader, swa_model, device=device)
+        return swa_model
+    cosine.step()
+    return model
 
 
 def _diverged_row(diverged: TrainingDiverged, optimizer: SAM) -> dict[str, float]:
@@ -298,6 +336,7 @@ def train_fmfp(
     *,
     on_epoch: EpochCallback | None = None,
     stop_after: int | None = None,
+    loss_weights: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train with FMFP and return the SWA model (BatchNorm refreshed) on the CPU.
 
@@ -309,9 +348,11 @@ def train_fmfp(
     at that batch. ``stop_after`` ends the run after that many epochs of the full schedule
     (a short run that compares settings; its model is not the result of a trial): there a
     divergence ends the run with a validation loss of inf instead, a comparison it loses.
+    ``loss_weights``: per class, for the training loss (validation stays unweighted).
     """
-    _check_settings(params)
+    _check_settings(params, loss_weights)
     device = resolve_device(params.device)
+    criterion = weighted_loss(loss_weights, device)
     model = model.to(device)
     precision = resolve_precision(params, device)
     forward = prepare(model, precision, params.compile)
@@ -331,20 +372,15 @@ def train_fmfp(
     every = 1 if device.type == "cpu" else GUARD_EVERY  # each read of a loss waits for a GPU
     for epoch in range(epochs):
         try:
-            train_loss = _train_epoch(forward, loader, optimizer, precision, guard, epoch, every)
+            train_loss = _train_epoch(
+                forward, loader, optimizer, precision, guard, epoch, every, criterion
+            )
         except TrainingDiverged as diverged:
             if stop_after is None:
                 raise
             history.append(_diverged_row(diverged, optimizer))
             break
-        if epoch >= params.swa_start:
-            swa_model.update_parameters(model)
-            swa_scheduler.step()
-            update_bn(loader, swa_model, device=device)
-            current: nn.Module = swa_model
-        else:
-            cosine.step()
-            current = model
+        current = _schedule(epoch, params, model, swa_model, swa_scheduler, cosine, loader, device)
         # in training-sized batches: they fit, and a CPU's caches favour them over larger ones
         metrics = _validate(current, val_images, val_labels, device, loader_batch(loader, params))
         row = {

@@ -10,6 +10,11 @@ draw, and the same trial seed gives the same batches.
 training device (``tasks.training.batched``) when the decoded set fits there, else this
 module's loader, image by image in worker processes. Both read the images decoded once per
 host (``tasks.training.cache``) unless ``data.cache`` is off.
+
+Both draw an epoch's images the same way (``epoch_order``, ``Balance``): with
+``train.sampling: uniform`` a permutation, each image once; with ``weighted`` as many
+draws with replacement, so that the classes come in the proportions of
+``train.class_weights`` (equal without), however imbalanced the set.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from tasks.config import AugmentConfig, DataConfig
+from tasks.config import AugmentConfig, ConfigError, DataConfig, TrainConfig
+from tasks.config.schema import class_weights_refusal
 from tasks.data import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalise
 from tasks.training.cache import decode_images, decoded_images
 from tasks.training.gpus import device_budget
@@ -114,18 +121,91 @@ class ImageItems(Dataset[tuple[torch.Tensor, int]]):
         return F.normalize(image, _MEAN, _STD), label
 
 
-class DrawSampler(Sampler[tuple[int, int]]):
-    """Each epoch: a permutation of the images, each with its own augmentation seed."""
+@dataclass(frozen=True)
+class Balance:
+    """What a trial does against class imbalance: how it draws its training images
+    (``train.sampling``) and whether its loss weighs the classes
+    (``train.class_weighted_loss``), with ``train.class_weights`` in the dataset's class
+    order (None: equal). ``classes``: how many the dataset has (0: the labels' largest + 1).
+    """
 
-    def __init__(self, size: int, g: torch.Generator) -> None:
+    sampling: str = "uniform"
+    class_weights: tuple[float, ...] | None = None
+    weighted_loss: bool = False
+    classes: int = 0
+
+    @classmethod
+    def of(cls, settings: TrainConfig, classes: Sequence[str]) -> Balance:
+        """A trial's settings, its weights (keyed by class folder name) checked and put in
+        the order of ``classes``, the dataset's class folders."""
+        refusal = class_weights_refusal(settings.class_weights, classes)
+        if refusal:
+            raise ConfigError(refusal)
+        given = settings.class_weights
+        return cls(
+            sampling=settings.sampling,
+            class_weights=None if given is None else tuple(given[name] for name in classes),
+            weighted_loss=settings.class_weighted_loss,
+            classes=len(classes),
+        )
+
+    def _counts(self, labels: Sequence[int]) -> np.ndarray:
+        """Images per class; classes past the labels' largest count 0."""
+        return np.bincount(np.asarray(labels, dtype=np.int64), minlength=self.classes)
+
+    def proportions(self, classes: int) -> np.ndarray:
+        """Each class's share of the draws: the class weights over their sum (equal without)."""
+        weights = np.ones(classes) if self.class_weights is None else np.array(self.class_weights)
+        return weights / weights.sum()
+
+    def image_weights(self, labels: Sequence[int]) -> torch.Tensor | None:
+        """Per image, its class's share of the draws over the class's images: the weights
+        ``weighted`` sampling draws with (None: ``uniform``, each image once an epoch)."""
+        if self.sampling == "uniform":
+            return None
+        counts = self._counts(labels)
+        share = self.proportions(len(counts)) / np.maximum(counts, 1)
+        return torch.from_numpy(share[np.asarray(labels, dtype=np.int64)])
+
+    def loss_weights(self, labels: Sequence[int]) -> torch.Tensor | None:
+        """Per class, the weight of its images in the cross-entropy (None: unweighted):
+        scikit-learn's "balanced" N/(K·n_c), and with class weights times their share,
+        scaled to a mean of 1 over the classes. A weighted cross-entropy is a weighted mean,
+        so the scale does not change the loss; only the ratios do."""
+        if not self.weighted_loss:
+            return None
+        counts = self._counts(labels)
+        k = len(counts)
+        weights = np.where(counts > 0, len(labels) / (k * np.maximum(counts, 1)), 0.0)
+        if self.class_weights is not None:
+            weights = weights * self.proportions(k)
+            weights = weights * k / weights.sum()
+        return torch.tensor(weights, dtype=torch.float32)
+
+
+def epoch_order(size: int, g: torch.Generator, weights: torch.Tensor | None) -> torch.Tensor:
+    """One epoch's image indices, drawn from ``g``: a permutation of ``size`` images
+    (``weights`` None), else ``size`` draws with replacement, image ``i`` with probability
+    ``weights[i]`` over their sum."""
+    if weights is None:
+        return torch.randperm(size, generator=g)
+    return torch.multinomial(weights, size, replacement=True, generator=g)
+
+
+class DrawSampler(Sampler[tuple[int, int]]):
+    """Each epoch: the images' order (``epoch_order``: a permutation, or weighted draws),
+    each draw with its own augmentation seed."""
+
+    def __init__(self, size: int, g: torch.Generator, weights: torch.Tensor | None = None) -> None:
         self.size = size
         self.g = g
+        self.weights = weights
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.size, generator=self.g).tolist()
+        order = epoch_order(self.size, self.g, self.weights).tolist()
         seeds = torch.randint(0, 2**62, (self.size,), generator=self.g).tolist()
         return iter(zip(order, seeds, strict=True))
 
@@ -140,12 +220,14 @@ def train_loader(
     num_workers: int = 0,
     images: np.ndarray | None = None,
     pin_memory: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> DataLoader[tuple[torch.Tensor, int]]:
-    """Shuffled, augmented batches of ``items``, all drawn from the trial seed ``seed``."""
+    """Shuffled, augmented batches of ``items``, all drawn from the trial seed ``seed``
+    (``weights``: per image, for weighted sampling; see ``Balance.image_weights``)."""
     return DataLoader(
         ImageItems(items, image_size, augment, images),
         batch_size=batch_size,
-        sampler=DrawSampler(len(items), generator(seed, "shuffle")),
+        sampler=DrawSampler(len(items), generator(seed, "shuffle"), weights),
         drop_last=len(items) > batch_size,  # BatchNorm cannot train on a batch of one
         generator=generator(seed, "workers"),  # the workers' base seed
         num_workers=num_workers,
@@ -175,18 +257,22 @@ def train_batches(
     seed: int,
     device: torch.device,
     share: float = DEVICE_SHARE,
+    balance: Balance | None = None,
 ) -> Iterable[Any]:
     """One trial's training batches, on the path ``data.loader`` names (``auto``: batched on
-    the device when the decoded set takes at most ``share`` of the training's memory)."""
+    the device when the decoded set takes at most ``share`` of the training's memory),
+    drawn as ``balance`` says (``train.sampling``; None: uniform)."""
     from tasks.training.batched import BatchedImages  # kornia: only on this path
 
     size = data.image_size
     images = decoded_images(items, size) if data.cache else None
+    weights = (balance or Balance()).image_weights([label for _, label in items])
     if use_batched(data.loader, decoded_bytes(items, size), device, share):
         array = images if images is not None else decode_images(items, size)
         labels = torch.tensor([label for _, label in items], dtype=torch.int64, device=device)
+        g = generator(seed, "shuffle")
         return BatchedImages(
-            on_device(array, device), labels, data.augment, batch_size, generator(seed, "shuffle")
+            on_device(array, device), labels, data.augment, batch_size, g, weights=weights
         )
     return train_loader(
         items,
@@ -197,6 +283,7 @@ def train_batches(
         num_workers=data.num_workers,
         images=images,
         pin_memory=device.type == "cuda",
+        weights=weights,
     )
 
 

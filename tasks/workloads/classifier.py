@@ -66,6 +66,7 @@ from tasks.workloads.base import (
 
 if TYPE_CHECKING:  # torch, imported only where a training runs
     from tasks.training.auto import AutoChoices
+    from tasks.training.loaders import Balance
 
 BUNDLE = "inputs/val_bundle.npz"
 CALIBRATION = "inputs/calibration.npz"
@@ -131,7 +132,7 @@ def train(
     # torch is imported where it is used: the compile and device stages never need it.
     from tasks.models import create_model
     from tasks.training.fmfp import resolve_device, train_fmfp
-    from tasks.training.loaders import bundle_tensors, train_batches
+    from tasks.training.loaders import Balance, bundle_tensors, train_batches
     from tasks.training.rng import build_model
 
     started = time.time()
@@ -139,9 +140,10 @@ def train(
     tracker.log_params(run_id, {"trial_seed": seed})
     settings = trial_train_config(config, params)
     info = inspect_dataset(config.data.root, verify_images=False)
+    balance = Balance.of(settings, info.classes)  # train.sampling, class weights and loss
     with scratch(config, "train") as work:
         bundle = load_bundle(tracker.download(parent_run_id, BUNDLE, work))
-        val_x, val_y = bundle_tensors(bundle)
+        val_x, val_y = val = bundle_tensors(bundle)
         items = info.items(config.data.train_splits)
 
         def make_model() -> Any:
@@ -155,7 +157,7 @@ def train(
                 ),
             )
 
-        choices = _auto_choices(config, settings, info, make_model, (val_x, val_y), work, seed)
+        choices = _auto_choices(config, settings, info, make_model, val, work, seed, balance)
         if choices.chosen:
             tracker.log_params(run_id, choices.params())
             tracker.log_metrics(run_id, choices.metrics())
@@ -167,8 +169,8 @@ def train(
             settings.batch_size,
             seed=seed,
             device=resolve_device(settings.device),
+            balance=balance,
         )
-        model = make_model()
 
         def log_epoch(epoch: int, row: dict[str, float]) -> None:
             row = _per_epoch(config, row)
@@ -176,7 +178,10 @@ def train(
             if on_epoch is not None:
                 on_epoch(epoch, row)
 
-        result = train_fmfp(model, loader, val_x, val_y, settings, on_epoch=log_epoch)
+        weights = balance.loss_weights([label for _, label in items])  # None: unweighted
+        result = train_fmfp(
+            make_model(), loader, val_x, val_y, settings, on_epoch=log_epoch, loss_weights=weights
+        )
         exported = _save_model(config, tracker, run_id, result.model, val_x[:32].numpy(), work)
     metrics = {f"{split_prefix(config)}float_{k}": v for k, v in result.metrics.items()}
     metrics["onnx_max_abs_diff"] = exported.max_abs_diff
@@ -204,9 +209,11 @@ def _auto_choices(
     val: tuple[Any, Any],
     work: Path,
     seed: int,
+    balance: Balance,
 ) -> AutoChoices:
     """Settings left to ``auto`` (optimizer, batch size), decided on train and val (never
-    on test: with ``train+val`` the choice is made on val before the final training)."""
+    on test: with ``train+val`` the choice is made on val before the final training), the
+    short runs drawn and weighted as the trial (``balance``)."""
     # torch loads only where a trial trains: compile and device stages never need it.
     from tasks.training.auto import resolve_auto
     from tasks.training.loaders import bundle_tensors
@@ -226,6 +233,7 @@ def _auto_choices(
         data=config.data,
         num_classes=len(info.classes),
         seed=seed,
+        balance=balance,
     )
 
 
