@@ -29,6 +29,7 @@ from kornia.geometry.transform import get_perspective_transform, rotate, warp_pe
 
 from tasks.config import AugmentConfig
 from tasks.data import IMAGENET_MEAN, IMAGENET_STD
+from tasks.training.rng import epoch_order
 
 
 class BatchedImages:
@@ -66,20 +67,12 @@ class BatchedImages:
         return full if self.drop_last or not rest else full + 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order().to(self.images.device)
+        order = epoch_order(len(self.images), self.g, self.weights).to(self.images.device)
         for k in range(len(self)):
             index = order[k * self.batch_size : (k + 1) * self.batch_size]
             batch = self.images[index].float() / 255
             batch = augment_batch(batch, self.augment, self.g)
             yield (batch - self.mean) / self.std, self.labels[index]
-
-    def _order(self) -> torch.Tensor:
-        """One epoch's image indices: a permutation, or as many weighted draws with
-        replacement; the per-image path's ``tasks.training.loaders.epoch_order`` (that
-        module imports this one, so it is not imported here)."""
-        if self.weights is None:
-            return torch.randperm(len(self.images), generator=self.g)
-        return torch.multinomial(self.weights, len(self.images), replacement=True, generator=self.g)
 
 
 def augment_batch(images: torch.Tensor, augment: AugmentConfig, g: torch.Generator) -> torch.Tensor:

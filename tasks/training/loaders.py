@@ -37,7 +37,7 @@ from tasks.config.schema import class_weights_refusal
 from tasks.data import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalise
 from tasks.training.cache import decode_images, decoded_images
 from tasks.training.gpus import device_budget
-from tasks.training.rng import generator
+from tasks.training.rng import epoch_order, generator
 
 _MEAN = [m / 255 for m in IMAGENET_MEAN]
 _STD = [s / 255 for s in IMAGENET_STD]
@@ -181,15 +181,6 @@ class Balance:
             weights = weights * self.proportions(k)
             weights = weights * k / weights.sum()
         return torch.tensor(weights, dtype=torch.float32)
-
-
-def epoch_order(size: int, g: torch.Generator, weights: torch.Tensor | None) -> torch.Tensor:
-    """One epoch's image indices, drawn from ``g``: a permutation of ``size`` images
-    (``weights`` None), else ``size`` draws with replacement, image ``i`` with probability
-    ``weights[i]`` over their sum."""
-    if weights is None:
-        return torch.randperm(size, generator=g)
-    return torch.multinomial(weights, size, replacement=True, generator=g)
 
 
 class DrawSampler(Sampler[tuple[int, int]]):

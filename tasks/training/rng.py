@@ -168,3 +168,12 @@ def own_noise(model: nn.Module, seed: int) -> nn.Module:
             if new is not None:
                 setattr(module, name, new)
     return model
+
+
+def epoch_order(size: int, g: torch.Generator, weights: torch.Tensor | None) -> torch.Tensor:
+    """One epoch's image indices, drawn from ``g``: a permutation of ``size`` images
+    (``weights`` None), else ``size`` draws with replacement, image ``i`` with probability
+    ``weights[i]`` over their sum."""
+    if weights is None:
+        return torch.randperm(size, generator=g)
+    return torch.multinomial(weights, size, replacement=True, generator=g)
