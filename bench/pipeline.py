@@ -154,31 +154,59 @@ def study_config(
     }
 
 
+def queue_waits(ready: list[float], spans: list[tuple[float, float]], slots: int) -> list[float]:
+    """How long each job waited because all ``slots`` of its stage were taken by others
+    (in the stage, or queued ahead of it and started before it): none if a slot was free
+    when it was ready; else until the last slot released before it started (the jobs
+    ahead of it took the earlier ones). The rest of its wait, from that release to its
+    start, is the handoff: dispatch."""
+    waits = []
+    for i, (at, (start, _)) in enumerate(zip(ready, spans, strict=True)):
+        others = [
+            (r, s, e) for j, (r, (s, e)) in enumerate(zip(ready, spans, strict=True)) if j != i
+        ]
+        taken = sum(1 for r, s, e in others if s <= at < e or (r <= at < s and s <= start))
+        if taken < slots:
+            waits.append(0.0)
+            continue
+        released = max((e for _, _, e in others if at < e <= start), default=at)
+        waits.append(released - at)
+    return waits
+
+
+def handoff_gaps(ready: list[float], spans: list[tuple[float, float]]) -> list[float]:
+    """The board's idle time between one evaluation and the next, where the next model was
+    ready (compiled) before the board came free: what a handoff costs."""
+    order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+    return [
+        spans[b][0] - spans[a][1] for a, b in itertools.pairwise(order) if ready[b] <= spans[a][1]
+    ]
+
+
 def measure(study: Any, args: argparse.Namespace) -> dict[str, float]:
     trials = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
     a = [t.user_attrs for t in trials]
     start = min(x["asked_at"] for x in a)
     wall = max(x["evaluate_returned_at"] for x in a) - start
     train_work = [x["train_finished"] - x["train_started"] for x in a]
-    board = sorted((x["device_started"], x["device_finished"], i) for i, x in enumerate(a))
-    board_wait = [0.0] * len(a)
-    for (_, previous_end, _), (_, _, i) in itertools.pairwise(board):
-        board_wait[i] = max(0.0, previous_end - a[i]["compile_finished"])
+    compile_spans = [(x["compile_started"], x["compile_finished"]) for x in a]
+    board = [(x["device_started"], x["device_finished"]) for x in a]
+    compiled = [x["compile_finished"] for x in a]
+    compile_wait = queue_waits([x["train_finished"] for x in a], compile_spans, args.compile_slots)
+    board_wait = queue_waits(compiled, board, 1)
     overhead = []
     for i, x in enumerate(a):
         train_span = x["train_returned_at"] - x["asked_at"]
         eval_span = x["evaluate_returned_at"] - x["train_returned_at"]
-        work = (
-            train_work[i]
-            + (x["compile_finished"] - x["compile_started"])
-            + (x["device_finished"] - x["device_started"])
-        )
-        overhead.append(train_span + eval_span - work - board_wait[i])
+        work = train_work[i] + (compile_spans[i][1] - compile_spans[i][0])
+        work += board[i][1] - board[i][0]
+        overhead.append(train_span + eval_span - work - compile_wait[i] - board_wait[i])
     minutes = {k: getattr(args, k) / 60 for k in ("train", "compile", "device")}
     bound = 60 * min(
         args.gpus / minutes["train"], args.compile_slots / minutes["compile"], 1 / minutes["device"]
     )
     throughput = len(trials) / wall * 3600
+    gaps = handoff_gaps(compiled, board)
     return {
         "trials": len(trials),
         "wall_s": wall,
@@ -186,9 +214,19 @@ def measure(study: Any, args: argparse.Namespace) -> dict[str, float]:
         "bound_per_h": bound,
         "fraction_of_bound": throughput / bound,
         "gpu_utilisation": sum(train_work) / (args.gpus * wall),
-        "board_utilisation": sum(e - s for s, e, _ in board) / wall,
+        "board_utilisation": sum(e - s for s, e in board) / wall,
+        # the same, without the run's head and tail: GPUs while trainings remained, the
+        # board from its first evaluation on (what a long study tends to)
+        "gpu_utilisation_while_training": sum(train_work)
+        / (args.gpus * (max(x["train_finished"] for x in a) - start)),
+        "board_utilisation_from_first_evaluation": sum(e - s for s, e in board)
+        / (max(e for _, e in board) - min(s for s, _ in board)),
         "orchestration_s_per_trial": statistics.median(overhead),
         "orchestration_share_of_7min_trial": statistics.median(overhead) / 420,
+        "queued_at_full_stages_s_per_trial": statistics.median(
+            c + b for c, b in zip(compile_wait, board_wait, strict=True)
+        ),
+        "board_handoff_idle_s": statistics.median(gaps) if gaps else float("nan"),
     }
 
 
@@ -205,7 +243,21 @@ def run_design(design: str, data: Path, args: argparse.Namespace) -> dict[str, f
     study = optuna.load_study(
         study_name=config["study"]["name"], storage=os.environ["EDGETUNE_STORAGE"]
     )
+    if args.timelines:  # each trial's stage times, for a closer look
+        args.timelines.mkdir(parents=True, exist_ok=True)
+        times = [
+            {"number": t.number, **{k: v for k, v in t.user_attrs.items() if k in TIMES}}
+            for t in study.get_trials()
+        ]
+        (args.timelines / f"{config['study']['name']}.json").write_text(json.dumps(times))
     return measure(study, args)
+
+
+#: The trial attributes that time its stages (as the parent and the stages saw them).
+TIMES = (
+    "asked_at", "train_started", "train_finished", "train_returned_at", "compile_started",
+    "compile_finished", "device_started", "device_finished", "evaluate_returned_at",
+)  # fmt: skip
 
 
 def header(args: argparse.Namespace) -> str:
@@ -279,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         "--scenarios", default="", help=f"preset durations, run in turn: {','.join(SCENARIOS)}"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--timelines", type=Path, help="write each study's stage times per trial in this folder"
+    )
     args = parser.parse_args(argv)
     scenarios = [name for name in args.scenarios.split(",") if name]
     unknown = [name for name in scenarios if name not in SCENARIOS]

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from bench.pipeline import SCENARIOS, main, medians, report
+from bench.pipeline import SCENARIOS, handoff_gaps, main, medians, queue_waits, report
 
 
 def _args(**over: float) -> argparse.Namespace:
@@ -42,6 +42,31 @@ def test_a_design_reports_the_median_of_its_repeats() -> None:
     runs = [{"wall_s": 300.0, "gpu_utilisation": 0.9}, {"wall_s": 100.0, "gpu_utilisation": 0.5}]
     runs.append({"wall_s": 200.0, "gpu_utilisation": 0.97})
     assert medians(runs) == {"wall_s": 200.0, "gpu_utilisation": 0.9}
+
+
+def test_waiting_at_a_full_stage_is_queueing_and_the_rest_is_dispatch() -> None:
+    """One compile slot: B, ready at 5 while A compiles until 10, waits 5 s for the slot
+    (queueing) and starts at 11 (1 s of dispatch, not counted here); C, ready at 30 with
+    the slot free, waits nothing. Two slots: B finds one free at once."""
+    spans = [(0.5, 10.0), (11.0, 20.0), (31.0, 40.0)]
+    assert queue_waits([0.0, 5.0, 30.0], spans, 1) == [0.0, 5.0, 0.0]
+    assert queue_waits([0.0, 5.0, 30.0], spans, 2) == [0.0, 0.0, 0.0]
+    # three at once on two slots: the third waits for the first to end
+    three = [(0.0, 10.0), (0.0, 12.0), (10.5, 20.0)]
+    assert queue_waits([0.0, 0.0, 0.0], three, 2) == [0.0, 0.0, 10.0]
+    # D, ready at 9 behind C (ready at 8): the slot A left at 10 went to C, so D waits for
+    # C's release at 21 and starts 1 s later
+    queue = [(0.5, 10.0), (11.0, 21.0), (22.0, 30.0)]
+    assert queue_waits([0.0, 8.0, 9.0], queue, 1) == [0.0, 2.0, 12.0]
+    # F, ready at 1 while E (ready at 0) is being handed the free slot: F is behind E
+    assert queue_waits([0.0, 1.0], [(1.5, 10.0), (11.0, 20.0)], 1) == [0.0, 9.0]
+
+
+def test_a_handoff_gap_is_the_board_idle_while_the_next_model_was_ready() -> None:
+    """B was compiled before A left the board: 1 s of idle board is the handoff. C was
+    compiled only after B left: its gap is no handoff and is not counted."""
+    board = [(0.5, 10.0), (11.0, 20.0), (31.0, 40.0)]
+    assert handoff_gaps([0.0, 5.0, 30.0], board) == [1.0]
 
 
 def test_the_table_has_one_column_per_design_and_states_the_repeats() -> None:

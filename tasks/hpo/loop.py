@@ -203,6 +203,8 @@ class StudyLoop:
         self.stage_lock = threading.Lock()  # a trial's stage is written in the order it moves
         self.board_failures: list[str] = []
         self.stopped_by: str | None = None
+        #: The study's trials as ``_to_ask`` last read them (one read per turn).
+        self.seen: list[FrozenTrial] = []
         self.started = time.time()
         self.last_beat = 0.0
         self.last_reconcile = self.started
@@ -380,26 +382,26 @@ class StudyLoop:
         self.tracker.end_run(self.parent_run_id, status)
 
     def _to_ask(self) -> int:
-        """Trials still to ask: none once a budget (time, ratio, patience) has run out."""
-        if self.stopped_by is None:
-            self.stopped_by = budget_stop(
-                self.config.study,
-                self.study.get_trials(deepcopy=False),
-                self.started,
-                time.time(),
-                self.objective.maximize,
-            )
-            if self.stopped_by is not None:
-                self.logger.warning(
-                    "study %s: %s; no new trial is asked, the %d in flight finish",
-                    self.config.study.name,
-                    self.stopped_by,
-                    len(self.slots),
-                )
-                self.tracker.set_tags(self.parent_run_id, {"edgetune.stopped_by": self.stopped_by})
+        """Trials still to ask: none once a budget (time, ratio, patience) has run out.
+
+        Reads the study's trials once (``self.seen``); the asks of the same turn look for a
+        repeated parameter set in that read, not in one of their own."""
         if self.stopped_by is not None:
             return 0
-        return still_to_ask(self.study, study_budget(self.config.study))
+        self.seen = trials = self.study.get_trials(deepcopy=False)
+        self.stopped_by = budget_stop(
+            self.config.study, trials, self.started, time.time(), self.objective.maximize
+        )
+        if self.stopped_by is not None:
+            self.logger.warning(
+                "study %s: %s; no new trial is asked, the %d in flight finish",
+                self.config.study.name,
+                self.stopped_by,
+                len(self.slots),
+            )
+            self.tracker.set_tags(self.parent_run_id, {"edgetune.stopped_by": self.stopped_by})
+            return 0
+        return still_to_ask(trials, study_budget(self.config.study))
 
     def _others_running(self) -> bool:
         """Whether trials of this study run elsewhere; reconciles the stale ones first."""
@@ -553,9 +555,7 @@ class StudyLoop:
 
     def _answered(self, trial: optuna.Trial) -> bool:
         """Tell a repeated parameter set the earlier trial's result: no second training."""
-        earlier = (
-            earlier_result(self.study, trial) if self.config.study.repeats == "reuse" else None
-        )
+        earlier = earlier_result(self.seen, trial) if self.config.study.repeats == "reuse" else None
         if earlier is None:
             return False
         state = answer(self.study, trial, earlier, self.goals)
@@ -644,7 +644,9 @@ class StudyLoop:
     def _trained(self, slot: Slot, outcome: TrainOutcome) -> None:
         slot.float_metrics = outcome.metrics
         slot.times.update(train_started=outcome.started_at, train_finished=outcome.finished_at)
-        self._enter(slot, "evaluate")
+        # Not written: the evaluation thread writes "compile" at once (a heartbeat before
+        # that writes this one).
+        slot.stage = "evaluate"
         slot.waiting, slot.on_start = True, self._started  # queued for the compiler
         self.slots[_in_context(self.eval_pool, self._evaluate, slot)] = slot
 

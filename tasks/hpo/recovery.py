@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,9 +217,9 @@ def enqueue_missing_retries(study: optuna.Study) -> list[int]:
     return [t.number for t in missing if enqueue_retry(study, t, 0, charge=False)]
 
 
-def still_to_ask(study: optuna.Study, n_trials: int) -> int:
-    """How many more trials to ask: ``n_trials`` minus outcomes minus trials RUNNING."""
-    trials = study.get_trials(deepcopy=False)
+def still_to_ask(trials: Sequence[FrozenTrial], n_trials: int) -> int:
+    """How many more trials to ask: ``n_trials`` minus outcomes minus trials RUNNING, of
+    the study's ``trials``."""
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     return max(n_trials - outcome_count(trials) - running, 0)
 

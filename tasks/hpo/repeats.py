@@ -12,6 +12,7 @@ again (to see the noise of a non-deterministic GPU, say).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -26,12 +27,15 @@ _OWN = {ATTR_OWNER, ATTR_HEARTBEAT, ATTR_STAGE, ATTR_RETRY_OF, ATTR_ATTEMPT, ATT
 _TIMES = ("_started", "_finished", "_at")
 
 
-def earlier_result(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
-    """The first finished (complete or pruned) trial with ``trial``'s parameters."""
+def earlier_result(trials: Sequence[FrozenTrial], trial: optuna.Trial) -> FrozenTrial | None:
+    """The first finished (complete or pruned) trial of the study's ``trials`` with
+    ``trial``'s parameters (one finished since they were read is not seen: its
+    parameters are trained again, as with ``repeats: train``)."""
     params = trial.params
-    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+    for other in trials:
         if (
-            other.number != trial.number
+            other.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and other.number != trial.number
             and other.params == params
             and not other.user_attrs.get(ATTR_REJECTED)
         ):

@@ -255,7 +255,7 @@ def test_a_full_disk_stops_the_study_in_one_line_and_a_rerun_finishes_it(tmp_pat
     # enqueued again with retries: 0, and not charged: a full disk is not the trial's fault
     assert retry.user_attrs == {ATTR_RETRY_OF: 1, "attempt": 0}
     assert retry.params == {} and retry.system_attrs["fixed_params"] == failed.params
-    assert outcome_count(trials) == 1 and still_to_ask(study, 3) == 2  # the retry, then one
+    assert outcome_count(trials) == 1 and still_to_ask(trials, 3) == 2  # the retry, then one
     parent = tracker.named(f"study-{config.study.name}")
     assert parent.status == "KILLED"
     assert parent.tags["edgetune.end_reason"] == f"study stopped: {message}"
@@ -291,7 +291,7 @@ def test_a_fail_whose_retry_could_not_be_enqueued_is_no_outcome_and_the_next_sta
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
     assert trials[1].user_attrs[ATTR_INFRA].startswith("study stopped: disk full: ")
-    assert outcome_count(trials) == 1 and still_to_ask(study, 3) == 2  # not an outcome
+    assert outcome_count(trials) == 1 and still_to_ask(trials, 3) == 2  # not an outcome
     assert tracker.named(f"study-{config.study.name}").status == "KILLED"
 
     disk.free()

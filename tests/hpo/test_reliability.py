@@ -90,7 +90,7 @@ def test_retries_are_traced_counted_and_bounded(tmp_path: Path) -> None:
     assert trials[1].user_attrs == {"retry_of": 0, "attempt": 1}
     assert trials[1].system_attrs["fixed_params"] == frozen.params
     assert outcome_count(trials) == 0  # the retry stands for it
-    assert still_to_ask(study, 3) == 3
+    assert still_to_ask(study.get_trials(), 3) == 3
     second = study.ask()
     assert second.suggest_float("lr", 0.01, 0.1, log=True) == frozen.params["lr"]
     study.tell(second, state=TrialState.FAIL)

@@ -75,11 +75,11 @@ def test_a_pruned_point_is_pruned_again_at_the_same_epochs() -> None:
     study.tell(pruned, state=TrialState.PRUNED)
     study.enqueue_trial({"lr": pruned.params["lr"]})
     again = study.ask({"lr": lr})
-    earlier = earlier_result(study, again)
+    earlier = earlier_result(study.get_trials(), again)
     assert earlier is not None and earlier.number == pruned.number
     goals = Goals(metrics=("device_augrc",), directions=("minimize",))
     assert answer(study, again, earlier, goals) == TrialState.PRUNED
     told = study.trials[again.number]
     assert told.state == TrialState.PRUNED and told.intermediate_values == {0: 0.4, 1: 0.3}
     assert told.user_attrs["repeat_of"] == pruned.number
-    assert earlier_result(study, study.ask({"lr": lr})) is None  # a new point
+    assert earlier_result(study.get_trials(), study.ask({"lr": lr})) is None  # a new point
