@@ -234,6 +234,8 @@ def run_design(design: str, data: Path, args: argparse.Namespace) -> dict[str, f
     import optuna
     from prefect.deployments import run_deployment
 
+    from tasks.storage import open_storage
+
     config = study_config(design, data, Path(tempfile.mkdtemp(prefix=f"bench-{design}-")), args)
     flow_run: Any = run_deployment("tune/classifier", parameters={"config": config}, timeout=None)
     if not flow_run.state.is_completed():
@@ -241,7 +243,7 @@ def run_design(design: str, data: Path, args: argparse.Namespace) -> dict[str, f
             f"error: the {design} study ended {flow_run.state.type.value}: {flow_run.state.message}"
         )
     study = optuna.load_study(
-        study_name=config["study"]["name"], storage=os.environ["EDGETUNE_STORAGE"]
+        study_name=config["study"]["name"], storage=open_storage(os.environ["EDGETUNE_STORAGE"])
     )
     if args.timelines:  # each trial's stage times, for a closer look
         args.timelines.mkdir(parents=True, exist_ok=True)

@@ -253,10 +253,13 @@ def observer_storage(url: str) -> Any:
     study holds while it creates the database, or the two would collide."""
     import optuna
 
+    from tasks.storage import is_journal, open_storage
     from tasks.tracking import creation_lock
 
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise FileNotFoundError(url)
+    if is_journal(url):  # its table holds no schema of Optuna's to create or check
+        return open_storage(url)
     with creation_lock(url):  # Optuna still writes its version rows when they are missing
         return optuna.storages.RDBStorage(
             url, skip_table_creation=True, skip_compatibility_check=True

@@ -78,7 +78,7 @@ db_url() { # SCHEME DATABASE
 env_lines() {
     printf "export PREFECT_API_URL='%s/api'\n" "$PREFECT_URL"
     printf "export MLFLOW_TRACKING_URI='%s'\n" "$MLFLOW_URL"
-    printf "export EDGETUNE_STORAGE='%s'\n" "$(db_url postgresql+psycopg2 optuna)"
+    printf "export EDGETUNE_STORAGE='%s'\n" "$(db_url journal+postgresql optuna)"
 }
 
 write_env_file() {
@@ -345,7 +345,7 @@ cmd_up() {
     save_config
     write_env_file
     UP_DONE=1
-    log "services up: prefect $PREFECT_URL/api, mlflow $MLFLOW_URL, optuna $(mask "$(db_url postgresql+psycopg2 optuna)")"
+    log "services up: prefect $PREFECT_URL/api, mlflow $MLFLOW_URL, optuna $(mask "$(db_url journal+postgresql optuna)")"
     log "environment for clients: eval \"\$(infra/services.sh env)\" (also in $STATE/env)"
 }
 

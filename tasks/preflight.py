@@ -33,7 +33,7 @@ from tasks.config import (
 from tasks.config.schema import class_weights_refusal
 from tasks.data import DataError, DatasetInfo, inspect_dataset, split_items
 from tasks.devices import DeviceConfigError, create_runner
-from tasks.storage import StudyError
+from tasks.storage import StudyError, is_journal, journal_database
 from tasks.tracking import TrackingError, mask_uri, one_line
 from tasks.training.gpus import capacity_error, visible_gpus
 
@@ -165,7 +165,11 @@ def check_storage(url: str) -> None:
     """The Optuna storage URL parses, its driver is installed and the database answers."""
     if url.startswith("sqlite"):
         return  # a local file, created with the study
-    _check_database(url, "study.storage", f"study.storage (or --storage, ${STORAGE_ENV})")
+    where = f"study.storage (or --storage, ${STORAGE_ENV})"
+    if is_journal(url):  # a journal in PostgreSQL: the same check of its database
+        _check_database(journal_database(url), "study.storage", where, shown=url)
+        return
+    _check_database(url, "study.storage", where)
 
 
 def check_tracking(uri: str) -> None:
@@ -197,10 +201,11 @@ def check_tracking(uri: str) -> None:
         _check_database(uri, "tracking.uri", where)
 
 
-def _check_database(url: str, key: str, where: str) -> None:
-    """Parse with SQLAlchemy, load the driver, open and close one connection."""
+def _check_database(url: str, key: str, where: str, shown: str | None = None) -> None:
+    """Parse with SQLAlchemy, load the driver, open and close one connection; messages name
+    ``shown`` (the URL as the user wrote it) when given."""
 
-    masked = mask_uri(url)
+    masked = mask_uri(shown or url)
     try:
         parsed = make_url(url)
     except Exception:

@@ -51,12 +51,23 @@ def test_on_postgresql_the_commits_per_trial_are_counted(
     assert "PostgreSQL 1" in out and "fsync on" in out
     rows = _rows(out)
     loop, plain = rows[("edgetune loop", "postgresql")], rows[("optuna", "postgresql")]
-    for row in (loop, plain, rows[("edgetune loop", "pg, sync off")]):
+    journal, plain_journal = rows[("edgetune loop", "pg journal")], rows[("optuna", "pg journal")]
+    for row in (loop, plain, rows[("edgetune loop", "pg, sync off")], journal, plain_journal):
         _timed(row, 5)
+    # on the journal, Optuna's ask/tell appends once per call that writes: the trial, 3
+    # attributes, 5 parameters, the tell; the loop's events (several attributes each) are
+    # one append each, as they are one transaction each on Optuna's tables
+    assert float(plain_journal[5]) == 10 and float(journal[5]) <= float(loop[5])
+    replay = rows[("open: replay whole journal", "pg journal")]
+    assert int(replay[0]) == 3 and replay[4:] == ["-", "-"]
     # plain ask/tell: the trial created, 3 attributes, 5 parameters, the tell; its study
     # created and read once besides
     assert 10 <= float(plain[5]) <= float(plain[4])
     assert float(loop[5]) <= float(loop[4])
     last = out.splitlines()[-1]
     assert last.startswith("goal (edgetune loop on PostgreSQL, p95 <= 50 ms): ")
-    assert last.split(": ")[1].split(",")[0] in ("met", "missed")
+    journal_part, tables_part = last.split(": ", 1)[1].split("; ")
+    assert journal_part.split(" on ")[0] in ("met", "missed")
+    assert journal_part.split(", p95 ")[0].endswith("on the journal in PostgreSQL")
+    assert tables_part.split(", p95 ")[0].endswith("on Optuna's tables")
+    assert float(journal_part.split("p95 ")[1].removesuffix(" ms")) == float(journal[2])

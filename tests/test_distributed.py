@@ -30,6 +30,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tasks.storage import open_storage
+
 from board import start_board
 from conftest import tiny_config
 
@@ -138,12 +140,13 @@ def test_a_study_runs_on_work_pools(
         )
     assert "Completed" in output, output[-2000:]
 
-    study = optuna.load_study(study_name="distributed", storage=cluster["EDGETUNE_STORAGE"])
-    trials = study.get_trials()
-    assert (
-        cluster["EDGETUNE_STORAGE"].startswith("postgresql+psycopg2://127.0.0.1")
-        or "@127.0.0.1:" in cluster["EDGETUNE_STORAGE"]
+    study = optuna.load_study(
+        study_name="distributed", storage=open_storage(cluster["EDGETUNE_STORAGE"])
     )
+    trials = study.get_trials()
+    # the study is the journal in the services' PostgreSQL, as infra/services.sh env says
+    assert cluster["EDGETUNE_STORAGE"].startswith("journal+postgresql://edgetune:")
+    assert "@127.0.0.1:" in cluster["EDGETUNE_STORAGE"]
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     assert all(0.0 <= t.value <= 0.5 for t in trials)
 
@@ -347,7 +350,9 @@ def test_a_killed_gpu_worker_and_a_database_restart_lose_no_trial(
             "the study to end",
         )
     assert final.is_completed(), final
-    study = optuna.load_study(study_name="faults", storage=cluster["EDGETUNE_STORAGE"])
+    study = optuna.load_study(
+        study_name="faults", storage=open_storage(cluster["EDGETUNE_STORAGE"])
+    )
     trials = study.get_trials()
     states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == 4, states
@@ -390,7 +395,9 @@ def test_cancelling_the_study_cancels_its_stage_runs_and_leaves_nothing_running(
             120,
             "the stage runs to end",
         )
-    study = optuna.load_study(study_name="cancelled", storage=cluster["EDGETUNE_STORAGE"])
+    study = optuna.load_study(
+        study_name="cancelled", storage=open_storage(cluster["EDGETUNE_STORAGE"])
+    )
     states = [t.state.name for t in study.get_trials()]
     assert "RUNNING" not in states, states
     stages = _flow_runs(cluster, "cancelled")
@@ -478,7 +485,9 @@ def test_a_detector_study_runs_its_stages_on_the_pools(
     ]
     import optuna
 
-    study = optuna.load_study(study_name="s-ml-pools", storage=cluster["EDGETUNE_STORAGE"])
+    study = optuna.load_study(
+        study_name="s-ml-pools", storage=open_storage(cluster["EDGETUNE_STORAGE"])
+    )
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 2

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.storage import JournalStudyStorage, open_storage
+
 
 def integration(test):
     """Marks a test that runs the real services."""
@@ -282,18 +284,17 @@ def test_status_env_and_a_second_up_is_a_no_op(services: Services) -> None:
     assert env.stdout.splitlines() == [
         f"export PREFECT_API_URL='http://127.0.0.1:{services.prefect_port}/api'",
         f"export MLFLOW_TRACKING_URI='http://127.0.0.1:{services.mlflow_port}'",
-        f"export EDGETUNE_STORAGE='postgresql+psycopg2://edgetune:{services.password}@127.0.0.1:{services.pg_port}/optuna'",
+        f"export EDGETUNE_STORAGE='journal+postgresql://edgetune:{services.password}@127.0.0.1:{services.pg_port}/optuna'",
     ]
     assert (services.state / "env").read_text() == env.stdout
     assert (services.state / "env").stat().st_mode & 0o777 == 0o600
-    # The URLs are usable as they are: Optuna's storage URL opens through SQLAlchemy.
-    import sqlalchemy
-
+    # The URLs are usable as they are: the study storage opens the journal in `optuna`.
     storage = env.stdout.splitlines()[2].split("'")[1]
-    engine = sqlalchemy.create_engine(storage)
-    with engine.connect() as conn:
-        assert conn.execute(sqlalchemy.text("SELECT current_database()")).scalar() == "optuna"
-    engine.dispose()
+    opened = open_storage(storage)
+    assert isinstance(opened, JournalStudyStorage)
+    with opened._backend._connection().cursor() as cursor:  # type: ignore[attr-defined]
+        cursor.execute("SELECT current_database(), to_regclass('optuna_journal') IS NOT NULL")
+        assert cursor.fetchone() == ("optuna", True)
 
     pids = {name: (services.state / f"{name}.pid").read_text() for name in ("prefect", "mlflow")}
     started = time.monotonic()

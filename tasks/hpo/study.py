@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tasks.config import SearchParam, StudyConfig
 from tasks.hpo import optuna_ops
 from tasks.space import bounds, condition_holds, snap
-from tasks.storage import StudyError, open_storage
+from tasks.storage import StudyError, is_journal, open_storage, refuse_study_in_tables
 from tasks.tracking import mask_uri
 from tasks.workloads.base import Objective
 from tasks.workloads.classifier import CLASSIFIER
@@ -270,6 +270,8 @@ def open_study(
     """The study ``config.name`` in the storage at ``url`` (or in ``storage``, an opened
     one), created unless ``create`` is false; refused if it optimises something else."""
     storage = storage if storage is not None else open_storage(url)
+    if is_journal(url):
+        refuse_study_in_tables(url, storage, config.name)
     goals = goals_for(config, objective)
     sampler = make_sampler(config.sampler, seed, config.search_space)
     pruner = make_pruner(config.pruner)

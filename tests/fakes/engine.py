@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import optuna
 from tasks.board import hold_board
 from tasks.config import parse_config
 from tasks.hpo.launch import Slot
+from tasks.hpo.loop import StudyLoop
 from tasks.hpo.study import open_study
 from tasks.hpo.trial_stages import STOP
 from tasks.tracking import CHAMPION, Promotion
@@ -247,3 +249,15 @@ def memory_study(config: StudyTarget) -> optuna.Study:
     """The config's study in Optuna's in-memory storage (a fresh study for each test)."""
     storage = optuna.storages.InMemoryStorage()
     return open_study("", config.study, config.seed, objective=CLASSIFIER, storage=storage)
+
+
+def fake_loop(config: StudyTarget, study: optuna.Study, **stages: Any) -> StudyLoop:
+    """edgetune's loop on ``study`` with fake stages (``stages``: FakeStages' options) and a
+    fake tracker."""
+    return StudyLoop(
+        config,
+        study,
+        stages=FakeStages(config, **stages),
+        logger=logging.getLogger("fake-loop"),
+        tracker=FakeTracker(),  # type: ignore[arg-type]
+    )
