@@ -258,7 +258,7 @@ def observer_storage(url: str) -> Any:
 
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise FileNotFoundError(url)
-    if is_journal(url):  # its table holds no schema of Optuna's to create or check
+    if is_journal(url):  # no Optuna schema to write; at most its one table, made at once
         return open_storage(url)
     with creation_lock(url):  # Optuna still writes its version rows when they are missing
         return optuna.storages.RDBStorage(
