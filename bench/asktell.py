@@ -56,7 +56,7 @@ from tasks.config import parse_config
 from tasks.hpo.launch import Slot
 from tasks.hpo.loop import StudyLoop
 from tasks.hpo.study import make_sampler, open_study
-from tasks.storage import JournalStudyStorage, PostgresJournal, open_storage
+from tasks.storage import PostgresJournal, new_journal_storage, open_storage
 from tasks.tracking import Promotion
 from tasks.workloads.base import Checked, CompileOutcome, DeviceOutcome, StudyTarget, TrainOutcome
 from tasks.workloads.classifier import CLASSIFIER
@@ -298,7 +298,7 @@ def run_replay(url: str, times: int = 3) -> Row:
     seconds = []
     for _ in range(times):
         started = time.perf_counter()
-        storage = JournalStudyStorage(PostgresJournal("postgresql://" + url.partition("://")[2]))
+        storage = new_journal_storage(url)
         for study in storage.get_all_studies():
             storage.get_all_trials(study._study_id, deepcopy=False)
         seconds.append(time.perf_counter() - started)

@@ -207,6 +207,11 @@ def journal_database(url: str) -> str:
     return "postgresql+psycopg2://" + url.partition("://")[2]
 
 
+def journal_dsn(url: str) -> str:
+    """The database of a journal URL as libpq (psycopg2) reads it."""
+    return "postgresql://" + url.partition("://")[2]
+
+
 class PostgresJournal(BaseJournalBackend):
     """Optuna's journal as rows of one table in PostgreSQL, safe for many processes and
     threads (one connection per thread and process). While the database restarts, reads and
@@ -326,6 +331,12 @@ def refuse_study_in_tables(url: str, storage: optuna.storages.BaseStorage, name:
     )
 
 
+def new_journal_storage(url: str) -> JournalStudyStorage:
+    """A journal storage of its own, not the process's shared one (``open_storage``): it
+    reads and replays the whole journal."""
+    return JournalStudyStorage(PostgresJournal(journal_dsn(url)))
+
+
 _JOURNALS: dict[tuple[int, str], JournalStudyStorage] = {}
 _JOURNALS_LOCK = threading.Lock()
 
@@ -336,8 +347,7 @@ def _journal_storage(url: str) -> JournalStudyStorage:
     key = (os.getpid(), url)
     with _JOURNALS_LOCK:
         if key not in _JOURNALS:
-            dsn = "postgresql://" + url.partition("://")[2]
-            _JOURNALS[key] = JournalStudyStorage(PostgresJournal(dsn))
+            _JOURNALS[key] = new_journal_storage(url)
         return _JOURNALS[key]
 
 

@@ -32,6 +32,8 @@ from tasks.storage import (
     PostgresJournal,
     StudyError,
     is_journal,
+    journal_dsn,
+    new_journal_storage,
     open_storage,
 )
 from tasks.workloads.classifier import CLASSIFIER
@@ -57,7 +59,7 @@ def journal_url(cluster: Cluster, name: str) -> str:
 
 
 def rows(url: str) -> list[tuple[int, str]]:
-    connection = psycopg2.connect("postgresql://" + url.partition("://")[2])
+    connection = psycopg2.connect(journal_dsn(url))
     try:
         with connection.cursor() as cursor:
             cursor.execute(f"SELECT n, log FROM {JOURNAL_TABLE} ORDER BY n")
@@ -123,7 +125,7 @@ def test_appends_from_many_processes_are_numbered_without_a_gap(cluster: Cluster
 
     numbered = rows(url)
     assert [n for n, _ in numbered] == list(range(len(numbered)))
-    fresh = JournalStudyStorage(PostgresJournal("postgresql://" + url.partition("://")[2]))
+    fresh = new_journal_storage(url)
     trials = optuna.load_study(study_name="m", storage=fresh).trials
     assert sorted(t.number for t in trials) == list(range(40))
     assert all(t.state == TrialState.COMPLETE for t in trials)
@@ -168,7 +170,7 @@ def test_rows_that_came_after_the_tell_are_refused_once_and_then_replayed(
     study = optuna.create_study(storage=storage)
     trial = study.ask()
     trial_id = optuna_ops.trial_id(trial)
-    other = JournalStudyStorage(PostgresJournal("postgresql://" + url.partition("://")[2]))
+    other = new_journal_storage(url)
     other.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5])
     real_sync = storage._sync_with_backend
     calls = []
@@ -224,7 +226,7 @@ def test_the_study_loop_runs_on_the_journal(cluster: Cluster, tmp_path: Path) ->
     url = journal_url(cluster, "loop")
     study = open_study(url, config.study, config.seed, objective=CLASSIFIER)
     fake_loop(config, study).run()
-    fresh = JournalStudyStorage(PostgresJournal("postgresql://" + url.partition("://")[2]))
+    fresh = new_journal_storage(url)
     trials = optuna.load_study(study_name=config.study.name, storage=fresh).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert all(t.user_attrs["stage"] == "device" for t in trials)
