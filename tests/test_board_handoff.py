@@ -110,8 +110,13 @@ def test_the_artifact_is_on_the_board_before_the_slot_is_taken(
     with hold_board(config):  # another evaluation is running on the board
         waiter = threading.Thread(target=evaluate)
         waiter.start()
-        staged = _wait_for(lambda: list(runs.glob(f"*/{inputs[0].name}")), 30)
-        assert [p.read_bytes() for p in staged] == [inputs[0].read_bytes()]
+        # The artifact is put straight to its name in the run's own folder (nothing reads it
+        # before the run), so it can be seen here half written: wait for the whole of it.
+        whole = [inputs[0].read_bytes()]
+        staged = _wait_for(
+            lambda: [p.read_bytes() for p in runs.glob(f"*/{inputs[0].name}")] == whole, 30
+        )
+        assert staged, _listing(runs)
         assert events == []  # staged while the board was busy, still waiting for it
     waiter.join(60)
 
