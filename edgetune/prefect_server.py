@@ -95,6 +95,11 @@ def start(state_dir: Path) -> ProjectServer:
     return server
 
 
+def running() -> bool:
+    """Whether this command started a server of its own (its flows run there)."""
+    return bool(_running)
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as response:

@@ -8,6 +8,7 @@ evaluator read, so the float and device metrics see exactly the same pixels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -87,6 +88,32 @@ def _verify(path: Path) -> None:
         raise unreadable_image(path, exc) from None
 
 
+#: Per dataset folder, the stamp of the files this process last decoded whole there: the
+#: study's checks and its inputs' preparation look at the same files seconds apart.
+_VERIFIED: dict[Path, str] = {}
+
+
+def _stamp(files: dict[str, list[tuple[Path, int]]]) -> str:
+    """A digest of every image's path, size and modification time."""
+    digest = hashlib.sha256()
+    for items in files.values():
+        for path, label in items:
+            stat = path.stat()
+            digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _verify_all(base: Path, files: dict[str, list[tuple[Path, int]]]) -> None:
+    """Decode every image whole, unless this process did so since none of them changed."""
+    stamp = _stamp(files)
+    if _VERIFIED.get(base) == stamp:
+        return
+    for items in files.values():
+        for path, _ in items:
+            _verify(path)
+    _VERIFIED[base] = stamp
+
+
 def inspect_dataset(root: str | Path, *, verify_images: bool = True) -> DatasetInfo:
     """List and check a dataset before anything is created; raise DataError on the first fault."""
     base = Path(root)
@@ -131,9 +158,7 @@ def inspect_dataset(root: str | Path, *, verify_images: bool = True) -> DatasetI
             items.extend((path, index) for path in images)
         files[split] = items
     if verify_images:
-        for items in files.values():
-            for path, _ in items:
-                _verify(path)
+        _verify_all(base.resolve(), files)
     return DatasetInfo(root=base, classes=tuple(reference), files=files)
 
 

@@ -34,7 +34,13 @@ from typing import Any
 import numpy as np
 
 from tasks.folders import staged_folder
-from tasks.metrics import augrc, coverage_at_risk, operating_points
+from tasks.metrics import (
+    augrc,
+    average_precision,
+    coverage_at_risk,
+    operating_points,
+    precision_recall,
+)
 from tasks.sheets import contact_sheet
 
 #: Selective risk the deployment threshold is read at, unless asked otherwise.
@@ -77,8 +83,6 @@ def per_class(
 ) -> list[dict[str, Any]]:
     """Per class: support, precision, recall, F1, average precision (one against the
     rest) and AUGRC over the images of the class (NaN where a class has none)."""
-    from sklearn.metrics import average_precision_score
-
     predicted = probs.argmax(axis=1)
     matrix = confusion(predicted, labels, len(classes))
     rows = []
@@ -100,7 +104,7 @@ def per_class(
                 "precision": precision,
                 "recall": recall,
                 "f1": f1,
-                "average_precision": float(average_precision_score(own, probs[:, c]))
+                "average_precision": average_precision(own, probs[:, c])
                 if support
                 else float("nan"),
                 "augrc": augrc(probs[own], labels[own]) if support else float("nan"),
@@ -111,14 +115,12 @@ def per_class(
 
 def pr_rows(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> list[list[Any]]:
     """Each class's precision–recall curve (one against the rest) as CSV rows."""
-    from sklearn.metrics import precision_recall_curve
-
     rows: list[list[Any]] = []
     for c, name in enumerate(classes):
         own = labels == c
         if not own.any():
             continue
-        precision, recall, thresholds = precision_recall_curve(own, probs[:, c])
+        precision, recall, thresholds = precision_recall(own, probs[:, c])
         # the curve's last point (recall 0, precision 1) has no threshold
         for p, r, t in zip(precision[:-1], recall[:-1], thresholds, strict=True):
             rows.append([name, float(t), float(p), float(r)])

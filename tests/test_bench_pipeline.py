@@ -6,7 +6,15 @@ import argparse
 
 import pytest
 
-from bench.pipeline import SCENARIOS, handoff_gaps, main, medians, queue_waits, report
+from bench.pipeline import (
+    SCENARIOS,
+    handoff_gaps,
+    main,
+    medians,
+    queue_waits,
+    report,
+    shortest_span,
+)
 
 
 def _args(**over: float) -> argparse.Namespace:
@@ -67,6 +75,18 @@ def test_a_handoff_gap_is_the_board_idle_while_the_next_model_was_ready() -> Non
     compiled only after B left: its gap is no handoff and is not counted."""
     board = [(0.5, 10.0), (11.0, 20.0), (31.0, 40.0)]
     assert handoff_gaps([0.0, 5.0, 30.0], board) == [1.0]
+
+
+def test_the_shortest_span_is_the_head_and_tail_any_schedule_pays() -> None:
+    # GPU-bound, 20 trials on 2 GPUs: both slots train 10 times (600 s); their last two
+    # models compile one after the other on the one compiler (30 s), then the board (10 s)
+    assert shortest_span(20, 2, 1, 60.0, 15.0, 10.0) == 640.0
+    # board-bound: the first model reaches the board at 35 s, then 20 evaluations of 20 s
+    assert shortest_span(20, 2, 1, 30.0, 5.0, 20.0) == 435.0
+    # compile-bound: the first model at 10 s, six compiles of 20 s, one evaluation
+    assert shortest_span(6, 2, 1, 10.0, 20.0, 1.0) == 131.0
+    # an odd count: one slot trains 3 times, its one last model compiles then evaluates
+    assert shortest_span(5, 2, 2, 60.0, 15.0, 10.0) == 180.0 + 25.0
 
 
 def test_the_table_has_one_column_per_design_and_states_the_repeats() -> None:

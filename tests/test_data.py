@@ -98,6 +98,36 @@ def test_class_folders_differ(digits_root: Path, tmp_path: Path) -> None:
         inspect_dataset(root)
 
 
+def test_an_image_is_decoded_again_only_once_it_changed(
+    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study's checks and its inputs' preparation inspect the same folder seconds apart:
+    the second decodes nothing, unless a file changed since (then it is caught)."""
+    import tasks.data
+
+    root = _copy(digits_root, tmp_path)
+    opened: list[Path] = []
+    real_open = Image.open
+    monkeypatch.setattr(
+        tasks.data.Image, "open", lambda path, *a: opened.append(Path(path)) or real_open(path, *a)
+    )
+    info = inspect_dataset(root)
+    total = sum(len(items) for items in info.files.values())
+    assert len(opened) == total > 0
+    opened.clear()
+    inspect_dataset(root)
+    assert opened == []
+    victim = next((root / "val" / "3").iterdir())
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(DataError, match=rf"corrupt image .*{victim.name}"):
+        inspect_dataset(root)
+    assert opened[-1] == victim and len(set(opened)) == len(opened)
+    opened.clear()
+    with pytest.raises(DataError, match=rf"corrupt image .*{victim.name}"):
+        inspect_dataset(root)  # a failed check is not remembered
+    assert opened[-1] == victim
+
+
 def test_corrupt_image(digits_root: Path, tmp_path: Path) -> None:
     root = _copy(digits_root, tmp_path)
     victim = next((root / "train" / "5").iterdir())

@@ -15,11 +15,13 @@ from tasks.metrics import (
     augrc,
     augrc_bootstrap_ci,
     aurc,
+    average_precision,
     classification_metrics,
     e_augrc,
     ece,
     failure_auroc,
     optimal_augrc,
+    precision_recall,
     risk_coverage_curve,
     softmax,
 )
@@ -449,3 +451,40 @@ def test_optimal_augrc() -> None:
     assert optimal_augrc(1.0) == 0.5
     with pytest.raises(ValueError, match=r"error_rate must lie in \[0, 1\]"):
         optimal_augrc(40.0)
+
+
+# ----------------------------------------------------- precision–recall (report's per class)
+
+
+def test_worked_example_precision_recall() -> None:
+    # scores 0.9 (pos), 0.8 (neg), 0.8 (pos), 0.1 (neg): thresholds 0.1, 0.8, 0.9
+    precision, recall, thresholds = precision_recall([1, 0, 1, 0], [0.9, 0.8, 0.8, 0.1])
+    assert thresholds.tolist() == [0.1, 0.8, 0.9]
+    assert precision.tolist() == [0.5, 2 / 3, 1.0, 1.0]
+    assert recall.tolist() == [1.0, 1.0, 0.5, 0.0]
+    # steps: recall 0 -> 0.5 at precision 1, 0.5 -> 1 at precision 2/3
+    assert average_precision([1, 0, 1, 0], [0.9, 0.8, 0.8, 0.1]) == pytest.approx(0.5 + 1 / 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.5, 0.75, 0.9, 1.0])),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_precision_recall_is_scikit_learns(pairs: list[tuple[bool, float]]) -> None:
+    """The same curve and average precision as scikit-learn's, ties and all."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    positive = np.array([p for p, _ in pairs])
+    scores = np.array([s for _, s in pairs])
+    assume(positive.any())  # the report asks only for classes with images
+    ours = precision_recall(positive, scores)
+    theirs = precision_recall_curve(positive, scores)
+    for mine, reference in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-15)
+    assert average_precision(positive, scores) == pytest.approx(
+        average_precision_score(positive, scores), abs=1e-15
+    )
