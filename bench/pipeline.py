@@ -291,7 +291,7 @@ def run_design(design: str, data: Path, args: argparse.Namespace) -> dict[str, f
 
 def stage_run_times(study_name: str) -> list[dict[str, Any]]:
     """Each stage flow run of the study as Prefect saw it: its name, when it was created,
-    and when it entered each state (seconds since the epoch)."""
+    and when it first entered each state (seconds since the epoch)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
@@ -301,11 +301,11 @@ def stage_run_times(study_name: str) -> list[dict[str, Any]]:
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"study:{study_name}"]))
         )
         for run in runs:
-            entered = {
-                s.type.value: s.timestamp.timestamp()
-                for s in sorted(client.read_flow_run_states(run.id), key=lambda s: s.timestamp)
-                if s.type.value not in ("SCHEDULED",)
-            }
+            entered: dict[str, float] = {}
+            for state in sorted(client.read_flow_run_states(run.id), key=lambda s: s.timestamp):
+                # the first time (a worker proposes PENDING twice: taken, then submitting)
+                entered.setdefault(state.type.value, state.timestamp.timestamp())
+            entered.pop("SCHEDULED", None)
             found.append({"name": run.name, "created": run.created.timestamp(), **entered})
     return found
 

@@ -8,6 +8,7 @@ import pytest
 
 from bench.pipeline import (
     SCENARIOS,
+    dispatch_report,
     handoff_gaps,
     main,
     medians,
@@ -87,6 +88,31 @@ def test_the_shortest_span_is_the_head_and_tail_any_schedule_pays() -> None:
     assert shortest_span(6, 2, 1, 10.0, 20.0, 1.0) == 131.0
     # an odd count: one slot trains 3 times, its one last model compiles then evaluates
     assert shortest_span(5, 2, 2, 60.0, 15.0, 10.0) == 180.0 + 25.0
+
+
+def test_the_dispatch_line_splits_each_trainings_way_by_prefects_state_times() -> None:
+    times = [
+        {"number": 0, "asked_at": 0.0, "train_started": 1.0, "train_finished": 61.0,
+         "train_returned_at": 61.5},
+        {"number": 1, "asked_at": 10.0, "train_started": 12.0, "train_finished": 72.0,
+         "train_returned_at": 72.2},
+        {"number": 2, "asked_at": 20.0},  # never trained: left out
+    ]  # fmt: skip
+    stages = [
+        {"name": "train-trial-0", "created": 0.2, "PENDING": 0.5, "RUNNING": 0.6,
+         "COMPLETED": 61.1},
+        {"name": "train-trial-1", "created": 10.4, "PENDING": 11.4, "RUNNING": 11.6,
+         "COMPLETED": 72.1},
+        {"name": "compile-trial-0", "created": 61.6, "RUNNING": 62.0},
+    ]  # fmt: skip
+    line = dispatch_report(times, stages)
+    assert line.startswith("training dispatch, median s (min-max): ")
+    assert "asked -> created 0.30 (0.20-0.40)" in line
+    assert "created -> pending 0.65 (0.30-1.00)" in line
+    assert "pending -> running 0.15 (0.10-0.20)" in line
+    assert "running -> work 0.40 (0.40-0.40)" in line
+    assert "work done -> completed 0.10 (0.10-0.10)" in line
+    assert "completed -> returned 0.25 (0.10-0.40)" in line
 
 
 def test_the_table_has_one_column_per_design_and_states_the_repeats() -> None:

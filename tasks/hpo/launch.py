@@ -9,6 +9,11 @@ fake stages.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -175,8 +180,11 @@ class DeploymentStages:
 
     def _follow(self, flow_run: FlowRun, slot: Slot) -> FlowRun:
         """Follow a child flow run until it ends, or until it is found dead. It is looked at
-        every ``orchestration.poll_interval_s``, and at once when it ends (its event)."""
+        every ``orchestration.poll_interval_s``, at once when a worker starts it (the
+        model leaves its queue: the loop may ask again) and at once when it ends (their
+        events)."""
         interval = self.config.orchestration.poll_interval_s
+        StartWatcher.running()  # listening before the run can start
         with get_client(sync_client=True) as client:
             while True:
                 try:
@@ -187,9 +195,12 @@ class DeploymentStages:
                 state = flow_run.state
                 if state is None or state.is_final():
                     return flow_run
-                if state.is_running():  # else scheduled or pending: queued in its pool
-                    slot.started()  # a compile or edge worker took it (the pool limits them)
-                    self._check_alive(client, flow_run, slot)
+                if not state.is_running():  # scheduled or pending: queued in its pool
+                    since = state.timestamp.timestamp()
+                    StartWatcher.running().wait(flow_run.id, interval, since)
+                    continue
+                slot.started()  # a compile or edge worker took it (the pool limits them)
+                self._check_alive(client, flow_run, slot)
                 until_final(flow_run.id, interval)
 
     def _check_alive(self, client: SyncPrefectClient, flow_run: FlowRun, slot: Slot) -> None:
@@ -206,6 +217,86 @@ class DeploymentStages:
             )
             client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
             raise StageFailed(f"{flow_run.name}: {message}")
+
+
+class StartWatcher:
+    """Wakes the followers of queued stage runs when a worker starts them (their RUNNING
+    event, or a final one), rather than at their next poll; one subscription to the
+    Prefect API's events per process, in a thread of its own, opened again when it drops.
+    Without events the followers wait as a poll would."""
+
+    _instance: StartWatcher | None = None
+    _instance_lock = threading.Lock()
+    #: Starts remembered for a follower that looks after the event came.
+    REMEMBERED = 10_000
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._seen: dict[UUID, float] = {}
+        self._waiting: dict[UUID, threading.Event] = {}
+        context = contextvars.copy_context()  # the caller's Prefect settings (its API)
+        threading.Thread(
+            target=context.run, args=(asyncio.run, self._listen()), name="stage-starts", daemon=True
+        ).start()
+
+    @classmethod
+    def running(cls) -> StartWatcher:
+        """This process's watcher (a forked child starts its own: it has no thread)."""
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance.pid != os.getpid():
+                cls._instance = cls()
+            return cls._instance
+
+    def wait(self, flow_run_id: UUID, timeout_s: float, since: float) -> None:
+        """Up to ``timeout_s``, until the run starts or ends after ``since`` (the time of the
+        state it was last read in: a start before it, of a run now queued again for a
+        retry, does not count)."""
+        with self._lock:
+            # taken once: a follower never spins on one event (clocks of hosts may differ)
+            if self._seen.pop(flow_run_id, float("-inf")) > since:
+                return
+            event = self._waiting.setdefault(flow_run_id, threading.Event())
+        event.wait(timeout_s)
+        with self._lock:
+            self._waiting.pop(flow_run_id, None)
+
+    def _saw(self, flow_run_id: UUID, at: float) -> None:
+        with self._lock:
+            self._seen.pop(flow_run_id, None)  # the newest last: the oldest go first
+            self._seen[flow_run_id] = at
+            while len(self._seen) > self.REMEMBERED:
+                del self._seen[next(iter(self._seen))]
+            event = self._waiting.get(flow_run_id)
+        if event is not None:
+            event.set()
+
+    async def _listen(self) -> None:
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import EventFilter, EventNameFilter
+
+        names = [f"prefect.flow-run.{state.name.title()}" for state in _LEFT_QUEUE]
+        while True:
+            try:
+                async with get_events_subscriber(
+                    filter=EventFilter(event=EventNameFilter(name=names))
+                ) as events:
+                    async for event in events:
+                        with contextlib.suppress(ValueError):  # not a flow run's id
+                            run = UUID(event.resource.id.removeprefix("prefect.flow-run."))
+                            self._saw(run, event.occurred.timestamp())
+            except Exception:  # the API is restarting: listen again
+                await asyncio.sleep(1.0)
+
+
+#: The states of a run that is no longer queued in its pool.
+_LEFT_QUEUE = (
+    StateType.RUNNING,
+    StateType.COMPLETED,
+    StateType.FAILED,
+    StateType.CRASHED,
+    StateType.CANCELLED,
+)
 
 
 def until_final(flow_run_id: UUID, timeout_s: float) -> None:
