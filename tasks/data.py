@@ -94,7 +94,7 @@ _VERIFIED: dict[Path, str] = {}
 
 
 def _stamp(files: dict[str, list[tuple[Path, int]]]) -> str:
-    """A digest of every image's path, size and modification time."""
+    """A digest of every image's path, label, size and modification time."""
     digest = hashlib.sha256()
     for items in files.values():
         for path, label in items:

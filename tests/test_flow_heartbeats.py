@@ -46,19 +46,15 @@ def beats(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return sent
 
 
-def test_a_flow_on_the_commands_own_server_sends_no_heartbeat(
-    beats: list[Any], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("own_server", "sent"),
+    [(True, 0), (False, 2)],  # on a user's server: the parent's first and the stage's first
+    ids=["the command's own server: none", "a user's server: kept"],
+)
+def test_flows_send_heartbeats_only_on_a_server_the_user_runs(
+    beats: list[Any], monkeypatch: pytest.MonkeyPatch, own_server: bool, sent: int
 ) -> None:
-    monkeypatch.setattr(prefect_server, "running", lambda: True)
+    monkeypatch.setattr(prefect_server, "running", lambda: own_server)
     with _untraced(verbose=False):
         assert _probe() == 1
-    assert beats == []
-
-
-def test_a_flow_on_the_users_server_keeps_its_heartbeats(
-    beats: list[Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(prefect_server, "running", lambda: False)
-    with _untraced(verbose=False):
-        assert _probe() == 1
-    assert len(beats) == 2  # the parent's first and the stage's first
+    assert len(beats) == sent
