@@ -6,6 +6,7 @@ Heavy imports (torch, prefect, mlflow) happen inside the commands, so ``--help``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -340,8 +341,10 @@ def tune(
     from tasks.hpo.trial_stages import Interrupted  # a training stopped by Ctrl-C
 
     try:
+        done = _dry_run_while_the_server_starts(cfg)
         with progress, _untraced(verbose, BoardPaused, SampleRejected, Interrupted, DiskFull):
-            result = tune_flow(cfg, restart=restart, reuse_best=reuse_best)  # parsed once, above
+            # parsed once, above
+            result = tune_flow(cfg, restart=restart, reuse_best=reuse_best, dry_run_done=done)
     except KeyboardInterrupt:
         raise _fail(
             "interrupted; trials in flight were told FAIL, re-run to continue", 130
@@ -353,6 +356,19 @@ def tune(
     print_result(result, as_json=as_json, as_csv=as_csv, wide=wide)
     if result["counts"]["COMPLETE"] == 0:
         raise _fail("no trial completed; see the reasons above", 1)
+
+
+def _dry_run_while_the_server_starts(cfg: Any) -> list[dict[str, Any]] | None:
+    """The study's dry run, before its flow, while the command's own Prefect server is
+    still starting (the flow would run it after the wait for the server); what it did, for
+    the flow to log. None with a Prefect server of the user's: no wait to fill, the flow
+    runs it (as when a deployment runs the flow)."""
+    if not prefect_server.running():
+        return None
+    from tasks.hpo.campaign import run_dry_run
+
+    done = run_dry_run(cfg)
+    return None if done is None else [dataclasses.asdict(each) for each in done]
 
 
 @app.command()

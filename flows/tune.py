@@ -31,7 +31,7 @@ from tasks.hpo.launch import DeploymentStages, Stages
 from tasks.hpo.loop import BoardPaused, SampleRejected
 from tasks.hpo.optuna_ops import storage_of
 from tasks.preflight import check_shared_services
-from tasks.workloads.base import StudyTarget
+from tasks.workloads.base import DryRun, StudyTarget
 from tasks.workloads.registry import load_study_config, parse_study_config
 
 __all__ = ["BoardPaused", "SampleRejected", "tune"]
@@ -125,6 +125,7 @@ def tune(
     overrides: list[str] | None = None,
     restart: bool = False,
     reuse_best: bool = False,
+    dry_run_done: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a study until ``study.n_trials`` trials have an outcome.
 
@@ -132,12 +133,14 @@ def tune(
     file readable where this flow runs; ``overrides`` are ``section.key=value`` items
     applied on top. Running the same study again continues it; ``restart`` deletes it
     first; ``reuse_best`` skips the search and retrains the best parameters found as a
-    one-trial study ``<name>-best``. Before any of it, the dry run (``study.dry_run``).
+    one-trial study ``<name>-best``. Before any of it, the dry run (``study.dry_run``),
+    unless the caller ran it (``dry_run_done``: what it did, as ``DryRun`` fields).
     """
     cfg = resolve(config, overrides)
     check_shared_services(cfg)
     ensure_device_limit(cfg.device.concurrency_limit)
     logger = get_run_logger()
-    dry_run(cfg, logger)  # before anything is created or trained
+    done = None if dry_run_done is None else [DryRun(**each) for each in dry_run_done]
+    dry_run(cfg, logger, done)  # before anything is created or trained
     campaign = Campaign(make_stages=make_stages, logger=logger, hooks=ProgressHooks())
     return campaign.run(cfg, restart=restart, reuse_best=reuse_best)

@@ -367,6 +367,7 @@ def _heatmap(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str)
                     va="center",
                     fontsize=7,
                     color="white" if strong else "black",
+                    in_layout=False,
                 )
     axes.set_title(title, fontsize=10)
     figure.savefig(path, format="png", dpi=110)

@@ -1,6 +1,7 @@
 """The dry run before a study's first training, end to end.
 
-At study start (``tasks.hpo.campaign.dry_run``, called by the ``tune`` flow) and in
+At study start (``tasks.hpo.campaign.dry_run``, called by the ``tune`` flow, or by the
+``edgetune tune`` command while its own Prefect server starts) and in
 ``edgetune validate --deep``, an untrained model of the configured architecture is exported,
 compiled with the configured compiler and settings on the study's calibration set, and run
 once on the board. A failure stops the study before any training, in one line naming the
@@ -139,11 +140,19 @@ def test_an_untrusted_host_key_stops_the_study_before_any_training(
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize("own", [False, True], ids=["in-the-flow", "own-server"])
 def test_a_calibration_the_compiler_refuses_stops_the_study_before_any_training(
-    digits_root: Path, tmp_path: Path, trainings: list[dict[str, Any]]
+    digits_root: Path,
+    tmp_path: Path,
+    trainings: list[dict[str, Any]],
+    own: bool,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Entropy calibration on 20 images: batches of 16 and 4, which onnxruntime's entropy
-    calibrator cannot stack; every trial would fail at compile, after its training."""
+    calibrator cannot stack; every trial would fail at compile, after its training. On a
+    Prefect server of the command's own, the dry run fails before the command waits for
+    the server: no flow run."""
+    events = request.getfixturevalue("own_server") if own else None
     run_dir = tmp_path / "run"
     raw = tiny_config(digits_root, run_dir)
     raw["compile"] = {"calibration_samples": 20, "onnxruntime": {"calibrate_method": "entropy"}}
@@ -163,6 +172,8 @@ def test_a_calibration_the_compiler_refuses_stops_the_study_before_any_training(
     assert trainings == []
     assert _stored_trials(run_dir) == []
     assert _trial_runs(run_dir) == []
+    if events is not None:
+        assert events == ["dry run"]  # no wait for the server, no flow
 
 
 @pytest.mark.integration
@@ -196,15 +207,22 @@ def test_the_fake_hailo_compiler_refusing_stops_the_study_before_any_training(
     assert _stored_trials(run_dir) == []
 
 
+def _refuse_dry_run(monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    """Make the dry run fail the test with ``why`` if it runs."""
+    from tasks.hpo import campaign
+
+    def refuse(config: Any) -> Any:
+        raise AssertionError(why)
+
+    monkeypatch.setattr(campaign, "dry_run_configs", refuse)
+
+
 def test_study_dry_run_false_skips_it_and_says_so(
     digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     from tasks.hpo import campaign
 
-    def refuse(config: Any) -> Any:
-        raise AssertionError("the dry run ran although study.dry_run is false")
-
-    monkeypatch.setattr(campaign, "dry_run_configs", refuse)
+    _refuse_dry_run(monkeypatch, "the dry run ran although study.dry_run is false")
     config = parse_config(tiny_config(digits_root, tmp_path / "run", study={"dry_run": False}))
     with caplog.at_level(logging.INFO, logger=LOG.name):
         assert campaign.dry_run(config, LOG) == []
@@ -219,10 +237,7 @@ def test_in_deployments_mode_the_dry_run_is_left_to_the_edge_pool(
 ) -> None:
     from tasks.hpo import campaign
 
-    def refuse(config: Any) -> Any:
-        raise AssertionError("the parent ran the dry run in deployments mode")
-
-    monkeypatch.setattr(campaign, "dry_run_configs", refuse)
+    _refuse_dry_run(monkeypatch, "the parent ran the dry run in deployments mode")
     raw = tiny_config(digits_root, tmp_path / "run", orchestration={"mode": "deployments"})
     config = parse_config(raw)
     with caplog.at_level(logging.INFO, logger=LOG.name):
@@ -255,6 +270,84 @@ def test_a_board_that_is_down_at_the_dry_run_pauses_the_study_in_one_line(
         "did not start (dry run: nothing was trained): check the board with 'edgetune device "
         "check CONFIG', then run the study again"
     )
+
+
+def test_a_dry_run_the_caller_ran_is_logged_and_not_run_again(
+    digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    from tasks.hpo import campaign
+    from tasks.workloads.base import DryRun
+
+    _refuse_dry_run(monkeypatch, "the dry run ran again")
+    config = parse_config(tiny_config(digits_root, tmp_path / "run"))
+    seconds = {"export": 0.4, "compile": 0.3, "device": 0.2}
+    done = DryRun("tinycnn", "onnxruntime-int8", 32, "test-run", 8, 0.01, 1.5, seconds)
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        assert campaign.dry_run(config, LOG, [done]) == [done]
+    assert [r.getMessage() for r in caplog.records] == [
+        "dry run before the first training: untrained tinycnn exported in 0.4 s, compiled by "
+        "onnxruntime-int8 on 32 calibration images in 0.3 s (0.010 MB), run on board "
+        "test-run: 8 images, 1.500 ms a batch, in 0.2 s"
+    ]
+
+
+@pytest.fixture
+def own_server(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The command as it runs on a Prefect server of its own (``prefect_server.running()``;
+    its URL the embedded one, so the board's slot is a file lock), the session's test server
+    standing in for it; each wait for the server and each dry run, recorded in order."""
+    from prefect.settings import PREFECT_API_URL
+
+    from edgetune import prefect_server
+    from tasks.host import EMBEDDED_PREFECT_URL_ENV
+    from tasks.hpo import campaign
+
+    events: list[str] = []
+    real = campaign.dry_run_configs
+
+    def counted(config: Any) -> Any:
+        events.append("dry run")
+        return real(config)
+
+    monkeypatch.setattr(campaign, "dry_run_configs", counted)
+    monkeypatch.setattr(prefect_server, "running", lambda: True)
+    monkeypatch.setattr(prefect_server, "ready", lambda *_, **__: events.append("server ready"))
+    monkeypatch.setenv(EMBEDDED_PREFECT_URL_ENV, str(PREFECT_API_URL.value()))
+    return events
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_server")
+def test_the_command_runs_the_dry_run_while_its_own_prefect_server_starts(
+    digits_root: Path, tmp_path: Path, own_server: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the wait for the server, not after it in the flow: the dry run fills the
+    server's start-up; the flow logs what it did and does not run it again."""
+    import flows.tune
+
+    given: list[Any] = []
+    real = flows.tune.dry_run
+
+    def seen(cfg: Any, logger: Any, done: Any = None) -> Any:
+        given.append(done)
+        return real(cfg, logger, done)
+
+    monkeypatch.setattr(flows.tune, "dry_run", seen)
+    raw = tiny_config(digits_root, tmp_path / "run", study={"n_trials": 1, "parallel": 1})
+    config = _write(tmp_path, raw)
+
+    result = runner.invoke(app, ["tune", str(config)])
+
+    assert result.exit_code == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert own_server[:2] == ["dry run", "server ready"]
+    assert own_server.count("dry run") == 1
+    [[done]] = given  # what the command ran, handed to the flow
+    assert (done.model, done.compiler, done.calibration_images) == (
+        "tinycnn",
+        "onnxruntime-int8",
+        32,
+    )
+    assert len(_stored_trials(tmp_path / "run")) == 1
 
 
 # A dry run that passes, on the real SSH board ----------------------------------------------

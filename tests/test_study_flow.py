@@ -253,5 +253,8 @@ def test_a_board_left_taken_fails_clearly_and_release_frees_it(
     result = CliRunner().invoke(app, ["device", "release", str(path)])
     assert result.exit_code == 0, result.output
     assert f"released 1 slot(s) of {name}" in result.output
-    with hold_board(config), get_client(sync_client=True) as client:
+    # Freed, the board is taken at once; the wait allowed is generous only so that a slow
+    # server (the suite under load) does not read as a board still taken.
+    raw["device"]["wait_timeout_s"] = 60
+    with hold_board(parse_config(raw)), get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(name).active_slots == 1  # ours now

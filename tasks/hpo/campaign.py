@@ -48,7 +48,7 @@ from tasks.workloads.registry import objective_for, workload_for
 StagesFactory = Callable[[StudyTarget, optuna.Study], Stages]
 
 
-def dry_run(cfg: StudyTarget, logger: Logger) -> list[DryRun]:
+def dry_run(cfg: StudyTarget, logger: Logger, done: list[DryRun] | None = None) -> list[DryRun]:
     """Before the first training: an untrained model through the study's export, compiler
     and board once (``Workload.dry_run``), so that a setting that would fail every trial
     after its training stops the study before any GPU time, in one line naming it.
@@ -57,7 +57,25 @@ def dry_run(cfg: StudyTarget, logger: Logger) -> list[DryRun]:
     edge pool and the compiler runs on the compile pool, neither of which the parent may
     reach or have; there ``edgetune validate --deep`` on a host of the edge pool runs it.
     A board that is down or busy pauses the study as it would after its trials (exit 1).
+    ``done``: the dry run the caller ran already (``run_dry_run``; the ``edgetune`` command
+    runs it while its own Prefect server starts), logged here, not run again.
     """
+    if done is None:
+        done = _dry_run_or_why_not(cfg, logger)
+    for each in done:
+        logger.info("dry run before the first training: %s", each.summary())
+    return done
+
+
+def run_dry_run(cfg: StudyTarget) -> list[DryRun] | None:
+    """The dry run, where the study runs one (``dry_run``); None where it does not (the
+    flow's log says why)."""
+    if not cfg.study.dry_run or cfg.orchestration.mode == "deployments":
+        return None
+    return _run(cfg)
+
+
+def _dry_run_or_why_not(cfg: StudyTarget, logger: Logger) -> list[DryRun]:
     if not cfg.study.dry_run:
         logger.info(
             "dry run skipped (study.dry_run: false): the first trial's stages are the first "
@@ -71,16 +89,17 @@ def dry_run(cfg: StudyTarget, logger: Logger) -> list[DryRun]:
             "CONFIG' on a host of the edge pool before the study"
         )
         return []
+    return _run(cfg)
+
+
+def _run(cfg: StudyTarget) -> list[DryRun]:
     try:
-        done = dry_run_configs(cfg)
+        return dry_run_configs(cfg)
     except (DeviceUnreachableError, BoardBusyError) as exc:
         raise BoardPaused(
             f"device {cfg.device.name}: {exc}; the study did not start ({NOTHING_TRAINED}): "
             f"check the board with 'edgetune device check CONFIG', then run the study again"
         ) from exc
-    for each in done:
-        logger.info("dry run before the first training: %s", each.summary())
-    return done
 
 
 @dataclass
