@@ -343,7 +343,6 @@ def tune(
     try:
         done = _dry_run_while_the_server_starts(cfg)
         with progress, _untraced(verbose, BoardPaused, SampleRejected, Interrupted, DiskFull):
-            # parsed once, above
             result = tune_flow(cfg, restart=restart, reuse_best=reuse_best, dry_run_done=done)
     except KeyboardInterrupt:
         raise _fail(

@@ -61,7 +61,11 @@ def dry_run(cfg: StudyTarget, logger: Logger, done: list[DryRun] | None = None) 
     runs it while its own Prefect server starts), logged here, not run again.
     """
     if done is None:
-        done = _dry_run_or_why_not(cfg, logger)
+        why_not = _not_run_here(cfg)
+        if why_not is not None:
+            logger.info(why_not)
+            return []
+        done = _run(cfg)
     for each in done:
         logger.info("dry run before the first training: %s", each.summary())
     return done
@@ -70,26 +74,23 @@ def dry_run(cfg: StudyTarget, logger: Logger, done: list[DryRun] | None = None) 
 def run_dry_run(cfg: StudyTarget) -> list[DryRun] | None:
     """The dry run, where the study runs one (``dry_run``); None where it does not (the
     flow's log says why)."""
-    if not cfg.study.dry_run or cfg.orchestration.mode == "deployments":
-        return None
-    return _run(cfg)
+    return None if _not_run_here(cfg) is not None else _run(cfg)
 
 
-def _dry_run_or_why_not(cfg: StudyTarget, logger: Logger) -> list[DryRun]:
+def _not_run_here(cfg: StudyTarget) -> str | None:
+    """Why the study runs no dry run in this process, or None when it does."""
     if not cfg.study.dry_run:
-        logger.info(
+        return (
             "dry run skipped (study.dry_run: false): the first trial's stages are the first "
             "to reach the compiler and the board"
         )
-        return []
     if cfg.orchestration.mode == "deployments":
-        logger.info(
+        return (
             "dry run not run here: orchestration.mode 'deployments' compiles on the compile "
             "pool and reaches the board from the edge pool; run 'edgetune validate --deep "
             "CONFIG' on a host of the edge pool before the study"
         )
-        return []
-    return _run(cfg)
+    return None
 
 
 def _run(cfg: StudyTarget) -> list[DryRun]:
