@@ -9,8 +9,12 @@ from it into a process of its own. The child runs the stage's function only: a s
 reports its outcome in the trial's MLflow run and beats in the study storage, so the flow
 engine has nothing to add. The worker does what the engine did:
 
-- the run's states: RUNNING when the child starts; COMPLETED, or FAILED with the stage's
-  error; CRASHED when the child died without a word (the process worker's rule);
+- the run's states: PENDING when the worker takes the run, RUNNING while the child is
+  forked (its stage starts once RUNNING is accepted; a run refused it has its child stopped
+  before anything ran); COMPLETED, or FAILED with the stage's error; CRASHED when the child
+  died without a word (the process worker's rule). Between PENDING and the stage's work
+  there is one API call where Prefect's worker makes five: no "Submitting" state, the
+  worker's labels set beside the start, the flow remembered, the deployment for a minute;
 - the child's logs go to the API under the run (``prefect.runtime.flow_run.id`` names it);
 - a run cancelled in the UI or by the study (CANCELLING) has its child stopped (SIGTERM,
   which the stage takes as an exception so that its slots and runs are released, then
@@ -29,8 +33,10 @@ gpu pool, say) runs as the process worker runs it, in a new interpreter.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -41,7 +47,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, ClassVar
 from uuid import UUID
 
 from tasks.runlog import RUN_NAME
@@ -62,9 +68,9 @@ DEFAULT_PRELOAD = ("flows.stages", "flows.train", "mlflow")
 #: Seconds a stage has to end after SIGTERM before it is killed.
 STOP_GRACE_S = 10.0
 
-#: Seconds a deployment's entrypoint is remembered (a deployment applied again with another
-#: flow is seen after this long).
-ENTRYPOINT_TTL_S = 60.0
+#: Seconds a deployment and its flow, as read from the API, are remembered (a deployment
+#: applied again with another flow or other job variables is seen after this long).
+DEPLOYMENT_TTL_S = 60.0
 
 #: Exit code of a child whose worker is gone.
 WORKER_GONE = 75
@@ -137,8 +143,9 @@ def preload_for(pool: str, extra: tuple[str, ...] = ()) -> list[str]:
 # ---------------------------------------------------------------- in the forked child
 
 
-def run_stage(job: StageJob, channel: Connection) -> None:
-    """The child: the stage's function with the run's environment; its outcome (``ok``, or
+def run_stage(job: StageJob, channel: Connection, go: Any) -> None:
+    """The child: the stage's function with the run's environment, once ``go`` is set (the
+    run is RUNNING: the child is forked while the worker says so); its outcome (``ok``, or
     the error) goes back over ``channel``, and its logs to the API."""
     _leave_with(channel)
     signal.signal(signal.SIGTERM, _cancelled)
@@ -153,7 +160,9 @@ def run_stage(job: StageJob, channel: Connection) -> None:
     outcome: tuple[str, str] = ("ok", "")
     with _settings_from_environment() if job.reread_settings else nullcontext():
         try:
-            _stage_function(job.entrypoint)(**job.parameters)
+            stage = _stage_function(job.entrypoint)
+            go.wait()
+            stage(**job.parameters)
         except StageCancelled:
             outcome = ("cancelled", "the run was cancelled")
         except BaseException as exc:  # the run's FAILED state carries it
@@ -205,6 +214,71 @@ def _send_logs() -> None:
 # ---------------------------------------------------------------- in the worker
 
 
+def stage_job(flow_run: Any, configuration: Any, entrypoint: str) -> StageJob:
+    """What the child needs of ``flow_run`` under the pool's job ``configuration``."""
+    env = {k: v for k, v in configuration.env.items() if v is not None}
+    # What the fork server's settings were read from (its environment is this process's),
+    # and what they are
+    base = configuration._base_environment()
+    return StageJob(
+        flow_run_id=str(flow_run.id),
+        flow_run_name=flow_run.name,
+        flow_name=entrypoint.rpartition(":")[2],
+        entrypoint=entrypoint,
+        parameters=dict(flow_run.parameters),
+        env=env,
+        cwd=str(configuration.working_dir) if configuration.working_dir else None,
+        reread_settings=any(
+            value not in (base.get(key), os.environ.get(key))
+            for key, value in env.items()
+            if key.startswith("PREFECT_") and not key.startswith("PREFECT__")
+        ),
+    )
+
+
+def fork_stage(context: Any, job: StageJob) -> tuple[Any, Connection, Any]:
+    """The child for ``job``, started and set up, waiting for its go: the process, the
+    worker's end of its channel, and the go (an event)."""
+    ours, theirs = context.Pipe()
+    go = context.Event()
+    process = context.Process(
+        target=run_stage, args=(job, theirs, go), name=f"stage-{job.flow_run_name}"
+    )
+    process.start()
+    theirs.close()
+    return process, ours, go
+
+
+class Remembering:
+    """An API client that remembers, in this process, the deployments it read for
+    DEPLOYMENT_TTL_S and the flows it read for good (a flow's id names one flow): each
+    stage run would otherwise read both again before it starts. Everything else goes to
+    ``client``."""
+
+    _known: ClassVar[dict[tuple[str, UUID], tuple[Any, float]]] = {}
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def read_deployment(self, deployment_id: UUID) -> Any:
+        read = self._client.read_deployment
+        return await self._read("deployment", deployment_id, read, DEPLOYMENT_TTL_S)
+
+    async def read_flow(self, flow_id: UUID) -> Any:
+        return await self._read("flow", flow_id, self._client.read_flow, math.inf)
+
+    async def _read(self, kind: str, key: UUID, read: Any, ttl_s: float) -> Any:
+        known = self._known.get((kind, key))
+        if known is not None and time.monotonic() - known[1] < ttl_s:
+            return known[0]
+        found = await read(key)
+        self._known[(kind, key)] = (found, time.monotonic())
+        return found
+
+
 def _stop(process: Any, grace_s: float) -> None:
     """SIGTERM (the stage ends its work), then SIGKILL after ``grace_s``."""
     if process.exitcode is None:
@@ -220,16 +294,39 @@ def stage_worker_class() -> type[Any]:
     import anyio
     from prefect.client.schemas.objects import FlowRun
     from prefect.client.schemas.responses import SetStateStatus
+    from prefect.settings import get_current_settings
     from prefect.states import Completed, Crashed, Failed, Running
     from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
     # A worker of type "process" replaces ProcessWorker in this process's registry: wanted.
     warnings.filterwarnings("ignore", message=".*has key 'process'", category=UserWarning)
 
+    class StageJobConfiguration(ProcessJobConfiguration):
+        """The process worker's job configuration, built with the deployment and flow the
+        worker remembers (two API reads fewer before each run starts) and with Prefect's
+        settings as environment variables dumped once (25 ms of CPU, twice a run)."""
+
+        _base: ClassVar[tuple[Any, dict[str, str]] | None] = None
+
+        @classmethod
+        def _base_environment(cls) -> dict[str, str]:
+            settings = get_current_settings()  # the worker's, for its whole life
+            if cls._base is None or cls._base[0] is not settings:
+                cls._base = (settings, super()._base_environment())
+            return dict(cls._base[1])
+
+        @classmethod
+        async def resolve_for_flow_run(
+            cls, flow_run: FlowRun, *, client: Any, **kwargs: Any
+        ) -> Any:
+            remembering: Any = Remembering(client)
+            return await super().resolve_for_flow_run(flow_run, client=remembering, **kwargs)
+
     class StageWorker(ProcessWorker):
         """A ``process`` worker that forks edgetune's stage runs from a warm fork server."""
 
         context = multiprocessing.get_context("forkserver")
+        job_configuration = StageJobConfiguration
         #: Entrypoints run without the flow engine (``edgetune worker --stage`` adds some).
         stages: frozenset[str] = STAGE_ENTRYPOINTS
 
@@ -237,7 +334,6 @@ def stage_worker_class() -> type[Any]:
             super().__init__(*args, **kwargs)
             self._children: dict[UUID, Any] = {}
             self._cancelled: set[UUID] = set()
-            self._entrypoints: dict[UUID, tuple[str | None, float]] = {}
 
         async def run(
             self,
@@ -248,56 +344,66 @@ def stage_worker_class() -> type[Any]:
             entrypoint = await self._entrypoint(flow_run)
             if entrypoint not in self.stages:
                 return await super().run(flow_run, configuration, task_status)
-            running: Any = await self.client.set_flow_run_state(flow_run.id, Running())
-            if running.status != SetStateStatus.ACCEPT:  # cancelled while it waited
-                if task_status is not None:  # no process: the run gets no pid to kill
-                    task_status.started(RuntimeError(f"{flow_run.name}: not started"))
-                return ProcessWorkerResult(status_code=0, identifier="")
-            ours, theirs = self.context.Pipe()
-            env = {k: v for k, v in configuration.env.items() if v is not None}
-            # What the fork server's settings were read from (its environment is this
-            # process's), and what they are
-            base = configuration._base_environment()
-            job = StageJob(
-                flow_run_id=str(flow_run.id),
-                flow_run_name=flow_run.name,
-                flow_name=entrypoint.rpartition(":")[2],
-                entrypoint=entrypoint,
-                parameters=dict(flow_run.parameters),
-                env=env,
-                cwd=str(configuration.working_dir) if configuration.working_dir else None,
-                reread_settings=any(
-                    value not in (base.get(key), os.environ.get(key))
-                    for key, value in env.items()
-                    if key.startswith("PREFECT_") and not key.startswith("PREFECT__")
-                ),
-            )
-            process = self.context.Process(
-                target=run_stage, args=(job, theirs), name=f"stage-{flow_run.name}"
-            )
-            process.start()
-            theirs.close()
+            job = stage_job(flow_run, configuration, entrypoint)
+            running, (process, ours, go) = await self._fork_while_running(flow_run, job)
             self._children[flow_run.id] = process
-            if task_status is not None:
-                task_status.started(process.pid)
             try:
+                if running.status != SetStateStatus.ACCEPT:  # cancelled while it waited
+                    await anyio.to_thread.run_sync(_stop, process, STOP_GRACE_S)
+                    ours.close()
+                    if task_status is not None:  # no stage ran: the run gets no pid to kill
+                        task_status.started(RuntimeError(f"{flow_run.name}: not started"))
+                    return ProcessWorkerResult(status_code=0, identifier="")
+                go.set()
+                if task_status is not None:
+                    task_status.started(process.pid)
                 code = await self._follow(flow_run, process, ours)
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._end(flow_run, process)
             return ProcessWorkerResult(status_code=code, identifier=str(process.pid))
 
+        async def _fork_while_running(
+            self, flow_run: FlowRun, job: StageJob
+        ) -> tuple[Any, tuple[Any, Connection, Any]]:
+            """The run set RUNNING while the fork server forks its child (which waits for
+            its go): the API's answer, and the child."""
+            loop = asyncio.get_running_loop()
+            forking = loop.run_in_executor(None, fork_stage, self.context, job)
+            try:
+                running: Any = await self.client.set_flow_run_state(flow_run.id, Running())
+            except BaseException:  # no stage ran: its child goes
+                with anyio.CancelScope(shield=True):
+                    process, ours, _ = await forking
+                    await anyio.to_thread.run_sync(_stop, process, 0.0)
+                ours.close()
+                raise
+            return running, await forking
+
         async def _entrypoint(self, flow_run: FlowRun) -> str | None:
-            """The run's deployment's entrypoint, read at most every ENTRYPOINT_TTL_S."""
+            """The run's deployment's entrypoint, read at most every DEPLOYMENT_TTL_S."""
             if flow_run.deployment_id is None:
                 return None
-            known = self._entrypoints.get(flow_run.deployment_id)
-            if known is not None and time.monotonic() - known[1] < ENTRYPOINT_TTL_S:
-                return known[0]
-            deployment = await self.client.read_deployment(flow_run.deployment_id)
-            entrypoint = module_entrypoint(deployment.entrypoint) if deployment.entrypoint else None
-            self._entrypoints[flow_run.deployment_id] = (entrypoint, time.monotonic())
-            return entrypoint
+            deployment = await Remembering(self.client).read_deployment(flow_run.deployment_id)
+            return module_entrypoint(deployment.entrypoint) if deployment.entrypoint else None
+
+        async def _propose_submitting_state(self, flow_run: FlowRun) -> None:
+            """A stage goes from PENDING straight to RUNNING: Prefect's "Submitting" state
+            is one more round trip before its work starts, for a process forked in
+            milliseconds."""
+            if await self._entrypoint(flow_run) not in self.stages:
+                await super()._propose_submitting_state(flow_run)
+
+        async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
+            """The worker's labels go on the run beside its start, not before it."""
+            assert self._runs_task_group is not None  # runs are submitted within it
+            self._runs_task_group.start_soon(self._label, flow_run_id)
+
+        async def _label(self, flow_run_id: UUID) -> None:
+            try:
+                await super()._give_worker_labels_to_flow_run(flow_run_id)
+            except Exception as exc:  # labels are for the UI's filters; the run goes on
+                self._logger.warning("flow run %s: no worker labels: %s", flow_run_id, exc)
 
         async def _follow(self, flow_run: FlowRun, process: Any, channel: Connection) -> int:
             """Wait for the child; set the run's final state from what it sent. Returns the

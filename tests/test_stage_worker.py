@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -142,8 +143,22 @@ def test_a_stage_runs_forked_with_its_run_id_logs_and_states(
     assert seen["value"] == 41 and seen["env"] == "from-the-worker"
     assert seen["pid"] != worker["process"].pid  # a process of its own
     assert run.infrastructure_pid == str(seen["pid"])
-    kinds = [s.type.value for s in client.read_flow_run_states(run.id)]
-    assert kinds[-2:] == ["RUNNING", "COMPLETED"], kinds
+    assert seen["state"] == "RUNNING"  # its work starts once the run is RUNNING
+    # taken, then running: no "Submitting" round trip between them
+    states = sorted(client.read_flow_run_states(run.id), key=lambda s: s.timestamp)
+    assert [(s.type.value, s.name) for s in states] == [
+        ("SCHEDULED", "Scheduled"),
+        ("PENDING", "Pending"),
+        ("RUNNING", "Running"),
+        ("COMPLETED", "Completed"),
+    ]
+    # the worker's labels, set beside the start rather than before it
+    label = _until(
+        lambda: client.read_flow_run(run.id).labels.get("prefect.worker.name"),
+        15,
+        "the worker's labels on the run",
+    )
+    assert label == "stage-1"
     logs = _until(
         lambda: [
             log.message
@@ -252,3 +267,87 @@ def test_a_worker_on_a_pool_that_does_not_exist_says_so_and_creates_nothing(
     ]
     with get_client(sync_client=True) as client:
         assert "gpuu" not in [pool.name for pool in client.read_work_pools()]
+
+
+def _gate_job(out: Path) -> Any:
+    from edgetune.worker import StageJob
+
+    return StageJob(
+        flow_run_id=str(uuid4()), flow_run_name=out.stem, flow_name="slow_stage",
+        entrypoint="fakes.stageflows:slow_stage", parameters={"out": str(out), "seconds": 0},
+        env={}, cwd=None, reread_settings=False,
+    )  # fmt: skip
+
+
+def test_a_forked_stage_waits_for_its_run_to_be_running_and_a_refused_one_runs_nothing(
+    tmp_path: Path,
+) -> None:
+    """The worker forks a stage's process while it sets the run RUNNING (one round trip
+    less before the work starts): the stage starts only once that is accepted, and a run
+    refused RUNNING (cancelled meanwhile) has its process stopped before the stage ran."""
+    from edgetune.worker import _stop, fork_stage
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["edgetune.worker", "fakes.stageflows"])
+    accepted = tmp_path / "accepted.json"
+    process, channel, go = fork_stage(context, _gate_job(accepted))
+    time.sleep(1.0)  # a forked stage is set up in milliseconds
+    assert not accepted.exists(), "the stage ran before its run was RUNNING"
+    go.set()
+    process.join(30)
+    assert process.exitcode == 0 and channel.recv() == ("ok", "")
+    assert accepted.with_suffix(".ended").read_text() == "cleaned up"
+
+    refused = tmp_path / "refused.json"
+    process, channel, go = fork_stage(context, _gate_job(refused))
+    time.sleep(1.0)
+    _stop(process, 10)
+    assert process.exitcode == 0 and channel.recv() == ("cancelled", "the run was cancelled")
+    assert not refused.exists() and not refused.with_suffix(".ended").exists()
+
+
+def test_the_worker_reads_a_deployment_once_a_minute_and_a_flow_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each stage run would read its deployment and flow from the API again before it
+    starts (two round trips); the worker reads a deployment once per DEPLOYMENT_TTL_S (a
+    deployment applied again is seen after that) and a flow once."""
+    import asyncio
+
+    from edgetune import worker as stage_worker
+
+    class Client:  # records the reads of the API client it stands in for
+        def __init__(self) -> None:
+            self.reads: list[tuple[str, UUID]] = []
+            self.api_url = "http://127.0.0.1:1/api"
+
+        async def read_deployment(self, key: UUID) -> str:
+            self.reads.append(("deployment", key))
+            return f"deployment {key} read {len(self.reads)}"
+
+        async def read_flow(self, key: UUID) -> str:
+            self.reads.append(("flow", key))
+            return f"flow {key} read {len(self.reads)}"
+
+    monkeypatch.setattr(stage_worker.Remembering, "_known", {})
+    client = Client()
+    deployment, other, flow_id = uuid4(), uuid4(), uuid4()
+
+    async def reads() -> list[str]:
+        remembering = stage_worker.Remembering(client)
+        return [
+            await remembering.read_deployment(deployment),
+            await remembering.read_flow(flow_id),
+            await stage_worker.Remembering(client).read_deployment(deployment),
+            await remembering.read_deployment(other),
+        ]
+
+    first = asyncio.run(reads())
+    assert first[2] == first[0] and client.reads == [
+        ("deployment", deployment), ("flow", flow_id), ("deployment", other)
+    ]  # fmt: skip
+    assert stage_worker.Remembering(client).api_url == client.api_url  # the rest: the client
+    monkeypatch.setattr(stage_worker, "DEPLOYMENT_TTL_S", 0.0)  # as if a minute went by
+    again = asyncio.run(reads())
+    assert again[0] != first[0] and again[1] == first[1]
+    assert client.reads[3:] == [("deployment", deployment)] * 2 + [("deployment", other)]
