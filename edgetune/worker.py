@@ -15,6 +15,8 @@ engine has nothing to add. The worker does what the engine did:
   died without a word (the process worker's rule). Between PENDING and the stage's work
   there is one API call where Prefect's worker makes five: no "Submitting" state, the
   worker's labels set beside the start, the flow remembered, the deployment for a minute;
+  once a run's final state is set, the worker looks for the next run at once (the pool's
+  limit counted the run until then), rather than at its next poll;
 - the child's logs go to the API under the run (``prefect.runtime.flow_run.id`` names it);
 - a run cancelled in the UI or by the study (CANCELLING) has its child stopped (SIGTERM,
   which the stage takes as an exception so that its slots and runs are released, then
@@ -439,7 +441,21 @@ def stage_worker_class() -> type[Any]:
             if kind == "cancelled":  # a SIGTERM not from this worker (its host is stopping)
                 final.message = "its process was stopped (SIGTERM) before the stage ended"
             await self.client.set_flow_run_state(flow_run.id, final)
+            self._look_again()
             return 0
+
+        def _look_again(self) -> None:
+            """A run waiting on this pool is taken now, not at the next poll: the pool's limit
+            counted this run until its final state (the edge pool's limit is one per board, so
+            the next evaluation waits for exactly this)."""
+            assert self._runs_task_group is not None  # runs are submitted within it
+            self._runs_task_group.start_soon(self._look)
+
+        async def _look(self) -> None:
+            try:
+                await self.get_and_submit_flow_runs()
+            except Exception as exc:  # the next poll looks again
+                self._logger.warning("no look for the next run: %s", exc)
 
         async def _end(self, flow_run: FlowRun, process: Any) -> None:
             """The run is over, or the worker stops: no child is left behind."""

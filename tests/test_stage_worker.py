@@ -41,22 +41,25 @@ STAGES = {
 }
 
 
-def _deployments(client: SyncPrefectClient) -> dict[str, UUID]:
-    """One deployment per test flow on a process pool with a limit of 2."""
+def _deployments(client: SyncPrefectClient, pool: str = POOL, limit: int = 2) -> dict[str, UUID]:
+    """One deployment per test flow on a process pool with a limit (2 unless told); a
+    deployment's name is the flow's and the pool's, so that each pool has its own."""
     from prefect.exceptions import ObjectAlreadyExists
 
     with contextlib.suppress(ObjectAlreadyExists):
-        client.create_work_pool(WorkPoolCreate(name=POOL, type="process", concurrency_limit=2))
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process", concurrency_limit=limit))
     ids = {}
     for key, entrypoint in STAGES.items():
         flow_id = client.create_flow_from_name(entrypoint.split(":")[1].replace("_", "-"))
         ids[key] = client.create_deployment(
-            flow_id=flow_id, name=key, entrypoint=entrypoint, work_pool_name=POOL
+            flow_id=flow_id, name=f"{key}-{pool}", entrypoint=entrypoint, work_pool_name=pool
         )
     return ids
 
 
-def _start_worker(tmp: Path, name: str) -> subprocess.Popen[bytes]:
+def _start_worker(
+    tmp: Path, name: str, pool: str = POOL, poll: str = "0.2"
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PREFECT_API_URL": str(get_current_settings().api.url),
@@ -64,19 +67,21 @@ def _start_worker(tmp: Path, name: str) -> subprocess.Popen[bytes]:
         "STAGE_PROBE": "from-the-worker",
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
-    command = [str(BIN / "edgetune"), "worker", "--pool", POOL, "--name", name, "--poll", "0.2"]
+    command = [str(BIN / "edgetune"), "worker", "--pool", pool, "--name", name, "--poll", poll]
     for entrypoint in list(STAGES.values())[:-1]:  # the plain flow is not a stage
         command += ["--stage", entrypoint]
     log = (tmp / f"{name}.log").open("wb")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
 
 
-def _wait_online(client: SyncPrefectClient, name: str, process: subprocess.Popen[bytes]) -> None:
+def _wait_online(
+    client: SyncPrefectClient, name: str, process: subprocess.Popen[bytes], pool: str = POOL
+) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert process.poll() is None, f"the worker exited {process.returncode}"
         if any(
-            w.name == name and w.status == "ONLINE" for w in client.read_workers_for_work_pool(POOL)
+            w.name == name and w.status == "ONLINE" for w in client.read_workers_for_work_pool(pool)
         ):
             return
         time.sleep(0.5)
@@ -267,6 +272,43 @@ def test_a_worker_on_a_pool_that_does_not_exist_says_so_and_creates_nothing(
     ]
     with get_client(sync_client=True) as client:
         assert "gpuu" not in [pool.name for pool in client.read_work_pools()]
+
+
+def test_a_run_held_back_by_the_pools_limit_is_taken_as_the_running_one_ends(
+    tmp_path: Path,
+) -> None:
+    """On a pool whose limit is 1 (the edge pool's, per board) the next run waits for the
+    running one's final state; the worker takes it then, not at its next poll (600 s here;
+    every 0.25 s on the edge pool, where the board idled up to that much more between two
+    evaluations)."""
+    pool = "stage-worker-limit-1"
+    with get_client(sync_client=True) as client:
+        ids = _deployments(client, pool, limit=1)
+        first_out, second_out = tmp_path / "first.json", tmp_path / "second.json"
+        first = client.create_flow_run_from_deployment(
+            ids["slow"], parameters={"out": str(first_out), "seconds": 5}
+        )
+        worker = _start_worker(tmp_path, "limit-1", pool, poll="600")
+        try:
+            _wait_online(client, "limit-1", worker, pool)
+            _until(first_out.exists, 60, "the first run to start (the worker's first look)")
+            second = client.create_flow_run_from_deployment(
+                ids["ok"], parameters={"out": str(second_out), "value": 1}
+            )
+            first = _final(client, first)
+            second = _final(client, second, timeout=30)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        states = {
+            run.id: {s.type.value: s.timestamp for s in client.read_flow_run_states(run.id)}
+            for run in (first, second)
+        }
+    assert first.state is not None and first.state.is_completed(), first.state
+    assert second.state is not None and second.state.is_completed(), second.state
+    assert json.loads(second_out.read_text())["value"] == 1
+    # the pool's limit held the second run until the first one's end
+    assert states[second.id]["PENDING"] >= states[first.id]["COMPLETED"]
 
 
 def _gate_job(out: Path) -> Any:
