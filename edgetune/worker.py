@@ -45,7 +45,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -397,15 +397,23 @@ def stage_worker_class() -> type[Any]:
                 await super()._propose_submitting_state(flow_run)
 
         async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
-            """The worker's labels go on the run beside its start, not before it."""
-            assert self._runs_task_group is not None  # runs are submitted within it
-            self._runs_task_group.start_soon(self._label, flow_run_id)
+            """The worker's labels go on the run beside its start, not before it (they are
+            for the UI's filters: the run goes on without them)."""
+            label = super()._give_worker_labels_to_flow_run
+            self._soon(f"flow run {flow_run_id}: no worker labels", label, flow_run_id)
 
-        async def _label(self, flow_run_id: UUID) -> None:
+        def _soon(self, failed: str, work: Callable[..., Awaitable[Any]], *args: Any) -> None:
+            """``work(*args)`` beside the runs; if it fails, a warning that starts ``failed``."""
+            assert self._runs_task_group is not None  # runs are submitted within it
+            self._runs_task_group.start_soon(self._warn_on_failure, failed, work, *args)
+
+        async def _warn_on_failure(
+            self, failed: str, work: Callable[..., Awaitable[Any]], *args: Any
+        ) -> None:
             try:
-                await super()._give_worker_labels_to_flow_run(flow_run_id)
-            except Exception as exc:  # labels are for the UI's filters; the run goes on
-                self._logger.warning("flow run %s: no worker labels: %s", flow_run_id, exc)
+                await work(*args)
+            except Exception as exc:
+                self._logger.warning("%s: %s", failed, exc)
 
         async def _follow(self, flow_run: FlowRun, process: Any, channel: Connection) -> int:
             """Wait for the child; set the run's final state from what it sent. Returns the
@@ -441,21 +449,11 @@ def stage_worker_class() -> type[Any]:
             if kind == "cancelled":  # a SIGTERM not from this worker (its host is stopping)
                 final.message = "its process was stopped (SIGTERM) before the stage ended"
             await self.client.set_flow_run_state(flow_run.id, final)
-            self._look_again()
+            # A run waiting on this pool is taken now, not at the next poll: the pool's limit
+            # counted this run until its final state (the edge pool's limit is one per board,
+            # so the next evaluation waits for exactly this). If the look fails, the poll looks.
+            self._soon("no look for the next run", self.get_and_submit_flow_runs)
             return 0
-
-        def _look_again(self) -> None:
-            """A run waiting on this pool is taken now, not at the next poll: the pool's limit
-            counted this run until its final state (the edge pool's limit is one per board, so
-            the next evaluation waits for exactly this)."""
-            assert self._runs_task_group is not None  # runs are submitted within it
-            self._runs_task_group.start_soon(self._look)
-
-        async def _look(self) -> None:
-            try:
-                await self.get_and_submit_flow_runs()
-            except Exception as exc:  # the next poll looks again
-                self._logger.warning("no look for the next run: %s", exc)
 
         async def _end(self, flow_run: FlowRun, process: Any) -> None:
             """The run is over, or the worker stops: no child is left behind."""
