@@ -273,7 +273,7 @@ def _wait_healthy(url: str, processes: Processes, timeout_s: float = 180.0) -> N
         except OSError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the Prefect server did not answer {url} within {timeout_s:g} s")
+    raise RuntimeError(f"the server did not answer {url} within {timeout_s:g} s")
 
 
 def server_environment(work: Path) -> dict[str, str]:

@@ -44,6 +44,8 @@ LAYERS = (
         "tasks.storage",
         "tasks.secrets",
         "tasks.host",
+        "tasks.inputs",
+        "tasks.digest",
         "tasks.seeding",
         "tasks.runlog",
         "tasks.failures",

@@ -46,6 +46,7 @@ from tasks.detection.metrics import detection_metrics, gap_to_float
 from tasks.detection.ultra import DetectorError, export_onnx, train_detector
 from tasks.devices import LocalRunner, create_runner
 from tasks.host import pid_alive
+from tasks.inputs import log_study_input
 from tasks.packaging import package_run
 from tasks.tracking import (
     CHAMPION,
@@ -221,10 +222,10 @@ def prepare_inputs(
         config.seed,
         work / "inputs" / "calibration.npz",
     )
-    tracker.log_artifact(run_id, bundle, "inputs")
+    log_study_input(tracker, run_id, bundle, "inputs")
     tracker.log_artifact(run_id, data_yaml, "inputs")
     if calibration:
-        tracker.log_artifact(run_id, calib, "inputs")
+        log_study_input(tracker, run_id, calib, "inputs")
     tracker.log_params(
         run_id,
         {

@@ -56,6 +56,7 @@ from tasks.devices.base import (
     remove_results,
 )
 from tasks.devices.edgetune_eval import sha256_file
+from tasks.digest import file_sha256
 
 _log = logging.getLogger(__name__)
 
@@ -593,7 +594,7 @@ class _Session:
 
     def __init__(self, runner: SshRunner, artifact: Path, bundle: Path) -> None:
         self.runner, self.artifact, self.bundle = runner, artifact, bundle
-        self.bundle_sha = sha256_file(bundle)
+        self.bundle_sha = file_sha256(bundle)
         self.run_id = uuid.uuid4().hex
         self.run_dir = runner.layout.run(self.run_id)
         self.lost_before = False

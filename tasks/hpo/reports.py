@@ -59,6 +59,7 @@ from tasks.hpo.study import (
     study_budget,
 )
 from tasks.hpo.study import best_trial as best_of
+from tasks.inputs import fetch_study_input
 from tasks.metrics import augrc, risk_coverage_curve
 from tasks.report import agg_figure
 from tasks.tracking import Tracker, one_line
@@ -596,7 +597,7 @@ def plot_risk_coverage(
     drawn: dict[int, float] = {}
     figure, (generalized, selective) = agg_figure(width=5.5, columns=2)
     with tempfile.TemporaryDirectory(prefix="edgetune-plots-") as tmp:
-        labels = load_bundle(tracker.download(parent_run_id, BUNDLE, Path(tmp)))["labels"]
+        labels = load_bundle(fetch_study_input(tracker, parent_run_id, BUNDLE, Path(tmp)))["labels"]
         for trial in best:
             try:
                 run_id = trial.user_attrs[ATTR_RUN_ID]

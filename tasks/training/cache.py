@@ -18,18 +18,17 @@ Folder: ``$EDGETUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/edgetune/decoded``, else
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tasks.data import DataError, load_rgb
+from tasks.host import file_lock
 
 CACHE_ENV = "EDGETUNE_CACHE_DIR"
 #: Bumped when the decoding changes, so old entries are never read as new ones.
@@ -80,7 +79,7 @@ def decoded_images(items: Sequence[tuple[Path, int]], image_size: int) -> np.nda
     path = folder / f"{key}.npy"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with _file_lock(folder / f"{key}.lock"):
+        with file_lock(folder / f"{key}.lock"):
             if not path.exists():
                 _write(items, image_size, path)
             images = np.load(path, mmap_mode="r")
@@ -126,13 +125,3 @@ def decode_images(items: Sequence[tuple[Path, int]], image_size: int) -> np.ndar
 def _fill(array: np.ndarray, items: Sequence[tuple[Path, int]], image_size: int) -> None:
     for index, (path, _) in enumerate(items):
         array[index] = np.asarray(load_rgb(path, image_size), dtype=np.uint8).transpose(2, 0, 1)
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -42,6 +42,7 @@ from tasks.data import (
 )
 from tasks.devices import create_runner
 from tasks.devices.base import Staged
+from tasks.inputs import fetch_study_input, log_study_input
 from tasks.metrics import classification_metrics
 from tasks.packaging import MODEL_DIR, save_served_model, served_arrays
 from tasks.seeding import trial_seed
@@ -98,8 +99,8 @@ def prepare_inputs(config: EdgetuneConfig, tracker: Tracker, parent_run_id: str)
             evaluated, info.classes, config.data.image_size, work / "val_bundle.npz"
         )
         calib = calibration_set(config, info, work / "calibration.npz")
-        tracker.log_artifact(parent_run_id, bundle, "inputs")
-        tracker.log_artifact(parent_run_id, calib, "inputs")
+        log_study_input(tracker, parent_run_id, bundle, "inputs")
+        log_study_input(tracker, parent_run_id, calib, "inputs")
         config_file = work / "config.yaml"
         config_file.write_text(dump_config(config))
         tracker.log_artifact(parent_run_id, config_file)
@@ -142,7 +143,7 @@ def train(
     info = inspect_dataset(config.data.root, verify_images=False)
     balance = Balance.of(settings, info.classes)  # train.sampling, class weights and loss
     with scratch(config, "train") as work:
-        bundle = load_bundle(tracker.download(parent_run_id, BUNDLE, work))
+        bundle = load_bundle(fetch_study_input(tracker, parent_run_id, BUNDLE, work))
         val_x, val_y = val = bundle_tensors(bundle)
         items = info.items(config.data.train_splits)
 
@@ -278,7 +279,7 @@ def compile_model(
     compiler = create_compiler(config.compile.backend, **config.compile.backend_options())
     with scratch(config, "compile") as work:
         onnx_path = tracker.download(run_id, ONNX, work / "in")
-        calibration = tracker.download(parent_run_id, CALIBRATION, work / "in")
+        calibration = fetch_study_input(tracker, parent_run_id, CALIBRATION, work / "in")
         out = work / "out"
         out.mkdir()
         try:
@@ -317,7 +318,7 @@ def device_inputs(
     """Fetch the compiled artifact and the bundle before the board is taken."""
     with scratch(config, "device") as work:
         compiled = tracker.download(run_id, artifact, work / "in")
-        bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
+        bundle = fetch_study_input(tracker, parent_run_id, BUNDLE, work / "in")
         yield compiled, bundle, work
 
 

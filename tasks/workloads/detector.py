@@ -44,6 +44,7 @@ from tasks.detection.pipeline import (
 from tasks.detection.ultra import DetectorError, export_onnx, ultralytics
 from tasks.devices import DeviceConfigError, create_runner
 from tasks.devices.base import detection_bundle_expectations
+from tasks.inputs import fetch_study_input
 from tasks.tracking import CHAMPION, Tracker, local_artifact_location
 from tasks.workloads.base import (
     DRY_RUN_IMAGES,
@@ -160,7 +161,7 @@ class DetectorWorkload(Workload[DetectorStudy]):
                 trial, tracker, run_id, work / run_name, data_yaml, root=root, on_epoch=on_epoch
             )
             onnx = export_stage(trial, tracker, run_id, work / run_name, trained, root=root)
-            bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
+            bundle = fetch_study_input(tracker, parent_run_id, BUNDLE, work / "in")
             reference = float_reference(trial, onnx["path"], bundle, work)
         float_metrics = {f"float_{k}": v for k, v in reference.items()}
         tracker.log_metrics(run_id, float_metrics)
@@ -172,7 +173,7 @@ class DetectorWorkload(Workload[DetectorStudy]):
         started = time.time()
         with scratch(config, "compile") as work:
             onnx = tracker.download(run_id, ONNX, work / "in")
-            calibration = tracker.download(parent_run_id, CALIBRATION, work / "in")
+            calibration = fetch_study_input(tracker, parent_run_id, CALIBRATION, work / "in")
             compiled = compile_stage(
                 config, tracker, run_id, work, {"path": onnx}, {"calibration": calibration}
             )
@@ -194,7 +195,7 @@ class DetectorWorkload(Workload[DetectorStudy]):
         }
         with scratch(config, "device") as work:
             compiled = tracker.download(run_id, artifact, work / "in")
-            bundle = tracker.download(parent_run_id, BUNDLE, work / "in")
+            bundle = fetch_study_input(tracker, parent_run_id, BUNDLE, work / "in")
             metrics = board_stage(config, tracker, run_id, compiled, bundle, work, reference)
         return DeviceOutcome(metrics=metrics, started_at=started, finished_at=time.time())
 

@@ -23,6 +23,7 @@ import numpy as np
 from tasks.board import hold_board
 from tasks.config import ConfigError, EdgetuneConfig, load_config
 from tasks.data import inspect_dataset, load_bundle, make_bundle, split_items
+from tasks.inputs import fetch_study_input
 from tasks.metrics import classification_metrics
 from tasks.report import TARGET_RISK, ReportInputs, write_report
 from tasks.tracking import CHAMPION, PARENT_TAG, Tracker, one_line
@@ -325,7 +326,7 @@ def report_trial(
     split = config.data.eval_split
     with tempfile.TemporaryDirectory(prefix=f"edgetune-report-{run_id[:8]}-") as tmp:
         work = Path(tmp)
-        bundle = load_bundle(tracker.download(parent_run_id, BUNDLE, work / "inputs"))
+        bundle = load_bundle(fetch_study_input(tracker, parent_run_id, BUNDLE, work / "inputs"))
         device = np.load(tracker.download(run_id, DEVICE_PROBS, work / "device"))
         checkpoint = tracker.download(run_id, CHECKPOINT, work / "model")
         predictions = {"float": float_probs(config, checkpoint, bundle), "device": device}

@@ -1,0 +1,123 @@
+"""A study's shared inputs (the board's bundle, the calibration set), fetched from MLflow
+once per host rather than once per stage.
+
+MLflow is the artifact bus between hosts: every trial's training, compile and device stage
+read the study's bundle or calibration set from the study's run. Fetched by each stage,
+the validation bundle (uncompressed, 150 KB a 224 px image) crossed the network again for
+every stage run, and the board runner hashed it again for every staging; on the work
+pools the next evaluation does both after the last one has ended, while the board waits.
+
+Here the study logs each input with its SHA-256 as a tag of its run
+(``edgetune.sha256.<artifact path>``). A stage reads the tag (one API call) and opens
+``<cache>/<sha256>/<file name>``; a missing entry is downloaded under a lock (stages
+starting together fetch it once), checked against the tag, remembered with its hash
+(``tasks.digest``) and renamed into place when complete, so nobody reads half a file.
+The key is the content: a study resumed on other data logs another hash and finds another
+entry; a new study on the same data finds the same one. An input without the tag (a study
+logged by an older edgetune), or whose content is not what the tag says, is downloaded
+for the stage alone, as before.
+
+Folder: ``$EDGETUNE_CACHE_DIR/inputs``, else ``$XDG_CACHE_HOME/edgetune/inputs``, else
+``~/.cache/edgetune/inputs``. Entries are read, never changed; removing the folder is safe
+while no stage runs on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from tasks.digest import note_path, remember_sha256, sha256_of
+from tasks.host import file_lock
+from tasks.tracking import Tracker
+
+#: Same variable as the decoded-image cache (``tasks.training.cache``), one folder down.
+CACHE_ENV = "EDGETUNE_CACHE_DIR"
+#: The tag of a study run that holds the SHA-256 of one of its inputs, + the artifact path.
+DIGEST_TAG = "edgetune.sha256."
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+_log = logging.getLogger(__name__)
+
+
+def inputs_dir() -> Path:
+    """The folder of study inputs on this host (see the module docstring)."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen:
+        return Path(chosen) / "inputs"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgetune" / "inputs"
+
+
+def log_study_input(tracker: Tracker, run_id: str, path: Path, artifact_dir: str) -> None:
+    """Log ``path`` under ``artifact_dir`` of the study's run, with its hash as a tag."""
+    digest = sha256_of(path)
+    tracker.log_artifact(run_id, path, artifact_dir)
+    tracker.set_tags(run_id, {f"{DIGEST_TAG}{artifact_dir}/{path.name}": digest})
+
+
+def fetch_study_input(tracker: Tracker, run_id: str, artifact_path: str, dst: Path) -> Path:
+    """The study input ``artifact_path`` of run ``run_id`` as a local file, read-only.
+
+    From this host's cache when the run names its hash (fetched into it when missing);
+    else downloaded into ``dst`` as ``Tracker.download`` does.
+    """
+    digest = tracker.client.get_run(run_id).data.tags.get(DIGEST_TAG + artifact_path, "")
+    if not _SHA256.fullmatch(digest):
+        return tracker.download(run_id, artifact_path, dst)
+    entry = inputs_dir() / digest / PurePosixPath(artifact_path).name
+    if entry.is_file():
+        return entry
+    folder = entry.parent.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with file_lock(folder / f"{digest}.lock"):
+            if entry.is_file():
+                return entry
+            return _fetch_entry(tracker, run_id, artifact_path, digest, entry, dst)
+    except OSError as exc:  # no room or no write access: this stage goes without the cache
+        _log.warning(
+            "the study-input cache %s cannot be written (%s: %s); %s is downloaded for this "
+            "stage alone (set %s to a writable folder with room)",
+            folder,
+            type(exc).__name__,
+            exc,
+            artifact_path,
+            CACHE_ENV,
+        )
+        return tracker.download(run_id, artifact_path, dst)
+
+
+def _fetch_entry(
+    tracker: Tracker, run_id: str, artifact_path: str, digest: str, entry: Path, dst: Path
+) -> Path:
+    """Download into a partial folder beside the entries, check, rename into place; a file
+    that is not what the tag says goes to ``dst`` for this stage alone."""
+    part = Path(tempfile.mkdtemp(dir=entry.parent.parent, prefix=f".{digest[:16]}-"))
+    try:
+        fetched = tracker.download(run_id, artifact_path, part)
+        found = sha256_of(fetched)
+        if found != digest:
+            _log.warning(
+                "%s of MLflow run %s has SHA-256 %s, its tag %s%s says %s (logged again "
+                "since): it is used for this stage alone, not cached",
+                artifact_path,
+                run_id,
+                found[:12],
+                DIGEST_TAG,
+                artifact_path,
+                digest[:12],
+            )
+            dst.mkdir(parents=True, exist_ok=True)
+            return Path(shutil.move(fetched, dst / fetched.name))
+        remember_sha256(fetched, digest)
+        entry.parent.mkdir(exist_ok=True)
+        os.replace(note_path(fetched), note_path(entry))
+        os.replace(fetched, entry)
+        return entry
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
