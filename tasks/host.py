@@ -66,3 +66,14 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+#: The folder of edgetune's per-host caches, when set (each cache says where it sits in it).
+CACHE_ENV = "EDGETUNE_CACHE_DIR"
+
+
+def user_cache_home() -> Path:
+    """Where a user's caches go without ``$EDGETUNE_CACHE_DIR``: ``$XDG_CACHE_HOME/edgetune``,
+    else ``~/.cache/edgetune``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgetune"

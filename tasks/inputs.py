@@ -32,11 +32,9 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from tasks.digest import note_path, remember_sha256, sha256_of
-from tasks.host import file_lock
+from tasks.host import CACHE_ENV, file_lock, user_cache_home
 from tasks.tracking import Tracker
 
-#: Same variable as the decoded-image cache (``tasks.training.cache``), one folder down.
-CACHE_ENV = "EDGETUNE_CACHE_DIR"
 #: The tag of a study run that holds the SHA-256 of one of its inputs, + the artifact path.
 DIGEST_TAG = "edgetune.sha256."
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -47,10 +45,7 @@ _log = logging.getLogger(__name__)
 def inputs_dir() -> Path:
     """The folder of study inputs on this host (see the module docstring)."""
     chosen = os.environ.get(CACHE_ENV)
-    if chosen:
-        return Path(chosen) / "inputs"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgetune" / "inputs"
+    return (Path(chosen) if chosen else user_cache_home()) / "inputs"
 
 
 def log_study_input(tracker: Tracker, run_id: str, path: Path, artifact_dir: str) -> None:

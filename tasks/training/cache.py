@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.data import DataError, load_rgb
-from tasks.host import file_lock
+from tasks.host import CACHE_ENV, file_lock, user_cache_home
 
-CACHE_ENV = "EDGETUNE_CACHE_DIR"
 #: Bumped when the decoding changes, so old entries are never read as new ones.
 FORMAT = 1
 _CHUNK = 1 << 20
@@ -48,10 +47,7 @@ class CacheError(RuntimeError):
 def cache_dir() -> Path:
     """The folder of decoded datasets on this host (see the module docstring)."""
     chosen = os.environ.get(CACHE_ENV)
-    if chosen:
-        return Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgetune" / "decoded"
+    return Path(chosen) if chosen else user_cache_home() / "decoded"
 
 
 def dataset_key(items: Sequence[tuple[Path, int]], image_size: int) -> str:
