@@ -2,7 +2,7 @@
 can take the board, on a real MLflow server with its artifact proxy.
 
 Each evaluation does what ``ClassifierWorkload.evaluate`` does before ``hold_board``:
-``device_inputs`` (the trial's compiled model and the study's validation bundle from
+``evaluation_inputs`` (the trial's compiled model and the study's validation bundle from
 MLflow) and the board runner's staging set-up (``tasks.devices.ssh._Session``, which names
 the bundle on the board by its SHA-256). On the work pools the edge pool runs one
 evaluation per board at a time, so the next evaluation does this after the last one has
@@ -46,7 +46,11 @@ def child(args: argparse.Namespace) -> int:
     from tasks.config import parse_config
     from tasks.devices.ssh import SshRunner, _Session
     from tasks.tracking import Tracker
-    from tasks.workloads.classifier import device_inputs
+
+    try:
+        from tasks.workloads.base import evaluation_inputs as device_inputs
+    except ImportError:  # a checkout from before the shared helper
+        from tasks.workloads.classifier import device_inputs  # type: ignore[attr-defined,no-redef]
 
     work = Path(args.work)
     config = parse_config({"run_dir": str(work / "run"), "data": {"root": str(work)},

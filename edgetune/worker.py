@@ -23,7 +23,13 @@ engine has nothing to add. The worker does what the engine did:
   SIGKILL) and ends CANCELLED;
 - a worker that stops takes its children with it and marks their runs CRASHED; a worker
   that is killed takes them too (each child watches a pipe to the worker), and the
-  study's parent finds the silent run by its heartbeat and retries the trial.
+  study's parent finds the silent run by its heartbeat and retries the trial;
+- while a stage runs, the worker looks (every second) at the run that waits next on its
+  pool, held back by the pool's limit; when that run's stage flow names something to do
+  ahead (``PRESTAGE`` in the flow's module: an evaluation's model fetched and sent to the
+  board), a child forked for it does that once, so the board's next run finds its inputs
+  there when the lease passes to it. A failure there is a warning in the run's logs: the
+  run sends its inputs itself.
 
 To the API and the UI it is a ``process`` worker: the pools, their limits and the runs
 stay as they were. It leans on parts of Prefect's worker that are not public API
@@ -36,6 +42,7 @@ gpu pool, say) runs as the process worker runs it, in a new interpreter.
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import logging
 import math
@@ -48,6 +55,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 from uuid import UUID
@@ -76,6 +84,12 @@ DEPLOYMENT_TTL_S = 60.0
 
 #: Exit code of a child whose worker is gone.
 WORKER_GONE = 75
+
+#: Seconds a child doing a waiting run's work ahead may take before it is stopped.
+AHEAD_TIMEOUT_S = 300.0
+
+#: Waiting runs remembered as looked at (each is done ahead once).
+AHEAD_MEMORY = 256
 
 
 class WorkerSetupError(RuntimeError):
@@ -173,6 +187,43 @@ def run_stage(job: StageJob, channel: Connection, go: Any) -> None:
         finally:
             _send_logs()
     channel.send(outcome)
+
+
+def run_ahead(job: StageJob, channel: Connection) -> None:
+    """The child for a waiting run: what its stage flow's module names in ``PRESTAGE`` for
+    it, with the run's parameters and environment; the outcome goes to the run's logs."""
+    _leave_with(channel)
+    os.environ.update({**job.env, RUN_NAME: job.flow_run_name})
+    if job.cwd:
+        os.chdir(job.cwd)
+    module, _, name = job.entrypoint.partition(":")
+    ahead = getattr(importlib.import_module(module), "PRESTAGE", {}).get(name)
+    if ahead is None:
+        return
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(
+        flow_run_id=UUID(job.flow_run_id), flow_run_name=job.flow_run_name, flow_name=job.flow_name
+    )
+    started = time.monotonic()
+    with _settings_from_environment() if job.reread_settings else nullcontext():
+        try:
+            sent = ahead(**job.parameters)
+            seconds = time.monotonic() - started
+            logger.info(
+                "inputs sent ahead while the run waited (%.2f s)"
+                if sent
+                else "nothing sent ahead: the inputs were there already (%.2f s)",
+                seconds,
+            )
+        except Exception as exc:  # the run sends its inputs itself
+            logger.warning(
+                "inputs not sent ahead (%s: %s); the run sends them itself",
+                type(exc).__name__,
+                exc,
+            )
+        finally:
+            _send_logs()
 
 
 def _cancelled(signum: int, frame: Any) -> None:
@@ -294,8 +345,17 @@ def _stop(process: Any, grace_s: float) -> None:
 def stage_worker_class() -> type[Any]:
     """The worker class (built on first use: it imports Prefect's worker machinery)."""
     import anyio
-    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterNextScheduledStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import FlowRun, StateType
     from prefect.client.schemas.responses import SetStateStatus
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import get_current_settings
     from prefect.states import Completed, Crashed, Failed, Running
     from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
@@ -336,6 +396,8 @@ def stage_worker_class() -> type[Any]:
             super().__init__(*args, **kwargs)
             self._children: dict[UUID, Any] = {}
             self._cancelled: set[UUID] = set()
+            self._ahead_busy = False
+            self._looked_ahead: dict[UUID, None] = {}  # oldest first
 
         async def run(
             self,
@@ -420,6 +482,7 @@ def stage_worker_class() -> type[Any]:
             exit code the process worker reports (non-zero: the run CRASHED)."""
             looked = False
             while process.exitcode is None:
+                self._look_ahead()
                 await anyio.to_thread.run_sync(process.join, 1.0)
                 if process.exitcode is None and self._cancelling_observer is not None:
                     # The observer forgets a run once it is submitted: watch it again, and
@@ -454,6 +517,69 @@ def stage_worker_class() -> type[Any]:
             # so the next evaluation waits for exactly this). If the look fails, the poll looks.
             self._soon("no look for the next run", self.get_and_submit_flow_runs)
             return 0
+
+        def _look_ahead(self) -> None:
+            """Do the next waiting run's work ahead (``run_ahead``), unless that is under
+            way already."""
+            if not self._ahead_busy:
+                self._ahead_busy = True
+                self._soon("nothing done ahead", self._ahead)
+
+        async def _ahead(self) -> None:
+            try:
+                flow_run = await self._next_waiting()
+                if flow_run is None or flow_run.id in self._looked_ahead:
+                    return
+                self._looked_ahead[flow_run.id] = None
+                while len(self._looked_ahead) > AHEAD_MEMORY:
+                    del self._looked_ahead[next(iter(self._looked_ahead))]
+                entrypoint = await self._entrypoint(flow_run)
+                if entrypoint in self.stages:
+                    await self._run_ahead(flow_run, entrypoint)
+            finally:
+                self._ahead_busy = False
+
+        async def _next_waiting(self) -> FlowRun | None:
+            """The run this pool hands out next (SCHEDULED and due), or None."""
+            now = datetime.now(UTC)
+            found = await self.client.read_flow_runs(
+                work_pool_filter=WorkPoolFilter(
+                    name=WorkPoolFilterName(any_=[self._work_pool_name])
+                ),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+                    ),
+                    next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(before_=now),
+                ),
+                sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
+                limit=1,
+            )
+            return found[0] if found else None
+
+        async def _run_ahead(self, flow_run: FlowRun, entrypoint: str) -> None:
+            configuration = await self.job_configuration.resolve_for_flow_run(
+                flow_run,
+                client=self.client,
+                work_pool=copy.deepcopy(self.work_pool),
+                worker_name=self.name,
+                worker_id=self.backend_id,
+            )
+            job = stage_job(flow_run, configuration, entrypoint)
+            ours, theirs = self.context.Pipe()
+            process = self.context.Process(
+                target=run_ahead, args=(job, theirs), name=f"ahead-{job.flow_run_name}"
+            )
+            await anyio.to_thread.run_sync(process.start)
+            theirs.close()
+            try:
+                deadline = time.monotonic() + AHEAD_TIMEOUT_S
+                while process.exitcode is None and time.monotonic() < deadline:
+                    await anyio.to_thread.run_sync(process.join, 1.0)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_stop, process, 0.0)
+                ours.close()
 
         async def _end(self, flow_run: FlowRun, process: Any) -> None:
             """The run is over, or the worker stops: no child is left behind."""

@@ -4,10 +4,15 @@ flows for the ``compile`` and ``edge`` pools.
 In the embedded mode the parent calls the training subflow and the two tasks below; on
 work pools each stage is a flow run of its own deployment (``tasks.hpo.launch``): it beats
 in the study storage while it works and leaves its outcome in the trial's MLflow run.
+
+``PRESTAGE`` names, for a stage flow, what a worker may do for one of its runs while the
+run waits for the pool (``edgetune worker``): an evaluation's model is fetched and sent to
+the board while the evaluation before it holds the board.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, task
@@ -93,3 +98,16 @@ def evaluate_trial(
 ) -> DeviceOutcome:
     cfg = as_config(config, "evaluate-trial")
     return device_stage(cfg, run_id, parent_run_id, artifact, trial_id)
+
+
+def prestage_evaluation(
+    config: StudyTarget | dict[str, Any], run_id: str, parent_run_id: str, artifact: str, **_: Any
+) -> bool:
+    """An ``evaluate-trial`` run's inputs sent to its board ahead of it (its parameters: the
+    trial's number and id are not needed); True when the board took something ahead."""
+    cfg = as_config(config, "evaluate-trial")
+    return workload_for(cfg).prestage(Tracker(cfg.tracking_uri), run_id, parent_run_id, artifact)
+
+
+#: What a worker runs for a waiting run of a stage flow here (by the flow's function name).
+PRESTAGE: dict[str, Callable[..., bool]] = {"evaluate_trial": prestage_evaluation}

@@ -20,15 +20,24 @@ for the stage alone, as before.
 Folder: ``$EDGETUNE_CACHE_DIR/inputs``, else ``$XDG_CACHE_HOME/edgetune/inputs``, else
 ``~/.cache/edgetune/inputs``. Entries are read, never changed; removing the folder is safe
 while no stage runs on the host.
+
+A trial's own artifact (its compiled model) is used once, by the stage that comes next. A
+worker that sees that stage waiting can fetch it ahead (``stage_artifact``) into
+``staged/<key>/`` beside ``inputs``, the key naming the run and the artifact path; the
+stage then takes the file (``take_staged``: the folder is renamed first, so one stage
+takes it) rather than downloading it. Folders nobody took are removed after an hour.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shutil
 import tempfile
+import time
+import uuid
 from pathlib import Path, PurePosixPath
 
 from tasks.digest import note_path, remember_sha256, sha256_of
@@ -38,6 +47,9 @@ from tasks.tracking import Tracker
 #: The tag of a study run that holds the SHA-256 of one of its inputs, + the artifact path.
 DIGEST_TAG = "edgetune.sha256."
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+#: Seconds after which an artifact fetched ahead that no stage took is removed.
+STALE_STAGED_S = 3600.0
 
 _log = logging.getLogger(__name__)
 
@@ -116,3 +128,71 @@ def _fetch_entry(
         return entry
     finally:
         shutil.rmtree(part, ignore_errors=True)
+
+
+# A trial's artifact fetched ahead of its stage -------------------------------------------
+
+
+def staged_dir() -> Path:
+    """The folder of artifacts fetched ahead of their stage on this host."""
+    return inputs_dir().parent / "staged"
+
+
+def staging_key(run_id: str, artifact_path: str) -> str:
+    """The name of what is fetched ahead for ``artifact_path`` of run ``run_id``, here and on
+    the board (hex digits)."""
+    return hashlib.sha256(f"{run_id}/{artifact_path}".encode()).hexdigest()[:32]
+
+
+def stage_artifact(tracker: Tracker, run_id: str, artifact_path: str) -> Path:
+    """``artifact_path`` of run ``run_id`` downloaded into ``staged/<key>/`` for the stage that
+    will take it (``take_staged``); what is there already is kept."""
+    key = staging_key(run_id, artifact_path)
+    root = staged_dir()
+    entry = root / key / PurePosixPath(artifact_path).name
+    if entry.is_file():
+        return entry
+    root.mkdir(parents=True, exist_ok=True)
+    _sweep_staged(root, time.time() - STALE_STAGED_S)
+    part = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+    try:
+        fetched = tracker.download(run_id, artifact_path, part / "download")
+        os.replace(fetched, part / entry.name)
+        shutil.rmtree(part / "download", ignore_errors=True)
+        os.rename(part, entry.parent)
+    except OSError:
+        if not entry.is_file():  # another process fetched it first, else it fails here
+            raise
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    return entry
+
+
+def take_staged(run_id: str, artifact_path: str, dst: Path) -> Path | None:
+    """The artifact fetched ahead for this stage, moved into ``dst``; None when there is none
+    (the stage downloads it)."""
+    key = staging_key(run_id, artifact_path)
+    root = staged_dir()
+    taken = root / f".taken-{key}-{uuid.uuid4().hex}"
+    try:
+        os.rename(root / key, taken)
+    except OSError:  # nothing fetched ahead, or another stage took it
+        return None
+    try:
+        found = taken / PurePosixPath(artifact_path).name
+        if not found.is_file():
+            return None
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.move(found, dst / found.name))
+    finally:
+        shutil.rmtree(taken, ignore_errors=True)
+
+
+def _sweep_staged(root: Path, before: float) -> None:
+    for folder in root.iterdir():
+        try:
+            stale = folder.stat().st_mtime < before
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)

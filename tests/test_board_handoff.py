@@ -75,7 +75,7 @@ def workload_on(
     def local_inputs(*args: Any) -> Iterator[tuple[Path, Path, Path]]:
         yield inputs[0], inputs[1], tmp_path / "work"
 
-    monkeypatch.setattr(classifier, "device_inputs", local_inputs)
+    monkeypatch.setattr(classifier, "evaluation_inputs", local_inputs)
     monkeypatch.setattr(classifier, "score_device_result", lambda *args: args[3])
     return lambda config: classifier.ClassifierWorkload(config)
 

@@ -5,7 +5,9 @@ study logged, and the board runner takes that hash instead of reading the file a
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,9 +16,19 @@ import pytest
 
 from tasks.config import parse_config
 from tasks.digest import file_sha256, remember_sha256, sha256_of
-from tasks.inputs import DIGEST_TAG, fetch_study_input, inputs_dir, log_study_input
+from tasks.inputs import (
+    DIGEST_TAG,
+    STALE_STAGED_S,
+    fetch_study_input,
+    inputs_dir,
+    log_study_input,
+    stage_artifact,
+    staged_dir,
+    staging_key,
+)
 from tasks.tracking import Tracker
-from tasks.workloads.classifier import BUNDLE, CALIBRATION, device_inputs, prepare_inputs
+from tasks.workloads.base import evaluation_inputs
+from tasks.workloads.classifier import BUNDLE, CALIBRATION, ClassifierWorkload, prepare_inputs
 
 from conftest import tiny_config
 
@@ -71,7 +83,7 @@ def test_every_stage_of_a_host_after_the_first_reads_the_bundle_from_its_cache(
 
     bundles = []
     for _ in range(3):
-        with device_inputs(config, tracker, trial, study, "compiled/model.onnx") as inputs:
+        with evaluation_inputs(config, tracker, trial, study, "compiled/model.onnx") as inputs:
             got, bundle, _work = inputs
             assert got.read_bytes() == b"compiled model"
             bundles.append((bundle, bundle.read_bytes()))
@@ -89,6 +101,51 @@ def test_every_stage_of_a_host_after_the_first_reads_the_bundle_from_its_cache(
     calibration = fetch_study_input(tracker, study, CALIBRATION, tmp_path / "c")
     assert fetch_study_input(tracker, study, CALIBRATION, tmp_path / "d") == calibration
     assert tracker.downloads[(study, CALIBRATION)] == 1
+
+
+def test_a_model_fetched_ahead_is_taken_by_its_evaluation_instead_of_downloaded(
+    tmp_path: Path, digits_root: Path, tracker: CountingTracker, cache: Path
+) -> None:
+    """What a worker does for the evaluation waiting next (``Workload.prestage``): the
+    trial's compiled model comes to this host then; the evaluation takes that file (once:
+    the next one downloads again)."""
+    config = parse_config(tiny_config(digits_root, tmp_path / "run"))
+    study = _study_run(tracker, tmp_path)
+    prepare_inputs(config, tracker, study)
+    trial = tracker.start_run(tracker.experiment_id("inputs"), "trial", parent_id=study)
+    tracker.log_artifact(trial, _input(tmp_path, "model.onnx", b"compiled model"), "compiled")
+    model = "compiled/model.onnx"
+
+    # the local board has nothing to send; the model is fetched to this host all the same
+    assert ClassifierWorkload(config).prestage(tracker, trial, study, model) is False
+    ahead = staged_dir() / staging_key(trial, model) / "model.onnx"
+    assert ahead.read_bytes() == b"compiled model"
+    assert stage_artifact(tracker, trial, model) == ahead  # there already: kept
+    assert tracker.downloads[(trial, model)] == 1
+
+    with evaluation_inputs(config, tracker, trial, study, model) as (got, _bundle, work):
+        assert got.read_bytes() == b"compiled model" and got.is_relative_to(work)
+    assert tracker.downloads[(trial, model)] == 1  # taken, not downloaded
+    assert list(staged_dir().iterdir()) == []
+    with evaluation_inputs(config, tracker, trial, study, model) as (got, _bundle, _work):
+        assert got.read_bytes() == b"compiled model"
+    assert tracker.downloads[(trial, model)] == 2  # nothing ahead: downloaded
+
+
+def test_what_no_evaluation_took_for_an_hour_is_swept(
+    tmp_path: Path, tracker: CountingTracker, cache: Path
+) -> None:
+    study = _study_run(tracker, tmp_path)
+    tracker.log_artifact(study, _input(tmp_path, "model.onnx", b"m"), "compiled")
+    old, young = staged_dir() / ("0a" * 16), staged_dir() / ("0b" * 16)
+    for folder in (old, young):
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"m")
+    hours_ago = time.time() - STALE_STAGED_S - 60
+    os.utime(old, (hours_ago, hours_ago))
+    stage_artifact(tracker, study, "compiled/model.onnx")
+    key = staging_key(study, "compiled/model.onnx")
+    assert sorted(p.name for p in staged_dir().iterdir()) == sorted([young.name, key])
 
 
 def test_stages_starting_together_fetch_an_input_once(

@@ -144,6 +144,96 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@pytest.fixture
+def puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Remote paths of every SFTP put, in order (the artifact is put without `_upload`)."""
+    recorded: list[str] = []
+    real = asyncssh.SFTPClient.put
+
+    async def spy(self: Any, localpaths: Any, remotepath: Any = None, **kwargs: Any) -> Any:
+        recorded.append(str(remotepath))
+        return await real(self, localpaths, remotepath, **kwargs)
+
+    monkeypatch.setattr(asyncssh.SFTPClient, "put", spy)
+    return recorded
+
+
+KEY = "5e" * 16
+
+
+class TestSentAhead:
+    """`prestage` sends an evaluation's artifact to the board while another evaluation
+    holds it; the staging given the same key takes the folder instead of sending again."""
+
+    def test_the_staging_takes_what_was_sent_ahead_and_sends_nothing(
+        self, board: Board, work_dir: Path, float_onnx: Path, bundle: Path, tmp_path: Path,
+        puts: list[str],
+    ) -> None:  # fmt: skip
+        runner = make_runner(board, work_dir)
+        assert runner.prestage(float_onnx, bundle, KEY) is True
+        ahead = work_dir / "staged" / KEY / float_onnx.name
+        assert ahead.read_bytes() == float_onnx.read_bytes()
+        assert runner.prestage(float_onnx, bundle, KEY) is False  # there already
+        assert _listing(work_dir / "staged") == [KEY, f"{KEY}/{float_onnx.name}"]
+        sha = ssh_module.sha256_file(bundle)
+        assert (work_dir / "bundles" / f"{sha}.npz").read_bytes() == bundle.read_bytes()
+        artifact_puts = [p for p in puts if p.endswith(float_onnx.name)]
+        assert len(artifact_puts) == 1
+
+        with runner.stage(float_onnx, bundle, KEY) as staged:
+            assert not (work_dir / "staged" / KEY).exists()  # taken: the run folder now
+            assert Path(staged.location, float_onnx.name).read_bytes() == float_onnx.read_bytes()
+            taken = staged.evaluate(tmp_path / "taken")
+        assert [p for p in puts if p.endswith(float_onnx.name)] == artifact_puts  # none sent
+
+        sent = runner.evaluate(float_onnx, bundle, tmp_path / "sent")
+        assert len([p for p in puts if p.endswith(float_onnx.name)]) == 2  # no key: sent
+        np.testing.assert_array_equal(taken.probs, sent.probs)
+        assert taken.probs.shape[0] == N_IMAGES
+        assert _listing(work_dir / "runs") == [] and _listing(work_dir / "staged") == []
+
+    def test_a_folder_of_another_size_is_replaced_by_the_staging(
+        self, board: Board, work_dir: Path, float_onnx: Path, bundle: Path, tmp_path: Path,
+        puts: list[str],
+    ) -> None:  # fmt: skip
+        wrong = work_dir / "staged" / KEY / float_onnx.name
+        wrong.parent.mkdir(parents=True)
+        wrong.write_bytes(b"half a model")
+        runner = make_runner(board, work_dir)
+        with runner.stage(float_onnx, bundle, KEY) as staged:
+            result = staged.evaluate(tmp_path / "out")
+        assert [p for p in puts if p.endswith(float_onnx.name)] != []
+        expected = runner.evaluate(float_onnx, bundle, tmp_path / "expected")
+        np.testing.assert_array_equal(result.probs, expected.probs)
+
+    def test_only_what_nobody_took_for_an_hour_is_swept(
+        self, board: Board, work_dir: Path, float_onnx: Path, bundle: Path
+    ) -> None:
+        staging = work_dir / "staged"
+        old, young, half = staging / ("0a" * 16), staging / ("0b" * 16), staging / ".0c.part"
+        for folder in (old, young, half):
+            (folder / "model.onnx").parent.mkdir(parents=True)
+            (folder / "model.onnx").write_bytes(b"m")
+        hours_ago = time.time() - ssh_module.STALE_STAGED_S - 60
+        for folder in (old, half):
+            os.utime(folder, (hours_ago, hours_ago))
+        make_runner(board, work_dir).prestage(float_onnx, bundle, KEY)
+        assert sorted(p.name for p in staging.iterdir()) == sorted([young.name, KEY])
+
+    def test_a_key_that_is_not_hex_is_refused_before_anything_is_sent(
+        self, board: Board, work_dir: Path, float_onnx: Path, bundle: Path
+    ) -> None:
+        runner = make_runner(board, work_dir)
+        with pytest.raises(ValueError, match=r"staging key '\.\./x' is not 16 to 64"):
+            runner.prestage(float_onnx, bundle, "../x")
+        with (
+            pytest.raises(ValueError, match="is not 16 to 64"),
+            runner.stage(float_onnx, bundle, "../x"),
+        ):
+            pass
+        assert not work_dir.exists()
+
+
 class TestCaching:
     def test_bundle_cached_by_hash(
         self,

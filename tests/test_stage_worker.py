@@ -311,6 +311,64 @@ def test_a_run_held_back_by_the_pools_limit_is_taken_as_the_running_one_ends(
     assert states[second.id]["PENDING"] >= states[first.id]["COMPLETED"]
 
 
+def _run_logs(client: SyncPrefectClient, run: FlowRun, text: str) -> list[str]:
+    found = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    return [log.message for log in found if text in log.message]
+
+
+def test_the_run_waiting_next_has_its_work_done_ahead_while_the_pools_limit_holds_it(
+    tmp_path: Path,
+) -> None:
+    """On a pool whose limit is 1 (the edge pool's, per board) the worker does the waiting
+    run's ``PRESTAGE`` work (an evaluation's model sent to the board) while the run before
+    it runs: once, in a process of its own, before the run starts. A failure there is a
+    warning in the waiting run's logs, and the run goes on."""
+    pool = "stage-worker-ahead"
+    with get_client(sync_client=True) as client:
+        ids = _deployments(client, pool, limit=1)
+        outs = [tmp_path / "first.json", tmp_path / "second.json", tmp_path / "fail-ahead.json"]
+        # each run holds the pool until the next one's work ahead is done (or 60 s)
+        ahead_of = [outs[1].with_suffix(".ahead"), outs[2].with_suffix(".tried")]
+        runs = [
+            client.create_flow_run_from_deployment(
+                ids["slow"],
+                parameters={"out": str(outs[0]), "seconds": 60, "until": str(ahead_of[0])},
+            )
+        ]
+        worker = _start_worker(tmp_path, "ahead-1", pool)
+        try:
+            _wait_online(client, "ahead-1", worker, pool)
+            _until(outs[0].exists, 60, "the first run to start")
+            for out, seconds, until in ((outs[1], 60, ahead_of[1]), (outs[2], 0, None)):
+                parameters = {"out": str(out), "seconds": seconds, "until": until and str(until)}
+                runs.append(
+                    client.create_flow_run_from_deployment(ids["slow"], parameters=parameters)
+                )
+                time.sleep(0.1)  # the third is scheduled after the second
+            runs = [_final(client, run, timeout=120) for run in runs]
+            failed = _until(lambda: _run_logs(client, runs[2], "not sent ahead"), 15, "the warning")
+            sent = _run_logs(client, runs[1], "inputs sent ahead while the run waited")
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        running = {
+            run.id: next(s.timestamp for s in client.read_flow_run_states(run.id) if s.is_running())
+            for run in runs
+        }
+    assert all(run.state is not None and run.state.is_completed() for run in runs), [
+        run.state for run in runs
+    ]
+    ahead = [json.loads(line) for line in outs[1].with_suffix(".ahead").read_text().splitlines()]
+    assert len(ahead) == 1, ahead  # once
+    assert ahead[0]["at"] < running[runs[1].id].timestamp()  # before the run started
+    assert ahead[0]["pid"] != json.loads(outs[1].read_text())["pid"]
+    assert not outs[0].with_suffix(".ahead").exists()  # the first run did not wait
+    assert len(sent) == 1, sent
+    assert failed == [
+        "inputs not sent ahead (OSError: the board's disk is full); the run sends them itself"
+    ]
+
+
 def _gate_job(out: Path) -> Any:
     from edgetune.worker import StageJob
 

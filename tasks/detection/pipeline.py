@@ -350,8 +350,10 @@ def board_stage(
     bundle_path: Path,
     work: Path,
     float_metrics: dict[str, float],
+    key: str | None = None,
 ) -> dict[str, float]:
-    """The compiled detector on the board (staged first, then holding its slot for the run);
+    """The compiled detector on the board (staged first, or sent ahead under ``key``, then
+    holding its slot for the run);
     mAP scored here, with the gap to `float_metrics`; the metrics and the board's raw
     detections are logged."""
 
@@ -359,7 +361,7 @@ def board_stage(
     if not embedded():
         ensure_device_limit(config.device.concurrency_limit)
     device_dir = work / "device"
-    with runner.stage(compiled, bundle_path) as staged, hold_board(config):
+    with runner.stage(compiled, bundle_path, key) as staged, hold_board(config):
         result = staged.detect(device_dir, **config.eval.model_dump())
     device_metrics = score_detections(result.detections, load_detection_bundle(bundle_path), "")
     metrics = {f"device_{k}": v for k, v in device_metrics.items()}

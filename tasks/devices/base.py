@@ -178,6 +178,10 @@ class DeviceRunner(ABC):
     - A runner does not take the device's concurrency slot; its callers do, around the
       run only: stage first, then ``with hold_board(config): staged.evaluate(...)``.
       Several stagings may be on one device at once; only runs need it to themselves.
+    - `prestage(artifact, bundle, key)` puts an evaluation's inputs on the device ahead of
+      it, from another process, while another evaluation runs there; the `stage` given
+      the same `key` takes them over instead of sending them again. A runner whose device
+      has nothing to send (``local``) does nothing and returns False.
 
     Implementations write `_stage` (a context manager yielding `Placed`) and `info`; the
     checks are shared here.
@@ -186,9 +190,17 @@ class DeviceRunner(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def _stage(self, artifact: Path, bundle: Path) -> AbstractContextManager[Placed]:
-        """Put the evaluator, `bundle` and `artifact` on the device; remove the run folder
-        on exit. Inputs exist (checked by `stage`)."""
+    def _stage(
+        self, artifact: Path, bundle: Path, key: str | None = None
+    ) -> AbstractContextManager[Placed]:
+        """Put the evaluator, `bundle` and `artifact` on the device (taking over what a
+        `prestage` with `key` put there); remove the run folder on exit. Inputs exist
+        (checked by `stage`)."""
+
+    def prestage(self, artifact: Path, bundle: Path, key: str) -> bool:
+        """Put `artifact` and `bundle` on the device for the `stage` given `key`; True when
+        something was put there (see the class docstring)."""
+        return False
 
     @abstractmethod
     def info(self) -> dict[str, Any]:
@@ -202,11 +214,11 @@ class DeviceRunner(ABC):
         return None
 
     @contextmanager
-    def stage(self, artifact: Path, bundle: Path) -> Iterator[Staged]:
+    def stage(self, artifact: Path, bundle: Path, key: str | None = None) -> Iterator[Staged]:
         """`artifact` and `bundle` on the device, ready to run (see the class docstring)."""
         artifact, bundle = Path(artifact), Path(bundle)
         check_files(artifact, bundle)
-        with self._stage(artifact, bundle) as placed:
+        with self._stage(artifact, bundle, key) as placed:
             yield Staged(placed, bundle)
 
     def evaluate(self, artifact: Path, bundle: Path, workdir: Path) -> DeviceResult:

@@ -62,7 +62,7 @@ class LocalRunner(DeviceRunner):
         self.threads = threads
 
     @contextmanager
-    def _stage(self, artifact: Path, bundle: Path) -> Iterator[Placed]:
+    def _stage(self, artifact: Path, bundle: Path, key: str | None = None) -> Iterator[Placed]:
         run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX))
         try:
             script = _install_evaluator(run_dir / EVALUATOR_DIR)

@@ -8,12 +8,18 @@ user's home; `RemoteLayout` is the one statement of this rule, which
     bundles/<sha256>.npz                   evaluation bundles cached by content hash
     runs/<run id>/<artifact name>          this evaluation's artifact
     runs/<run id>/out/                     probs.npy + result.json, fetched over SFTP
+    staged/<key>/<artifact name>           an evaluation's artifact sent ahead (`prestage`)
 
 Every upload goes to a temporary name first and is renamed into place, so a half upload
 never counts. Staging (connect, evaluator, bundle, artifact into `runs/<run id>/`) does
 not need the board to itself, so it happens before the board's slot is taken, while
 another evaluation may be running; the staging's connection stays open for the run.
-`runs/<run id>/` is removed when the staging ends, whatever the outcome. The evaluator
+`runs/<run id>/` is removed when the staging ends, whatever the outcome. An artifact sent
+ahead by `prestage` (another process, while the board runs another evaluation) waits in
+`staged/<key>/`; the staging given that key renames the folder into its run folder, so
+only one staging ever takes it, and sends the artifact itself when the folder is not
+there or holds another size. Folders in `staged/` nobody took are removed after an hour.
+The evaluator
 runs with a time limit: the controller kills its process group when `timeout_s`
 expires, and the remote `timeout` command (where the board has one) kills it a little
 later should the connection be lost.
@@ -28,6 +34,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import shlex
 import threading
 import time
@@ -49,6 +56,7 @@ from tasks.devices.base import (
     DeviceUnreachableError,
     EvalJob,
     Placed,
+    check_files,
     evaluator_failure,
     evaluator_path,
     evaluator_version,
@@ -76,6 +84,12 @@ KEEPALIVE_COUNT_MAX = 4
 #: A `.part` upload untouched for this long (board clock) was left by a dead session; a
 #: younger one may be another controller's staging in progress.
 STALE_PARTIAL_S = 300.0
+
+#: Seconds after which a folder in `staged/` that no staging took is removed.
+STALE_STAGED_S = 3600.0
+
+#: What a staging key may be: the folder name under `staged/`.
+_KEY = re.compile(r"[0-9a-f]{16,64}")
 #: How long a cancelled call (Ctrl-C) may take to kill the remote evaluator.
 CANCEL_WAIT_S = 30.0
 
@@ -107,6 +121,20 @@ class RemoteLayout:
 
     def run(self, run_id: str) -> str:
         return posixpath.join(self.runs, run_id)
+
+    @property
+    def staging(self) -> str:
+        return posixpath.join(self.work_dir, "staged")
+
+    def staged(self, key: str) -> str:
+        return posixpath.join(self.staging, key)
+
+
+def check_key(key: str) -> str:
+    """A staging key names a folder on the board: hex digits only."""
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"staging key {key!r} is not 16 to 64 lowercase hex digits")
+    return key
 
 
 def check_work_dir(work_dir: str) -> str:
@@ -202,10 +230,10 @@ class SshRunner(DeviceRunner):
     # ------------------------------------------------------------------ contract
 
     @contextmanager
-    def _stage(self, artifact: Path, bundle: Path) -> Iterator[Placed]:
+    def _stage(self, artifact: Path, bundle: Path, key: str | None = None) -> Iterator[Placed]:
         """Stage over one connection kept open for the runs; a lost session is staged
         again with exponential backoff, into the same run folder."""
-        session = _Session(self, artifact, bundle)
+        session = _Session(self, artifact, bundle, None if key is None else check_key(key))
         loop = _LoopThread()
         try:
             self._retrying(loop, session.open)
@@ -217,6 +245,47 @@ class SshRunner(DeviceRunner):
             with suppress(Exception):
                 loop.run(session.close())
             loop.stop()
+
+    def prestage(self, artifact: Path, bundle: Path, key: str) -> bool:
+        """The evaluator, `bundle` and `artifact` on the board for the staging given `key`
+        (see the module docstring): once, without retries (the staging sends what is not
+        there). False when the folder was already there."""
+        artifact, bundle = Path(artifact), Path(bundle)
+        check_files(artifact, bundle)
+        check_key(key)
+        loop = _LoopThread()
+        try:
+            return loop.run(self._guard(self._prestage(artifact, bundle, key)))
+        finally:
+            loop.stop()
+
+    async def _prestage(self, artifact: Path, bundle: Path, key: str) -> bool:
+        tag = uuid.uuid4().hex
+        part = posixpath.join(self.layout.staging, f".{key}.{tag}")
+        conn = await self._connect()
+        try:
+            async with conn.start_sftp_client() as sftp:
+                await self._ensure_evaluator(sftp, tag)
+                await sftp.makedirs(part)
+                board_now = float((await sftp.stat(part)).mtime or 0)
+                await _sweep_staged(sftp, self.layout.staging, board_now - STALE_STAGED_S)
+                await self._ensure_bundle(sftp, bundle, file_sha256(bundle), board_now, tag)
+                there = posixpath.join(self.layout.staged(key), artifact.name)
+                try:
+                    if await _has_size(sftp, there, artifact.stat().st_size):
+                        raise asyncssh.SFTPFailure("sent ahead already")
+                    await sftp.put(str(artifact), posixpath.join(part, artifact.name))
+                    await sftp.rename(part, self.layout.staged(key))
+                except asyncssh.SFTPFailure:  # sent ahead already: ours goes
+                    await sftp.rmtree(part)
+                    return False
+                except BaseException:
+                    with suppress(asyncssh.Error, OSError):
+                        await sftp.rmtree(part)
+                    raise
+                return True
+        finally:
+            conn.close()
 
     def _run_staged(
         self, loop: _LoopThread, session: _Session, job: EvalJob, out_dir: Path
@@ -553,6 +622,17 @@ async def _sweep_partials(sftp: asyncssh.SFTPClient, folder: str, before: float)
                     await sftp.remove(posixpath.join(folder, name))
 
 
+async def _sweep_staged(sftp: asyncssh.SFTPClient, folder: str, before: float) -> None:
+    """Remove what `prestage` left in `folder` that no staging took since `before`."""
+    with suppress(asyncssh.SFTPNoSuchFile):
+        for entry in await sftp.readdir(folder):
+            name = str(entry.filename)
+            stale = entry.attrs.mtime is not None and entry.attrs.mtime < before
+            if name not in (".", "..") and stale:
+                with suppress(asyncssh.SFTPError):
+                    await sftp.rmtree(posixpath.join(folder, name))
+
+
 def partial_name(remote: str, tag: str) -> str:
     """The temporary name an upload of `remote` tagged `tag` is written to."""
     folder, name = posixpath.split(remote)
@@ -592,9 +672,13 @@ class _Session:
     folder and disconnects.
     """
 
-    def __init__(self, runner: SshRunner, artifact: Path, bundle: Path) -> None:
+    def __init__(
+        self, runner: SshRunner, artifact: Path, bundle: Path, key: str | None = None
+    ) -> None:
         self.runner, self.artifact, self.bundle = runner, artifact, bundle
         self.bundle_sha = file_sha256(bundle)
+        #: The folder a `prestage` put the artifact in, taken over at the first `open`.
+        self.key = key
         self.run_id = uuid.uuid4().hex
         self.run_dir = runner.layout.run(self.run_id)
         self.lost_before = False
@@ -612,12 +696,19 @@ class _Session:
             if self.lost_before:  # half uploads of the lost session
                 await self._remove_partials(sftp)
             self.script = await runner._ensure_evaluator(sftp, self.run_id)
+            if self.key is not None:  # sent ahead: the folder becomes this run's (once)
+                key, self.key = self.key, None
+                await sftp.makedirs(runner.layout.runs, exist_ok=True)
+                with suppress(asyncssh.SFTPError):
+                    await sftp.rename(runner.layout.staged(key), self.run_dir)
             await sftp.makedirs(self.run_dir, exist_ok=True)
             board_now = float((await sftp.stat(self.run_dir)).mtime or 0)
             self.remote_bundle = await runner._ensure_bundle(
                 sftp, self.bundle, self.bundle_sha, board_now, self.run_id
             )
-            await sftp.put(str(self.artifact), self.remote_artifact)
+            size = self.artifact.stat().st_size
+            if not await _has_size(sftp, self.remote_artifact, size):
+                await sftp.put(str(self.artifact), self.remote_artifact)
         except _LOST:
             await self._drop()
             raise
@@ -671,6 +762,13 @@ class _Session:
 
 
 _LOST = (asyncssh.ConnectionLost, asyncssh.SFTPConnectionLost, OSError)
+
+
+async def _has_size(sftp: asyncssh.SFTPClient, remote: str, size: int) -> bool:
+    try:
+        return (await sftp.stat(remote)).size == size
+    except asyncssh.SFTPNoSuchFile:
+        return False
 
 
 class _LoopThread:

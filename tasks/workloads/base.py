@@ -26,8 +26,9 @@ from tasks.board import BoardBusyError, embedded, ensure_device_limit, hold_boar
 from tasks.compilers import CompiledArtifact, CompilerError
 from tasks.config import ConfigError, EdgetuneConfig, StudyConfig
 from tasks.detection.config import DetectorStudy
-from tasks.devices import DeviceError, DeviceUnreachableError
+from tasks.devices import DeviceError, DeviceUnreachableError, create_runner
 from tasks.host import scratch_folder
+from tasks.inputs import fetch_study_input, stage_artifact, staging_key, take_staged
 from tasks.tracking import Tracker
 
 #: A config the tune flow can run: a classifier config, or a detector config with a study.
@@ -305,6 +306,9 @@ class Registration:
 
 C = TypeVar("C", bound=StudyTarget)
 
+#: The study's evaluation bundle, an input of its run (``tasks.inputs``).
+BUNDLE = "inputs/val_bundle.npz"
+
 
 class Workload(ABC, Generic[C]):
     """One kind of model a study tunes, bound to its validated config.
@@ -322,7 +326,11 @@ class Workload(ABC, Generic[C]):
       epochs from 0, the detector from 1, as each trainer reports them.)
     - ``compile``: the trial's ONNX and the calibration set to a compiled artifact.
     - ``evaluate``: the compiled artifact on the board, holding the board's slot only while
-      it runs there; the metrics are computed here, on the controller.
+      it runs there; the metrics are computed here, on the controller. It takes the
+      artifact from ``evaluation_inputs``, which finds what ``prestage`` fetched ahead.
+    - ``prestage`` (shared): the compiled artifact fetched to this host and sent to the
+      board with the bundle, ahead of its evaluation, while another evaluation holds the
+      board (the edge pool's worker calls it for the evaluation waiting next).
     - ``dry_run``: before the first training, an untrained model through the study's export,
       compiler and board once; raises ``DryRunError`` naming the setting that fails.
     - ``planned_epochs``: the epochs a trial with ``params`` trains when not pruned.
@@ -381,6 +389,17 @@ class Workload(ABC, Generic[C]):
     def evaluate(
         self, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
     ) -> DeviceOutcome: ...
+
+    def prestage(self, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str) -> bool:
+        """Fetch the trial's compiled ``artifact`` to this host and send it with the study's
+        bundle to the board, for the evaluation that waits for the board; True when the board
+        took something ahead (a ``local`` board has nothing to send)."""
+        config = self.config
+        compiled = stage_artifact(tracker, run_id, artifact)
+        with scratch(config, "prestage") as work:
+            bundle = fetch_study_input(tracker, parent_run_id, BUNDLE, work)
+            runner = create_runner(config.device.runner, **config.device.runner_options())
+            return runner.prestage(compiled, bundle, staging_key(run_id, artifact))
 
     @abstractmethod
     def dry_run(self) -> DryRun:
@@ -481,3 +500,17 @@ def load_outcome(tracker: Tracker, run_id: str, stage: str) -> StageOutcome:
     with tempfile.TemporaryDirectory() as tmp:
         path = tracker.download(run_id, stage_outcome_path(stage), Path(tmp))
         return outcome_from_record(stage, dict(json.loads(path.read_text())))
+
+
+@contextmanager
+def evaluation_inputs(
+    config: _HasStudy, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
+) -> Iterator[tuple[Path, Path, Path]]:
+    """The compiled ``artifact`` (taken from what ``Workload.prestage`` fetched ahead, else
+    downloaded), the study's bundle and a scratch folder, before the board is taken."""
+    with scratch(config, "device") as work:
+        compiled = take_staged(run_id, artifact, work / "in")
+        if compiled is None:
+            compiled = tracker.download(run_id, artifact, work / "in")
+        bundle = fetch_study_input(tracker, parent_run_id, BUNDLE, work / "in")
+        yield compiled, bundle, work

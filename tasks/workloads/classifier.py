@@ -42,12 +42,13 @@ from tasks.data import (
 )
 from tasks.devices import create_runner
 from tasks.devices.base import Staged
-from tasks.inputs import fetch_study_input, log_study_input
+from tasks.inputs import fetch_study_input, log_study_input, staging_key
 from tasks.metrics import classification_metrics
 from tasks.packaging import MODEL_DIR, save_served_model, served_arrays
 from tasks.seeding import trial_seed
 from tasks.tracking import CHAMPION, Tracker, local_artifact_location
 from tasks.workloads.base import (
+    BUNDLE,
     DRY_RUN_IMAGES,
     Checked,
     CompileOutcome,
@@ -60,6 +61,7 @@ from tasks.workloads.base import (
     StudyTarget,
     TrainOutcome,
     Workload,
+    evaluation_inputs,
     holding_board,
     scratch,
     study_free,
@@ -69,7 +71,6 @@ if TYPE_CHECKING:  # torch, imported only where a training runs
     from tasks.training.auto import AutoChoices
     from tasks.training.loaders import Balance
 
-BUNDLE = "inputs/val_bundle.npz"
 CALIBRATION = "inputs/calibration.npz"
 ONNX = "model/model.onnx"
 CHECKPOINT = "model/checkpoint.pt"
@@ -312,22 +313,14 @@ def compile_model(
 
 
 @contextmanager
-def device_inputs(
-    config: EdgetuneConfig, tracker: Tracker, run_id: str, parent_run_id: str, artifact: str
-) -> Iterator[tuple[Path, Path, Path]]:
-    """Fetch the compiled artifact and the bundle before the board is taken."""
-    with scratch(config, "device") as work:
-        compiled = tracker.download(run_id, artifact, work / "in")
-        bundle = fetch_study_input(tracker, parent_run_id, BUNDLE, work / "in")
-        yield compiled, bundle, work
-
-
-@contextmanager
-def staged_on_device(config: EdgetuneConfig, compiled: Path, bundle: Path) -> Iterator[Staged]:
+def staged_on_device(
+    config: EdgetuneConfig, compiled: Path, bundle: Path, key: str | None = None
+) -> Iterator[Staged]:
     """The artifact, the bundle and the evaluator on the board before its slot is taken,
-    so they travel while another evaluation runs there; removed from the board after."""
+    so they travel while another evaluation runs there (or were sent ahead under ``key``);
+    removed from the board after."""
     runner = create_runner(config.device.runner, **config.device.runner_options())
-    with runner.stage(compiled, bundle) as staged:
+    with runner.stage(compiled, bundle, key) as staged:
         yield staged
 
 
@@ -534,10 +527,11 @@ class ClassifierWorkload(Workload[EdgetuneConfig]):
         """The compiled trial on the board, holding the board's slot only while it runs there:
         its inputs are staged on the board first, while another evaluation may run."""
         config = self.config
-        with device_inputs(config, tracker, run_id, parent_run_id, artifact) as inputs:
+        key = staging_key(run_id, artifact)
+        with evaluation_inputs(config, tracker, run_id, parent_run_id, artifact) as inputs:
             compiled, bundle, work = inputs
             labels = load_bundle(bundle)["labels"]
-            with staged_on_device(config, compiled, bundle) as staged, hold_board(config):
+            with staged_on_device(config, compiled, bundle, key) as staged, hold_board(config):
                 result = run_on_device(config, compiled, bundle, work, staged)
         return score_device_result(config, tracker, run_id, result, labels)
 

@@ -44,9 +44,10 @@ from tasks.detection.pipeline import (
 from tasks.detection.ultra import DetectorError, export_onnx, ultralytics
 from tasks.devices import DeviceConfigError, create_runner
 from tasks.devices.base import detection_bundle_expectations
-from tasks.inputs import fetch_study_input
+from tasks.inputs import fetch_study_input, staging_key
 from tasks.tracking import CHAMPION, Tracker, local_artifact_location
 from tasks.workloads.base import (
+    BUNDLE,
     DRY_RUN_IMAGES,
     Checked,
     CompileOutcome,
@@ -58,12 +59,12 @@ from tasks.workloads.base import (
     Registration,
     TrainOutcome,
     Workload,
+    evaluation_inputs,
     holding_board,
     scratch,
     study_free,
 )
 
-BUNDLE = "inputs/val_bundle.npz"
 CALIBRATION = "inputs/calibration.npz"
 ONNX = "model/model.onnx"
 
@@ -193,10 +194,10 @@ class DetectorWorkload(Workload[DetectorStudy]):
         reference = {
             k.removeprefix("float_"): v for k, v in logged.items() if k.startswith("float_")
         }
-        with scratch(config, "device") as work:
-            compiled = tracker.download(run_id, artifact, work / "in")
-            bundle = fetch_study_input(tracker, parent_run_id, BUNDLE, work / "in")
-            metrics = board_stage(config, tracker, run_id, compiled, bundle, work, reference)
+        key = staging_key(run_id, artifact)
+        with evaluation_inputs(config, tracker, run_id, parent_run_id, artifact) as inputs:
+            compiled, bundle, work = inputs
+            metrics = board_stage(config, tracker, run_id, compiled, bundle, work, reference, key)
         return DeviceOutcome(metrics=metrics, started_at=started, finished_at=time.time())
 
     def dry_run(self) -> DryRun:

@@ -51,11 +51,14 @@ def failing_stage(out: str) -> None:
 
 
 @flow(name="slow-stage")
-def slow_stage(out: str, seconds: float) -> None:
-    """Runs ``seconds``; records that it was stopped, if it was (its clean-up runs)."""
+def slow_stage(out: str, seconds: float, until: str | None = None) -> None:
+    """Runs ``seconds`` (less if the file ``until`` appears); records that it was stopped,
+    if it was (its clean-up runs)."""
     _record(out)
     try:
-        time.sleep(seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (until and Path(until).exists()):
+            time.sleep(min(0.05, seconds))
     finally:
         Path(out).with_suffix(".ended").write_text("cleaned up")
 
@@ -64,3 +67,19 @@ def slow_stage(out: str, seconds: float) -> None:
 def plain_flow(out: str) -> None:
     """Not served as a stage: runs through the flow engine in a new process."""
     _record(out)
+
+
+def ahead_of_slow(out: str, seconds: float, until: str | None = None) -> bool:
+    """What a worker does for a waiting ``slow_stage`` run: a line (when, which process)
+    beside the run's own record; a run whose record is named ``fail-ahead*`` fails it (and
+    leaves ``.tried``)."""
+    if Path(out).name.startswith("fail-ahead"):
+        Path(out).with_suffix(".tried").write_text("")
+        raise OSError("the board's disk is full")
+    with Path(out).with_suffix(".ahead").open("a") as lines:
+        lines.write(json.dumps({"at": time.time(), "pid": os.getpid()}) + "\n")
+    return True
+
+
+#: Done by the worker for a waiting run of these stages (``edgetune worker``).
+PRESTAGE = {"slow_stage": ahead_of_slow}
