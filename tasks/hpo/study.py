@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,18 +369,30 @@ def epoch_reporter(
     (``load_study`` alone would use Optuna's default median pruner). Epochs before
     ``warmup`` are reported but never judged: an FMFP trial is not judged before its SWA
     starts, when its validation AUGRC does not predict the final one.
-    """
-    study = optuna.load_study(
-        study_name=config.name, storage=open_storage(storage_url), pruner=make_pruner(config.pruner)
-    )
-    trial = optuna.Trial(study, trial_id)
-    several = len(study.directions) > 1  # Optuna prunes single-objective studies only
 
+    The study is loaded in a thread of its own, beside the trial's set-up and first epoch
+    (opening a journal replays the whole study); the first report waits for it and raises
+    what loading raised.
+    """
+    loaded: Future[optuna.Trial | None] = Future()  # None: a study Optuna does not prune
+
+    def load() -> None:
+        try:
+            storage = open_storage(storage_url)
+            pruner = make_pruner(config.pruner)
+            study = optuna.load_study(study_name=config.name, storage=storage, pruner=pruner)
+            several = len(study.directions) > 1  # Optuna prunes single-objective studies only
+            loaded.set_result(None if several else optuna.Trial(study, trial_id))
+        except BaseException as exc:
+            loaded.set_exception(exc)
+
+    threading.Thread(target=load, name="study-load", daemon=True).start()
     name = objective.label.replace("device ", "float ")
 
     def report(epoch: int, row: dict[str, float]) -> None:
         value = row.get(objective.epoch_metric)
-        if several or value is None or not math.isfinite(value):
+        trial = loaded.result()
+        if trial is None or value is None or not math.isfinite(value):
             return
         trial.report(value, epoch)
         if epoch >= warmup and trial.should_prune():

@@ -24,7 +24,8 @@ from prefect.runtime import flow_run
 
 from tasks.hpo.launch import ATTR_STAGE_BEAT
 from tasks.hpo.study import epoch_reporter
-from tasks.storage import open_storage
+from tasks.runlog import run_logger
+from tasks.storage import StudyError, open_storage
 from tasks.tracking import Tracker
 from tasks.training.gpus import gpu_slot
 from tasks.workloads.base import (
@@ -54,24 +55,37 @@ def stage_heartbeat(
     The parent reads the beat to tell a stage that is working from one whose worker died
     (its flow run then stays RUNNING on the server). The event yielded is set once the
     trial has been finished elsewhere (the parent gave up on it): the stage should stop.
+
+    The storage is opened by the beat itself, beside the stage's work: opening it (a
+    journal replays the whole study) is not on the way to the board or the compiler. A
+    storage that cannot be opened is a warning in the run's logs at once, tried again each
+    beat, and the stage's error when the block ends without it ever opening.
     """
     gone = threading.Event()
     if trial_id is None:
         yield gone
         return
     run_id = str(flow_run.id or "")
-    storage = open_storage(storage_url)
-    stop = threading.Event()
+    stop, opened = threading.Event(), threading.Event()
+    failed: list[StudyError] = []  # why the storage did not open, until it does
 
     def beat() -> None:
+        storage = None
         while True:
             try:
+                if storage is None:
+                    storage = open_storage(storage_url)
+                    opened.set()
                 storage.set_trial_user_attr(
                     trial_id, ATTR_STAGE_BEAT, {"flow_run": run_id, "at": time.time()}
                 )
             except optuna.exceptions.UpdateFinishedTrialError:
                 gone.set()
                 return
+            except StudyError as exc:  # said once; the next beat tries again
+                if not failed:
+                    run_logger().warning("%s (the stage goes on; it beats once it opens)", exc)
+                failed[:] = [exc]
             except Exception:  # the database is restarting: beat again next time
                 pass
             if stop.wait(interval_s):
@@ -83,7 +97,10 @@ def stage_heartbeat(
         yield gone
     finally:
         stop.set()
-        thread.join(timeout=5)
+        if opened.is_set():  # a beat being written ends first; an open under way is left
+            thread.join(timeout=5)
+    if failed and not opened.is_set():
+        raise failed[0]
 
 
 def train_stage(
