@@ -286,6 +286,7 @@ def run_design(design: str, data: Path, args: argparse.Namespace) -> dict[str, f
         stages = stage_run_times(config["study"]["name"])
         (args.timelines / f"{config['study']['name']}-stages.json").write_text(json.dumps(stages))
         print(dispatch_report(times, stages), file=sys.stderr)
+        print(setup_report(times, stages), file=sys.stderr)
     return measure(study, args)
 
 
@@ -336,6 +337,25 @@ def dispatch_report(times: list[dict[str, Any]], stages: list[dict[str, Any]]) -
     return "training dispatch, median s (min-max): " + "; ".join(
         f"{k} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in rows.items()
     )
+
+
+def setup_report(times: list[dict[str, Any]], stages: list[dict[str, Any]]) -> str:
+    """The set-up of each compile and evaluation run (RUNNING to its work), median seconds
+    over trials: what the stage does before its compiler or its board."""
+    by_name = {run["name"]: run for run in stages}
+    parts = []
+    for stage, prefix, started in (("compile", "compile-trial", "compile_started"),
+                                   ("evaluate", "evaluate-trial", "device_started")):  # fmt: skip
+        found = [
+            t[started] - by_name[f"{prefix}-{t['number']}"]["RUNNING"]
+            for t in times
+            if started in t and "RUNNING" in by_name.get(f"{prefix}-{t['number']}", {})
+        ]
+        if found:
+            parts.append(
+                f"{stage} {statistics.median(found):.2f} ({min(found):.2f}-{max(found):.2f})"
+            )
+    return "stage set-up (running -> work), median s (min-max): " + "; ".join(parts)
 
 
 #: The trial attributes that time its stages (as the parent and the stages saw them).

@@ -14,6 +14,7 @@ from bench.pipeline import (
     medians,
     queue_waits,
     report,
+    setup_report,
     shortest_span,
 )
 
@@ -113,6 +114,23 @@ def test_the_dispatch_line_splits_each_trainings_way_by_prefects_state_times() -
     assert "running -> work 0.40 (0.40-0.40)" in line
     assert "work done -> completed 0.10 (0.10-0.10)" in line
     assert "completed -> returned 0.25 (0.10-0.40)" in line
+
+
+def test_the_set_up_of_compile_and_evaluation_runs_is_running_to_their_work() -> None:
+    times = [
+        {"number": 0, "compile_started": 62.3, "device_started": 70.5},
+        {"number": 1, "compile_started": 80.1, "device_started": 91.0},
+        {"number": 2, "compile_started": 99.0},  # its evaluation never ran: left out
+    ]
+    stages = [
+        {"name": "compile-trial-0", "RUNNING": 62.0}, {"name": "evaluate-trial-0", "RUNNING": 70.0},
+        {"name": "compile-trial-1", "RUNNING": 80.0}, {"name": "evaluate-trial-1", "RUNNING": 90.0},
+        {"name": "compile-trial-2", "RUNNING": 98.5}, {"name": "evaluate-trial-2"},
+    ]  # fmt: skip
+    assert setup_report(times, stages) == (
+        "stage set-up (running -> work), median s (min-max): "
+        "compile 0.30 (0.10-0.50); evaluate 0.75 (0.50-1.00)"
+    )
 
 
 def test_the_table_has_one_column_per_design_and_states_the_repeats() -> None:
