@@ -178,12 +178,12 @@ def take_staged(run_id: str, artifact_path: str, dst: Path) -> Path | None:
         os.rename(root / key, taken)
     except OSError:  # nothing fetched ahead, or another stage took it
         return None
+    found = taken / PurePosixPath(artifact_path).name
     try:
-        found = taken / PurePosixPath(artifact_path).name
-        if not found.is_file():
-            return None
         dst.mkdir(parents=True, exist_ok=True)
         return Path(shutil.move(found, dst / found.name))
+    except OSError:  # not there (swept meanwhile, or never complete): the stage downloads it
+        return None
     finally:
         shutil.rmtree(taken, ignore_errors=True)
 

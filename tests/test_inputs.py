@@ -25,6 +25,7 @@ from tasks.inputs import (
     stage_artifact,
     staged_dir,
     staging_key,
+    take_staged,
 )
 from tasks.tracking import Tracker
 from tasks.workloads.base import evaluation_inputs
@@ -130,6 +131,14 @@ def test_a_model_fetched_ahead_is_taken_by_its_evaluation_instead_of_downloaded(
     with evaluation_inputs(config, tracker, trial, study, model) as (got, _bundle, _work):
         assert got.read_bytes() == b"compiled model"
     assert tracker.downloads[(trial, model)] == 2  # nothing ahead: downloaded
+
+
+def test_a_folder_fetched_ahead_without_its_file_is_no_input(tmp_path: Path, cache: Path) -> None:
+    """A folder emptied meanwhile (swept while a stage took it): the stage downloads."""
+    folder = staged_dir() / staging_key("run", "compiled/model.onnx")
+    folder.mkdir(parents=True)
+    assert take_staged("run", "compiled/model.onnx", tmp_path / "dst") is None
+    assert list(staged_dir().iterdir()) == []
 
 
 def test_what_no_evaluation_took_for_an_hour_is_swept(
