@@ -102,3 +102,20 @@ def tiny_config(root: Path, run_dir: Path, **sections: Any) -> dict[str, Any]:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+@pytest.fixture
+def puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Remote paths of every SFTP put the board runner makes, in order (the artifact is put
+    without `tasks.devices.ssh._upload`)."""
+    import asyncssh
+
+    recorded: list[str] = []
+    real = asyncssh.SFTPClient.put
+
+    async def spy(self: Any, localpaths: Any, remotepath: Any = None, **kwargs: Any) -> Any:
+        recorded.append(str(remotepath))
+        return await real(self, localpaths, remotepath, **kwargs)
+
+    monkeypatch.setattr(asyncssh.SFTPClient, "put", spy)
+    return recorded

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import asyncssh
 import pytest
 
 import tasks.board
@@ -30,20 +28,6 @@ MODEL = "compiled/model.onnx"
 def board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Board]:
     with start_board(tmp_path_factory.mktemp("board")) as running:
         yield running
-
-
-@pytest.fixture
-def puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Remote paths of every SFTP put, in order."""
-    recorded: list[str] = []
-    real = asyncssh.SFTPClient.put
-
-    async def spy(self: Any, localpaths: Any, remotepath: Any = None, **kwargs: Any) -> Any:
-        recorded.append(str(remotepath))
-        return await real(self, localpaths, remotepath, **kwargs)
-
-    monkeypatch.setattr(asyncssh.SFTPClient, "put", spy)
-    return recorded
 
 
 def test_an_evaluation_whose_model_went_ahead_runs_on_what_was_sent(

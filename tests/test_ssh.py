@@ -144,20 +144,6 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-@pytest.fixture
-def puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Remote paths of every SFTP put, in order (the artifact is put without `_upload`)."""
-    recorded: list[str] = []
-    real = asyncssh.SFTPClient.put
-
-    async def spy(self: Any, localpaths: Any, remotepath: Any = None, **kwargs: Any) -> Any:
-        recorded.append(str(remotepath))
-        return await real(self, localpaths, remotepath, **kwargs)
-
-    monkeypatch.setattr(asyncssh.SFTPClient, "put", spy)
-    return recorded
-
-
 KEY = "5e" * 16
 
 
