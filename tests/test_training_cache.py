@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as F
 
+import tasks.training.batched as batched
 import tasks.training.cache as cache
 from tasks.config import AugmentConfig, DataConfig, TrainConfig
 from tasks.data import DataError, load_rgb
@@ -235,6 +236,53 @@ def test_each_image_of_a_batch_gets_its_own_draw() -> None:
     )
     distinct = {tuple(image.flatten().tolist()) for image in batch}
     assert len(distinct) == 16
+
+
+@pytest.mark.parametrize("size", [16, 31])
+def test_the_warps_are_kornias_to_the_bit(size: int) -> None:
+    """The matrices are computed on the CPU and only the sampling runs on the images'
+    device: on the CPU the pixels are exactly those of kornia's own rotate and
+    warp_perspective."""
+    from kornia.color import rgb_to_grayscale
+    from kornia.geometry.transform import get_perspective_transform, rotate, warp_perspective
+
+    images = torch.rand(12, 3, size, size, generator=torch.Generator().manual_seed(size))
+    angles = torch.linspace(-30, 30, 12)
+    assert torch.equal(batched._rotate(images, angles), rotate(images, angles, mode="nearest"))
+
+    g, again = generator(0, "p"), generator(0, "p")
+    ours = batched._perspective(images, 0.3, g)
+    last = float(size - 1)
+    start = torch.tensor([[0.0, 0.0], [last, 0.0], [last, last], [0.0, last]]).expand(12, 4, 2)
+    inward = torch.randint(0, int(0.3 * (size // 2)) + 1, (12, 4, 2), generator=again).float()
+    end = start + inward * torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
+    chosen = batched._chance(again, 12).view(-1, 1, 1, 1)
+    theirs = warp_perspective(
+        images, get_perspective_transform(start, end), (size, size), align_corners=True
+    )
+    assert chosen.any() and not chosen.all()
+    assert torch.equal(ours, torch.where(chosen, theirs, images))
+    grey = torch.tensor(batched.GREY_WEIGHTS)  # the jitter gives kornia its own weights
+    assert torch.equal(rgb_to_grayscale(images, grey), rgb_to_grayscale(images))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_epoch_of_augmented_batches_never_waits_for_the_gpu() -> None:
+    """Each wait (a copy from pageable memory, a matrix inverse on the GPU) would leave the
+    GPU idle between a trial's small steps; under torch's sync debug mode a wait raises."""
+    gpu = torch.device("cuda")
+    images = torch.randint(0, 256, (256, 3, 16, 16), dtype=torch.uint8, device=gpu)
+    labels = torch.arange(256, device=gpu) % 10
+    loader = BatchedImages(images, labels, AUGMENT, 64, generator(0, "x"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [x for x, _ in loader]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == 4 and all(x.shape == (64, 3, 16, 16) for x in batches)
+    assert all(bool(torch.isfinite(x).all()) for x in batches)
 
 
 def test_the_batched_augmentation_matches_the_per_image_distribution(
