@@ -1,7 +1,8 @@
 """The study as Optuna's journal in PostgreSQL (``journal+postgresql://…``): one append per
 operation batch, numbered without a gap across processes, replayed the same by every
 reader, several attributes written in one append, a restarted server waited out with a
-retried append written once, and a wrong URL refused in one line.
+retried append written once, a wrong URL refused in one line, and a stage's heartbeat
+written without replaying the journal.
 
 Everything runs on a throwaway PostgreSQL cluster (``bench/postgres.py``) on loopback.
 """
@@ -13,6 +14,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,16 +27,20 @@ from optuna.trial import TrialState
 from bench.postgres import Cluster, throwaway_postgres, unavailable
 from tasks import preflight
 from tasks.hpo import optuna_ops
+from tasks.hpo.launch import ATTR_STAGE_BEAT
 from tasks.hpo.study import open_study
+from tasks.hpo.trial_stages import stage_heartbeat
 from tasks.storage import (
     _APPEND,
     JOURNAL_TABLE,
+    JournalBeat,
     JournalStudyStorage,
     PostgresJournal,
     StudyError,
     is_journal,
     journal_dsn,
     new_journal_storage,
+    open_for_beats,
     open_storage,
 )
 from tasks.workloads.classifier import CLASSIFIER
@@ -272,3 +279,69 @@ def test_a_study_in_optunas_tables_of_the_database_is_not_begun_again_in_its_jou
     renamed = config.study.model_copy(update={"name": "fresh"})
     study = open_study(url, renamed, config.seed, objective=CLASSIFIER)
     assert study.study_name == "fresh" and study.trials == []
+
+
+def test_a_stages_heartbeat_writes_the_journal_without_replaying_it(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defect: each stage process replayed the whole journal (every study in it) to
+    write its heartbeat, beside the stage's start: with 13,000 rows the board's slot was
+    taken 0.1 s later. The beat reads no log row, and Optuna replays what it wrote."""
+    url = journal_url(cluster, "beats")
+    study = optuna.create_study(storage=open_storage(url))
+    for _ in range(3):
+        study.tell(study.ask(), 0.5)
+    trial_id = optuna_ops.trial_id(study.ask())
+    read_by_beat: list[int] = []
+    real_read = PostgresJournal.read_logs
+
+    def counted(self: PostgresJournal, log_number_from: int) -> list[dict[str, object]]:
+        if threading.current_thread().name == "stage-heartbeat":
+            read_by_beat.append(log_number_from)
+        return real_read(self, log_number_from)
+
+    monkeypatch.setattr(PostgresJournal, "read_logs", counted)
+    started = time.time()
+    with stage_heartbeat(url, trial_id, 0.05) as gone:
+        deadline = time.monotonic() + 10
+        beat = None
+        while beat is None and time.monotonic() < deadline:
+            beat = new_journal_storage(url).get_trial(trial_id).user_attrs.get(ATTR_STAGE_BEAT)
+            time.sleep(0.05)
+    assert beat is not None and beat["at"] >= started and not gone.is_set()
+    assert read_by_beat == []
+
+
+def test_a_journal_beat_stops_once_its_own_trial_is_told(cluster: Cluster) -> None:
+    """Trials 1 and 10-12 (ids that start alike): telling the others leaves trial 1's beat
+    going; telling trial 1 refuses the next beat and writes nothing."""
+    url = journal_url(cluster, "told")
+    storage = open_storage(url)
+    study = optuna.create_study(storage=storage)
+    trials = [study.ask() for _ in range(13)]
+    assert [optuna_ops.trial_id(t) for t in trials] == list(range(13))  # a new database
+    beat = open_for_beats(url)
+    assert isinstance(beat, JournalBeat)
+    beat.set_trial_user_attr(1, "k", 0)
+    for number in (10, 11, 12):
+        study.tell(trials[number], 0.5)
+    beat.set_trial_user_attr(1, "k", 1)  # not stopped by trials 10-12
+    study.tell(trials[1], state=TrialState.FAIL)
+    before = len(rows(url))
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        beat.set_trial_user_attr(1, "k", 2)
+    assert len(rows(url)) == before
+    fresh = new_journal_storage(url)
+    assert fresh.get_trial(1).user_attrs == {"k": 1}
+    assert fresh.get_trial(1).state == TrialState.FAIL
+    beat.set_trial_user_attr(2, "k", 3)  # the other trials still beat
+    assert new_journal_storage(url).get_trial(2).user_attrs == {"k": 3}
+
+
+def test_a_journal_beat_that_cannot_connect_names_the_url_and_the_fix(cluster: Cluster) -> None:
+    url = f"journal+postgresql://nobody:secret@127.0.0.1:{cluster.port}/missing"
+    with pytest.raises(StudyError) as caught:
+        open_for_beats(url)
+    message = str(caught.value)
+    assert "secret" not in message and "journal+postgresql://nobody:***@127.0.0.1" in message
+    assert message.endswith("check study.storage (or --storage) and that the database is running")

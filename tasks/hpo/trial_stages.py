@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from tasks.hpo.launch import ATTR_STAGE_BEAT
 from tasks.hpo.study import epoch_reporter
 from tasks.runlog import run_logger
-from tasks.storage import StudyError, open_storage
+from tasks.storage import StudyError, open_for_beats
 from tasks.tracking import Tracker
 from tasks.training.gpus import gpu_slot
 from tasks.workloads.base import (
@@ -56,10 +56,11 @@ def stage_heartbeat(
     (its flow run then stays RUNNING on the server). The event yielded is set once the
     trial has been finished elsewhere (the parent gave up on it): the stage should stop.
 
-    The storage is opened by the beat itself, beside the stage's work: opening it (a
-    journal replays the whole study) is not on the way to the board or the compiler. A
-    storage that cannot be opened is a warning in the run's logs at once, tried again each
-    beat, and the stage's error when the block ends without it ever opening.
+    The storage is opened by the beat itself, beside the stage's work, and a journal is
+    written without its replay (``open_for_beats``): neither is on the way to the board or
+    the compiler. A storage that cannot be opened is a warning in the run's logs at once,
+    tried again each beat, and the stage's error when the block ends without it ever
+    opening.
     """
     gone = threading.Event()
     if trial_id is None:
@@ -74,7 +75,7 @@ def stage_heartbeat(
         while True:
             try:
                 if storage is None:
-                    storage = open_storage(storage_url)
+                    storage = open_for_beats(storage_url)
                     opened.set()
                 storage.set_trial_user_attr(
                     trial_id, ATTR_STAGE_BEAT, {"flow_run": run_id, "at": time.time()}

@@ -44,7 +44,7 @@ def _wait_for_beat(storage: optuna.storages.BaseStorage, trial_id: int) -> dict[
 def _opens_after(
     event: threading.Event, storage: optuna.storages.BaseStorage
 ) -> Callable[[str], optuna.storages.BaseStorage]:
-    """An ``open_storage`` that opens once ``event`` is set (by the stage's work), and
+    """An opener (``open_for_beats``, ``open_storage``) that opens once ``event`` is set (by the stage's work), and
     fails if it waited 10 s for it (it was called before the work began)."""
 
     def opens(url: str) -> optuna.storages.BaseStorage:
@@ -62,7 +62,7 @@ def test_the_stage_works_while_the_beat_opens_the_storage(
     evaluation on the edge pool, more as the journal grows), while the board waited."""
     storage, trial_id = _trial()
     working = threading.Event()
-    monkeypatch.setattr(trial_stages, "open_storage", _opens_after(working, storage))
+    monkeypatch.setattr(trial_stages, "open_for_beats", _opens_after(working, storage))
     with trial_stages.stage_heartbeat("journal+postgresql://db/x", trial_id, 0.05) as gone:
         started = time.time()
         working.set()
@@ -81,7 +81,7 @@ def test_a_storage_that_never_opens_fails_the_stage_after_its_work_with_the_reas
         attempts.append(time.monotonic())
         raise StudyError(reason)
 
-    monkeypatch.setattr(trial_stages, "open_storage", refuses)
+    monkeypatch.setattr(trial_stages, "open_for_beats", refuses)
     worked = False
     with (
         caplog.at_level(logging.WARNING),
@@ -108,7 +108,7 @@ def test_a_storage_that_opens_late_beats_and_fails_nothing(
             raise refusals.pop()
         return storage
 
-    monkeypatch.setattr(trial_stages, "open_storage", opens_on_the_third_try)
+    monkeypatch.setattr(trial_stages, "open_for_beats", opens_on_the_third_try)
     with trial_stages.stage_heartbeat("postgresql://db/x", trial_id, 0.05):
         beat = _wait_for_beat(storage, trial_id)
     assert beat["flow_run"] == "" and refusals == []
@@ -119,7 +119,7 @@ def test_a_trial_finished_elsewhere_tells_the_stage_to_stop(
 ) -> None:
     storage, trial_id = _trial()
     storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
-    monkeypatch.setattr(trial_stages, "open_storage", lambda url: storage)
+    monkeypatch.setattr(trial_stages, "open_for_beats", lambda url: storage)
     with trial_stages.stage_heartbeat("postgresql://db/x", trial_id, 0.05) as gone:
         assert gone.wait(10)
 
