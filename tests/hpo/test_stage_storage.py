@@ -44,8 +44,9 @@ def _wait_for_beat(storage: optuna.storages.BaseStorage, trial_id: int) -> dict[
 def _opens_after(
     event: threading.Event, storage: optuna.storages.BaseStorage
 ) -> Callable[[str], optuna.storages.BaseStorage]:
-    """An opener (``open_for_beats``, ``open_storage``) that opens once ``event`` is set (by the stage's work), and
-    fails if it waited 10 s for it (it was called before the work began)."""
+    """An opener (``open_for_beats``, ``open_storage``) that opens once ``event`` is set
+    (by the stage's work), and fails if it waited 10 s for it (it was called before the
+    work began)."""
 
     def opens(url: str) -> optuna.storages.BaseStorage:
         if not event.wait(10):
