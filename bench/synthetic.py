@@ -3,8 +3,8 @@
 Each flow takes the same parameters as the real stage flow, sleeps for a configured time
 instead of training, compiling or evaluating, and reports its outcome the way the real
 stage does (in the trial's MLflow run). The device stage holds the board's real
-concurrency slot. The sampler gets a smooth objective of the parameters, so TPE behaves
-as in a real study.
+concurrency slot as the real one does (``hold_board``, prepared while its run starts).
+The sampler gets a smooth objective of the parameters, so TPE behaves as in a real study.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.concurrency.sync import concurrency
 
-from tasks.board import DEVICE_LEASE_S
+from tasks.board import hold_board, prepare_board
 from tasks.config import parse_config
 from tasks.hpo.trial_stages import stage_heartbeat
 from tasks.tracking import Tracker
@@ -94,9 +94,7 @@ def bench_device(
     cfg = parse_config(config)
     with (
         stage_heartbeat(cfg.storage_url, trial_id, cfg.study.heartbeat_s),
-        concurrency(
-            cfg.device.concurrency_limit, occupy=1, strict=True, lease_duration=DEVICE_LEASE_S
-        ),
+        hold_board(cfg),
     ):
         started = time.time()
         time.sleep(seconds)
@@ -117,3 +115,11 @@ def bench_device(
 
 def _trial_params(cfg: Any, run_id: str) -> dict[str, Any]:
     return dict(Tracker(cfg.tracking_uri).client.get_run(run_id).data.params)
+
+
+def prepare_device(config: dict[str, Any], **_: Any) -> None:
+    prepare_board(parse_config(config))
+
+
+#: What ``edgetune worker`` runs in a stage's process before its run is RUNNING.
+PREPARE: dict[str, Callable[..., None]] = {"bench_device": prepare_device}

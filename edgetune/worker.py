@@ -11,10 +11,12 @@ engine has nothing to add. The worker does what the engine did:
 
 - the run's states: PENDING when the worker takes the run, RUNNING while the child is
   forked (its stage starts once RUNNING is accepted; a run refused it has its child stopped
-  before anything ran); COMPLETED, or FAILED with the stage's error; CRASHED when the child
-  died without a word (the process worker's rule). Between PENDING and the stage's work
-  there is one API call where Prefect's worker makes five: no "Submitting" state, the
-  worker's labels set beside the start, the flow remembered, the deployment for a minute;
+  before anything ran; meanwhile the child does what the flow's module names in
+  ``PREPARE``: an evaluation opens its connection for the board's slot); COMPLETED, or
+  FAILED with the stage's error; CRASHED when the child died without a word (the process
+  worker's rule). Between PENDING and the stage's work there is one API call where
+  Prefect's worker makes five: no "Submitting" state, the worker's labels set beside the
+  start, the flow remembered, the deployment for a minute;
   once a run's final state is set, the worker looks for the next run at once (the pool's
   limit counted the run until then), rather than at its next poll;
 - the child's logs go to the API under the run (``prefect.runtime.flow_run.id`` names it);
@@ -177,6 +179,7 @@ def run_stage(job: StageJob, channel: Connection, go: Any) -> None:
     with _settings_from_environment() if job.reread_settings else nullcontext():
         try:
             stage = _stage_function(job.entrypoint)
+            _prepare(job, logger)
             go.wait()
             stage(**job.parameters)
         except StageCancelled:
@@ -187,6 +190,21 @@ def run_stage(job: StageJob, channel: Connection, go: Any) -> None:
         finally:
             _send_logs()
     channel.send(outcome)
+
+
+def _prepare(job: StageJob, logger: Any) -> None:
+    """What the stage flow's module names in ``PREPARE`` for it, before the run is RUNNING;
+    a failure is a warning (the stage does it itself)."""
+    module, _, name = job.entrypoint.partition(":")
+    prepare = getattr(importlib.import_module(module), "PREPARE", {}).get(name)
+    if prepare is None:
+        return
+    try:
+        prepare(**job.parameters)
+    except Exception as exc:
+        logger.warning(
+            "not prepared ahead (%s: %s); the stage does it itself", type(exc).__name__, exc
+        )
 
 
 def run_ahead(job: StageJob, channel: Connection) -> None:

@@ -7,7 +7,9 @@ in the study storage while it works and leaves its outcome in the trial's MLflow
 
 ``PRESTAGE`` names, for a stage flow, what a worker may do for one of its runs while the
 run waits for the pool (``edgetune worker``): an evaluation's model is fetched and sent to
-the board while the evaluation before it holds the board.
+the board while the evaluation before it holds the board. ``PREPARE`` names what the
+stage's own process does while its run is made RUNNING: an evaluation connects to the
+Prefect API, so that taking the board's slot is one request.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.train import as_config, train_trial
+from tasks.board import prepare_board
 from tasks.hpo.launch import Slot
 from tasks.hpo.trial_stages import compile_stage, device_stage
 from tasks.tracking import Tracker
@@ -111,3 +114,13 @@ def prestage_evaluation(
 
 #: What a worker runs for a waiting run of a stage flow here (by the flow's function name).
 PRESTAGE: dict[str, Callable[..., bool]] = {"evaluate_trial": prestage_evaluation}
+
+
+def prepare_evaluation(config: StudyTarget | dict[str, Any], **_: Any) -> None:
+    """The board's slot made one request away for an ``evaluate-trial`` run's process."""
+    prepare_board(as_config(config, "evaluate-trial"))
+
+
+#: What a worker runs in a stage's own process, with the run's parameters, while the run
+#: is made RUNNING (before the stage starts).
+PREPARE: dict[str, Callable[..., None]] = {"evaluate_trial": prepare_evaluation}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -171,16 +172,17 @@ def test_an_embedded_waiter_takes_the_board_right_after_its_release(
 
 
 def _waiter_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The seconds every sleep of tasks.board asks for in the thread named "waiter"."""
+    """The seconds every sleep of tasks.board's own code asks for in the thread named
+    "waiter" (not the API client's: it sleeps before retrying a 503 of the test server)."""
     sleeps: list[float] = []
-    real_sleep = time.sleep
 
     def sleep(seconds: float) -> None:
         if threading.current_thread().name == "waiter":
             sleeps.append(seconds)
-        real_sleep(seconds)
+        time.sleep(seconds)
 
-    monkeypatch.setattr(tasks.board.time, "sleep", sleep)
+    own_time = types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic)
+    monkeypatch.setattr(tasks.board, "time", own_time)
     return sleeps
 
 
@@ -220,3 +222,103 @@ def test_with_a_prefect_server_a_waiter_takes_the_board_right_after_its_release(
     # about the slot's average occupancy (2 s for a new limit) x (1 + denied tries), on every
     # handoff. The median, because the test server now and then stalls a request for ~2 s.
     assert gaps[2] < 0.5, gaps
+
+
+def _active_slots(name: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return int(client.read_global_concurrency_limit_by_name(name).active_slots)
+
+
+@pytest.mark.slow
+def test_a_prepared_stage_takes_the_board_with_the_client_it_opened_ahead(
+    prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An evaluation's ``PREPARE`` (run while its run is made RUNNING) opens and connects
+    the API client; taking the slot then opens none, and the slot is held for the block only."""
+    from flows.stages import PREPARE
+    from tasks.board import ensure_device_limit
+
+    config = _config(tmp_path)
+    name = config.device.concurrency_limit
+    ensure_device_limit(name)
+    opened: list[str] = []
+    real_get_client = tasks.board.get_client
+
+    def counting_get_client(**kwargs: Any) -> Any:
+        opened.append(threading.current_thread().name)
+        return real_get_client(**kwargs)
+
+    monkeypatch.setattr(tasks.board, "get_client", counting_get_client)
+    PREPARE["evaluate_trial"](config=config, trial_number=3, run_id="r", parent_run_id="p")
+    assert opened == [threading.current_thread().name]
+    with hold_board(config):
+        held = _active_slots(name)
+    assert (opened, held, _active_slots(name)) == ([threading.current_thread().name], 1, 0)
+
+    with hold_board(config):  # unprepared: a client of its own
+        held = _active_slots(name)
+    assert (len(opened), held, _active_slots(name)) == (2, 1, 0)
+
+
+@pytest.mark.slow
+def test_a_held_lease_is_renewed_and_one_that_is_lost_fails_the_evaluation(
+    prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease on the board's slot is renewed while the block runs; when the server no
+    longer has it (here released by another client, as when it expired), the block's end
+    raises ``BoardLeaseLost``: another run may have used the board meanwhile."""
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+
+    from tasks.board import BoardLeaseLost, ensure_device_limit
+
+    config = _config(tmp_path)
+    name = config.device.concurrency_limit
+    ensure_device_limit(name)
+    monkeypatch.setattr(tasks.board, "RENEW_EVERY_S", 0.2)
+    renewals: list[int] = []
+    real_renew = SyncPrefectClient.renew_concurrency_lease
+
+    def renew(self: SyncPrefectClient, lease_id: Any, lease_duration: float) -> Any:
+        try:
+            response = real_renew(self, lease_id, lease_duration)
+        except Exception as exc:
+            renewals.append(getattr(getattr(exc, "response", None), "status_code", -1))
+            raise
+        renewals.append(response.status_code)
+        return response
+
+    monkeypatch.setattr(SyncPrefectClient, "renew_concurrency_lease", renew)
+    leases: list[Any] = []
+    real_try = tasks.board._try_lease
+    monkeypatch.setattr(
+        tasks.board, "_try_lease", lambda *a: leases.append(real_try(*a)) or leases[-1]
+    )
+
+    with hold_board(config):
+        time.sleep(1.0)
+    assert len(renewals) >= 3 and set(renewals) == {204}, renewals
+    assert _active_slots(name) == 0
+
+    renewals.clear()
+    lost = rf"limit {name}\) was lost .*HTTP 410: Lease not found"
+    with pytest.raises(BoardLeaseLost, match=lost), hold_board(config):
+        _wait_for(lambda: renewals, 5)
+        with get_client(sync_client=True) as other:  # as if it had expired
+            other.release_concurrency_slots_with_lease(leases[-1])
+        _wait_for(lambda: 410 in renewals, 5)
+    assert renewals[-1] == 410 and _active_slots(name) == 0, renewals
+
+
+@pytest.mark.slow
+def test_a_board_whose_limit_is_missing_says_how_to_create_it(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    from tasks.board import BoardLimitMissing
+
+    config = _config(tmp_path)
+    name = config.device.concurrency_limit
+    missing = rf"{name!r} does not exist .* prefect gcl create {name} --limit 1"
+    with pytest.raises(BoardLimitMissing, match=missing), hold_board(config):
+        pytest.fail("held a board that has no limit")

@@ -384,7 +384,9 @@ def test_a_forked_stage_waits_for_its_run_to_be_running_and_a_refused_one_runs_n
 ) -> None:
     """The worker forks a stage's process while it sets the run RUNNING (one round trip
     less before the work starts): the stage starts only once that is accepted, and a run
-    refused RUNNING (cancelled meanwhile) has its process stopped before the stage ran."""
+    refused RUNNING (cancelled meanwhile) has its process stopped before the stage ran.
+    Meanwhile the process does what the flow's module names in ``PREPARE`` (an evaluation
+    connects for the board's slot): in the stage's process, before the stage."""
     from edgetune.worker import _stop, fork_stage
 
     context = multiprocessing.get_context("forkserver")
@@ -393,10 +395,12 @@ def test_a_forked_stage_waits_for_its_run_to_be_running_and_a_refused_one_runs_n
     process, channel, go = fork_stage(context, _gate_job(accepted))
     time.sleep(1.0)  # a forked stage is set up in milliseconds
     assert not accepted.exists(), "the stage ran before its run was RUNNING"
+    prepared = json.loads(accepted.with_suffix(".prepared").read_text())
     go.set()
     process.join(30)
     assert process.exitcode == 0 and channel.recv() == ("ok", "")
     assert accepted.with_suffix(".ended").read_text() == "cleaned up"
+    assert prepared["pid"] == json.loads(accepted.read_text())["pid"] == process.pid
 
     refused = tmp_path / "refused.json"
     process, channel, go = fork_stage(context, _gate_job(refused))
@@ -404,6 +408,7 @@ def test_a_forked_stage_waits_for_its_run_to_be_running_and_a_refused_one_runs_n
     _stop(process, 10)
     assert process.exitcode == 0 and channel.recv() == ("cancelled", "the run was cancelled")
     assert not refused.exists() and not refused.with_suffix(".ended").exists()
+    assert refused.with_suffix(".prepared").exists()  # what it prepared takes nothing
 
 
 def test_the_worker_reads_a_deployment_once_a_minute_and_a_flow_once(

@@ -83,3 +83,15 @@ def ahead_of_slow(out: str, seconds: float, until: str | None = None) -> bool:
 
 #: Done by the worker for a waiting run of these stages (``edgetune worker``).
 PRESTAGE = {"slow_stage": ahead_of_slow}
+
+
+def prepare_slow(out: str, **_: object) -> None:
+    """What a ``slow_stage`` run's own process does before the run is RUNNING: a record of
+    when and where, beside the run's."""
+    Path(out).with_suffix(".prepared").write_text(
+        json.dumps({"at": time.time(), "pid": os.getpid()})
+    )
+
+
+#: Done by the worker in a ``slow_stage`` run's process before its run is RUNNING.
+PREPARE = {"slow_stage": prepare_slow}
