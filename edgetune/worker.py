@@ -16,8 +16,8 @@ engine has nothing to add. The worker does what the engine did:
   FAILED with the stage's error; CRASHED when the child died without a word (the process
   worker's rule). Between PENDING and the stage's work there is one API call where
   Prefect's worker makes five: no "Submitting" state, the worker's labels set beside the
-  start, the flow remembered, the deployment for a minute;
-  once a run's final state is set, the worker looks for the next run at once (the pool's
+  start, the flow remembered, the deployment for a minute (which also answers Prefect's
+  check, before PENDING, that the run's deployment still exists); once a run's final state is set, the worker looks for the next run at once (the pool's
   limit counted the run until then), rather than at its next poll;
 - the child's logs go to the API under the run (``prefect.runtime.flow_run.id`` names it);
 - a run cancelled in the UI or by the study (CANCELLING) has its child stopped (SIGTERM,
@@ -330,16 +330,28 @@ class Remembering:
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        self._reads = {"deployment": client.read_deployment, "flow": client.read_flow}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
     async def read_deployment(self, deployment_id: UUID) -> Any:
-        read = self._client.read_deployment
+        read = self._reads["deployment"]
         return await self._read("deployment", deployment_id, read, DEPLOYMENT_TTL_S)
 
     async def read_flow(self, flow_id: UUID) -> Any:
-        return await self._read("flow", flow_id, self._client.read_flow, math.inf)
+        return await self._read("flow", flow_id, self._reads["flow"], math.inf)
+
+    @classmethod
+    def into(cls, client: Any) -> None:
+        """``client`` itself answers its deployment and flow reads from this memory, for
+        every caller: Prefect's worker reads a run's deployment before it takes the run
+        (to cancel the runs of a deleted deployment), then again for the job's
+        configuration; once a minute is enough for both. (A deleted deployment's runs
+        lose their deployment, so they are not taken as stages in any case.)"""
+        remembering = cls(client)
+        client.read_deployment = remembering.read_deployment
+        client.read_flow = remembering.read_flow
 
     async def _read(self, kind: str, key: UUID, read: Any, ttl_s: float) -> Any:
         known = self._known.get((kind, key))
@@ -382,9 +394,9 @@ def stage_worker_class() -> type[Any]:
     warnings.filterwarnings("ignore", message=".*has key 'process'", category=UserWarning)
 
     class StageJobConfiguration(ProcessJobConfiguration):
-        """The process worker's job configuration, built with the deployment and flow the
-        worker remembers (two API reads fewer before each run starts) and with Prefect's
-        settings as environment variables dumped once (25 ms of CPU, twice a run)."""
+        """The process worker's job configuration, with Prefect's settings as environment
+        variables dumped once (25 ms of CPU, twice a run). (The deployment and flow it
+        reads come from the worker's memory: ``Remembering.into``.)"""
 
         _base: ClassVar[tuple[Any, dict[str, str]] | None] = None
 
@@ -394,13 +406,6 @@ def stage_worker_class() -> type[Any]:
             if cls._base is None or cls._base[0] is not settings:
                 cls._base = (settings, super()._base_environment())
             return dict(cls._base[1])
-
-        @classmethod
-        async def resolve_for_flow_run(
-            cls, flow_run: FlowRun, *, client: Any, **kwargs: Any
-        ) -> Any:
-            remembering: Any = Remembering(client)
-            return await super().resolve_for_flow_run(flow_run, client=remembering, **kwargs)
 
     class StageWorker(ProcessWorker):
         """A ``process`` worker that forks edgetune's stage runs from a warm fork server."""
@@ -416,6 +421,10 @@ def stage_worker_class() -> type[Any]:
             self._cancelled: set[UUID] = set()
             self._ahead_busy = False
             self._looked_ahead: dict[UUID, None] = {}  # oldest first
+
+        async def setup(self) -> None:
+            await super().setup()
+            Remembering.into(self.client)
 
         async def run(
             self,
@@ -466,7 +475,7 @@ def stage_worker_class() -> type[Any]:
             """The run's deployment's entrypoint, read at most every DEPLOYMENT_TTL_S."""
             if flow_run.deployment_id is None:
                 return None
-            deployment = await Remembering(self.client).read_deployment(flow_run.deployment_id)
+            deployment = await self.client.read_deployment(flow_run.deployment_id)
             return module_entrypoint(deployment.entrypoint) if deployment.entrypoint else None
 
         async def _propose_submitting_state(self, flow_run: FlowRun) -> None:

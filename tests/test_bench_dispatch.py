@@ -108,3 +108,37 @@ def test_the_table_has_one_row_per_route_in_seconds() -> None:
                      "6.000", "4.000", "6.000"]  # fmt: skip
     cells = [cell.strip() for cell in lines[3].strip("|").split("|")]
     assert cells[3:] == ["2", "0.281", "0.312", "0.250", "0.312"]
+
+
+def test_the_task_route_waits_for_a_run_whose_first_state_is_not_written_yet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prefect's future gives up at once on a task run that has no state yet (its first
+    state can land a moment after ``.delay()`` returned): the route asks again."""
+    from uuid import uuid4
+
+    from bench import dispatch
+
+    class Future:
+        task_run_id = uuid4()
+        asked = 0
+
+        def result(self, timeout: float) -> int:
+            self.asked += 1
+            if self.asked < 3:
+                raise RuntimeError(f"Task run {self.task_run_id} has no state which means ...")
+            return 7
+
+    future = Future()
+    monkeypatch.setattr(dispatch.noop_task, "delay", lambda n: future)
+    route = dispatch.TaskRoute(RouteSpec("task", None), parent_poll=1.0)
+    assert route.call(7) == 7 and future.asked == 3
+    assert route.last_run == future.task_run_id
+
+    class Broken(Future):
+        def result(self, timeout: float) -> int:
+            raise RuntimeError("something else")
+
+    monkeypatch.setattr(dispatch.noop_task, "delay", lambda n: Broken())
+    with pytest.raises(RuntimeError, match="something else"):
+        route.call(1)

@@ -456,3 +456,48 @@ def test_the_worker_reads_a_deployment_once_a_minute_and_a_flow_once(
     again = asyncio.run(reads())
     assert again[0] != first[0] and again[1] == first[1]
     assert client.reads[3:] == [("deployment", deployment)] * 2 + [("deployment", other)]
+
+
+def test_prefects_check_of_a_runs_deployment_before_it_takes_the_run_is_read_from_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prefect's worker reads a run's deployment before it takes the run (PENDING), to
+    cancel the runs of a deleted deployment: one round trip on the way of every stage. The
+    stage worker's client answers it from the memory its other reads use."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+
+    from edgetune import worker as stage_worker
+
+    reads: list[UUID] = []
+    original = PrefectClient.read_deployment
+
+    async def counted(self: PrefectClient, deployment_id: UUID) -> Any:
+        reads.append(deployment_id)
+        return await original(self, deployment_id)
+
+    monkeypatch.setattr(PrefectClient, "read_deployment", counted)
+    monkeypatch.setattr(stage_worker.Remembering, "_known", {})
+    pool = "stage-worker-memory-test"
+    with get_client(sync_client=True) as client:
+        ids = _deployments(client, pool=pool)
+        runs = [client.create_flow_run_from_deployment(ids["ok"]) for _ in range(2)]
+    taken: list[UUID] = []
+
+    async def take_both() -> None:
+        worker = stage_worker.stage_worker_class()(work_pool_name=pool, name="memory")
+
+        async def not_taken(flow_run: FlowRun) -> bool:  # the check comes before this
+            taken.append(flow_run.id)
+            return False
+
+        monkeypatch.setattr(worker, "_propose_pending_state", not_taken)
+        async with worker:
+            for run in runs:
+                worker._submitting_flow_run_ids.add(run.id)
+                await worker._submit_run(run)
+
+    asyncio.run(take_both())
+    assert taken == [run.id for run in runs]  # each got past the deployment's check
+    assert reads == [ids["ok"]]  # read once, for both runs
