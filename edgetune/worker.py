@@ -17,8 +17,9 @@ engine has nothing to add. The worker does what the engine did:
   worker's rule). Between PENDING and the stage's work there is one API call where
   Prefect's worker makes five: no "Submitting" state, the worker's labels set beside the
   start, the flow remembered, the deployment for a minute (which also answers Prefect's
-  check, before PENDING, that the run's deployment still exists); once a run's final state is set, the worker looks for the next run at once (the pool's
-  limit counted the run until then), rather than at its next poll;
+  check, before PENDING, that the run's deployment still exists); once a run's final
+  state is set, the worker looks for the next run at once (the pool's limit counted the
+  run until then), rather than at its next poll;
 - the child's logs go to the API under the run (``prefect.runtime.flow_run.id`` names it);
 - a run cancelled in the UI or by the study (CANCELLING) has its child stopped (SIGTERM,
   which the stage takes as an exception so that its slots and runs are released, then
@@ -347,8 +348,9 @@ class Remembering:
         """``client`` itself answers its deployment and flow reads from this memory, for
         every caller: Prefect's worker reads a run's deployment before it takes the run
         (to cancel the runs of a deleted deployment), then again for the job's
-        configuration; once a minute is enough for both. (A deleted deployment's runs
-        lose their deployment, so they are not taken as stages in any case.)"""
+        configuration; once a minute is enough for both. (Deleting a deployment deletes
+        its scheduled runs with it; a run read just before that can still be taken within
+        the minute.)"""
         remembering = cls(client)
         client.read_deployment = remembering.read_deployment
         client.read_flow = remembering.read_flow
