@@ -18,8 +18,13 @@ With ``--plain`` each round also times ``bench.plain_trial``: a plain script doi
 trial's training, export, compilation and board evaluation without Prefect, Optuna or
 MLflow; the report adds each side's wall time over the plain script's, round by round.
 
+With ``--engine`` a third side runs the same command through the project's resident
+engine (``edgetune engine start`` once, after the warm-up; ``edgetune.engine``); it comes
+first, so the ratio column (with two sides) is the engine's over a cold command's.
+
     python -m bench.startup --runs 5 --vs ../edgetune-before
     python -m bench.startup --runs 5 --epochs 1 --plain
+    python -m bench.startup --runs 5 --epochs 1 --plain --engine
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import yaml
 
 BIN = Path(sys.executable).parent
 FIGURES = ("first ask", "trial", "after tell", "wall")
+WARM_SIDE = "engine (warm)"
 
 
 def _config(data: Path, epochs: int = 2) -> dict[str, object]:
@@ -73,12 +79,35 @@ def _project(root: Path, data: Path, epochs: int = 2) -> Path:
     return root
 
 
-def run_once(project: Path, checkout: Path | None) -> dict[str, float]:
-    """One ``edgetune tune`` in ``project``; its figures in seconds."""
+def _environment(checkout: Path | None, engine: bool) -> dict[str, str]:
+    """No Prefect server configured; the other checkout first on the path; the project's
+    engine used only by the side that has one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["EDGETUNE_ENGINE"] = "on" if engine else "off"
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout)
+    return env
+
+
+def engine(project: Path, what: str) -> None:
+    """``edgetune engine start`` or ``stop`` in ``project``."""
+    done = subprocess.run(
+        [str(BIN / "edgetune"), "engine", what],
+        cwd=project,
+        env=_environment(None, True),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        sys.exit(f"error: edgetune engine {what} failed in {project}: {done.stderr.strip()}")
+
+
+def run_once(project: Path, checkout: Path | None, warm: bool = False) -> dict[str, float]:
+    """One ``edgetune tune`` in ``project`` (``warm``: through the project's engine); its
+    figures in seconds."""
+    env = _environment(checkout, warm)
     started, clock = datetime.now(), time.monotonic()
     done = subprocess.run(
         [str(BIN / "edgetune"), "tune", "one.yaml", "--restart", "--json"],
@@ -91,6 +120,8 @@ def run_once(project: Path, checkout: Path | None) -> dict[str, float]:
     wall, ended = time.monotonic() - clock, datetime.now()
     if done.returncode != 0:
         sys.exit(f"error: edgetune tune failed in {project}: {done.stderr.strip()[-1500:]}")
+    if warm and "note: " in done.stderr:  # the engine refused it: a cold run
+        sys.exit(f"error: the engine did not run the command in {project}: {done.stderr}")
     storage = f"sqlite:///{project / 'runs' / 'one' / 'optuna.db'}"
     (trial,) = optuna.load_study(study_name="one", storage=storage).trials
     assert trial.datetime_start is not None and trial.datetime_complete is not None
@@ -176,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="a digits folder (default: written anew)")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs of the trial")
     parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="also time this checkout's commands through the project's engine (started "
+        "once after the warm-up: edgetune engine start)",
+    )
+    parser.add_argument(
         "--plain",
         action="store_true",
         help="also time a plain script doing the trial's work (bench.plain_trial) each round",
@@ -188,23 +225,32 @@ def main(argv: list[str] | None = None) -> int:
 
             data = Path(tmp) / "digits"
             write_digits(data)
-        sides = {"this checkout": None}
+        sides: dict[str, tuple[Path | None, bool]] = (
+            {WARM_SIDE: (None, True)} if args.engine else {}
+        )
+        sides["this checkout"] = (None, False)
         if args.vs is not None:
-            sides[f"--vs {args.vs.name}"] = args.vs.resolve()
+            sides[f"--vs {args.vs.name}"] = (args.vs.resolve(), False)
         projects = {
             n: _project(Path(tmp) / f"p{i}", data, args.epochs) for i, n in enumerate(sides)
         }
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
         plain: list[float] = []
-        for name, checkout in sides.items():
+        for name, (checkout, _) in sides.items():
             run_once(projects[name], checkout)  # warm-up: makes and migrates the databases
+        if args.engine:
+            engine(projects[WARM_SIDE], "start")
         if args.plain:
             run_plain(projects["this checkout"])  # warm-up: the file cache
-        for _ in range(args.runs):
-            for name, checkout in sides.items():
-                runs[name].append(run_once(projects[name], checkout))
-            if args.plain:
-                plain.append(run_plain(projects["this checkout"]))
+        try:
+            for _ in range(args.runs):
+                for name, (checkout, warm) in sides.items():
+                    runs[name].append(run_once(projects[name], checkout, warm))
+                if args.plain:
+                    plain.append(run_plain(projects["this checkout"]))
+        finally:
+            if args.engine:
+                engine(projects[WARM_SIDE], "stop")
         print(header(args))
         print(report(runs))
         if args.plain:

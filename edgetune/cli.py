@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,11 @@ detect_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(detect_app, name="detect")
+engine_app = typer.Typer(
+    help="The project's resident engine: commands in this folder start warm.",
+    no_args_is_help=True,
+)
+app.add_typer(engine_app, name="engine")
 
 EXIT_BAD_INPUT = 2
 
@@ -739,6 +745,72 @@ def worker_command(
     serve(pool, name, limit, poll, tuple(preload or ()), tuple(stages or ()))
 
 
+@engine_app.command("start")
+def engine_start(
+    idle: Annotated[
+        float, typer.Option("--idle", help="minutes without a command before it stops")
+    ] = 30.0,
+) -> None:
+    """Start the project's engine: a background process that keeps the imports and the
+    project's Prefect server warm, so the commands run in this folder start at once."""
+    from edgetune import engine
+
+    if not idle > 0:
+        raise _fail(f"--idle must be a positive number of minutes, not {idle:g}")
+    project = Path.cwd()
+    status = engine.control(project, "status")
+    if status is not None and not status["stopping"]:
+        typer.echo(f"the engine runs already (pid {status['pid']}); edgetune engine status")
+        return
+    if status is not None and not engine.wait_stopped(project, 30):
+        raise _fail(f"the engine (pid {status['pid']}) is still stopping; try again", 1)
+    clock = time.monotonic()
+    try:
+        status = engine.start(project, idle, dict(_GIVEN_ENVIRONMENT or os.environ))
+    except engine.EngineError as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(
+        f"the engine is ready (pid {status['pid']}, {time.monotonic() - clock:.1f} s): "
+        f"commands in this folder start warm; it stops after {idle:g} min without one "
+        "(edgetune engine stop)"
+    )
+
+
+@engine_app.command("stop")
+def engine_stop() -> None:
+    """Stop the project's engine (after the commands it runs)."""
+    from edgetune import engine
+
+    status = engine.control(Path.cwd(), "stop")
+    if status is None:
+        typer.echo("no engine runs in this folder")
+        return
+    if status["running"]:
+        typer.echo(f"the engine (pid {status['pid']}) stops after its {status['running']} commands")
+    elif engine.wait_stopped(Path.cwd(), 30):
+        typer.echo(f"the engine (pid {status['pid']}) stopped")
+    else:
+        raise _fail(f"the engine (pid {status['pid']}) did not stop in 30 s", 1)
+
+
+@engine_app.command("status")
+def engine_status() -> None:
+    """Whether the project's engine runs; exit code 1 when none does."""
+    from edgetune import engine
+
+    status = engine.control(Path.cwd(), "status")
+    if status is None:
+        typer.echo("no engine runs in this folder (edgetune engine start)")
+        raise typer.Exit(1)
+    up = (time.time() - status["since"]) / 60
+    typer.echo(
+        f"engine pid {status['pid']}: up {up:.1f} min, {status['served']} commands served, "
+        f"{status['running']} running; stops after {status['idle_minutes']:g} min idle; "
+        f"Prefect server {status['prefect']}"
+        + (f"; stopping: {status['stopping']}" if status["stopping"] else "")
+    )
+
+
 @device_app.command("check")
 def device_check(config: ConfigArg, overrides: Overrides = None) -> None:
     """Run the device-side evaluator's `info` on the config's board and print it."""
@@ -1281,7 +1353,25 @@ def _usage_line(exc: typer.TyperException) -> str:
 
 
 def main() -> None:
-    """The ``edgetune`` command (in-process callers of ``app`` keep their own Prefect)."""
+    """The ``edgetune`` command: in the project's engine where one runs
+    (``edgetune.engine``), else here."""
+    from edgetune import engine
+
+    code = engine.run_in_engine(sys.argv)
+    if code is not None:
+        if code:
+            raise SystemExit(code)
+        return
+    run_here()
+
+
+#: The environment the command was given, before ``main`` chose the Prefect state.
+_GIVEN_ENVIRONMENT: dict[str, str] = {}
+
+
+def run_here() -> None:
+    """The command in this process (in-process callers of ``app`` keep their own Prefect)."""
+    _GIVEN_ENVIRONMENT.update(os.environ)
     _project_prefect_state()
     code = _run_app()  # the project's Prefect server stops at exit, after Prefect's last logs
     if isinstance(code, int) and code:

@@ -58,6 +58,8 @@ class ProjectServer:
 
 
 _running: list[ProjectServer] = []
+#: A server another process owns (the project's engine) serves this command.
+_adopted: list[bool] = []
 
 
 def _free_port() -> int:
@@ -96,8 +98,28 @@ def start(state_dir: Path) -> ProjectServer:
 
 
 def running() -> bool:
-    """Whether this command started a server of its own (its flows run there)."""
-    return bool(_running)
+    """Whether this command has a project server of its own (its flows run there): one it
+    started, or the engine's it was forked from."""
+    return bool(_running or _adopted)
+
+
+def alive() -> bool:
+    """Whether the servers this process started still run."""
+    return all(server.process.poll() is None for server in _running)
+
+
+def forget() -> None:
+    """In a process forked from the one that started the servers: they are not this
+    process's to wait for or to stop."""
+    _running.clear()
+    atexit.unregister(stop)
+
+
+def adopt() -> None:
+    """In a command forked from the project's engine: the engine's server (already in
+    ``PREFECT_API_URL``) is this command's, used as its own but never stopped by it."""
+    forget()
+    _adopted.append(True)
 
 
 def _answers(url: str) -> bool:

@@ -202,6 +202,26 @@ CASES: dict[str, dict[str, Case]] = {
             "config file '{tmp}/nope.yaml' not found",
         ),
     },
+    "engine start": {
+        "idle of zero": Case(
+            lambda w: ["engine", "start", "--idle", "0"],
+            "--idle must be a positive number of minutes, not 0",
+        ),
+    },
+    "engine stop": {
+        "an unknown option": Case(
+            lambda w: ["engine", "stop", "--now"],
+            "No such option: --now",
+            subprocess=True,
+        ),
+    },
+    "engine status": {
+        "an unknown option": Case(
+            lambda w: ["engine", "status", "--json"],
+            "No such option: --json",
+            subprocess=True,
+        ),
+    },
     "device release": {
         "bad override syntax": Case(
             lambda w: ["device", "release", str(w.classifier()), "device.name"],

@@ -1,0 +1,313 @@
+"""The project's resident engine: ``edgetune`` commands that start warm.
+
+A cold ``edgetune tune`` spends its first ten seconds or so before the first trial on
+work that is the same for every command of a project: importing Prefect, Optuna, MLflow,
+torch, torchvision and ONNX Runtime (about 9 s of CPU) and starting the project's own
+Prefect server. ``edgetune engine start`` does that work once, in a background process
+per project folder (the engine), and every later ``edgetune`` command in that folder
+starts as a fork of it instead of as a new interpreter:
+
+- the engine owns the project's Prefect server (``edgetune.prefect_server``) and keeps it
+  between commands, so Prefect's runs of one command stay browsable by the next;
+- the command (the client) sends its arguments, folder and environment over a unix
+  socket in the project's ``.prefect/`` folder, with its standard input, output and error
+  (``SCM_RIGHTS``): what the command prints goes straight to the client's terminal or
+  pipe, and the client exits with the command's exit code;
+- a Ctrl-C (or SIGTERM, SIGHUP) of the client reaches the command's whole process group,
+  as it would in a terminal; a client that is killed interrupts it (SIGINT: its trials are
+  told FAIL);
+- the engine refuses a command (the client then runs it cold, with a one-line note) when
+  the code or the installed packages changed since it started, or when an environment
+  variable read at import time differs (``IMPORT_TIME`` and the Prefect server's
+  location): then it stops, and ``edgetune engine start`` starts a fresh one;
+- it stops after ``--idle`` minutes without a command, on ``edgetune engine stop`` (after
+  the commands it runs), and never leaves its socket behind when it ends cleanly.
+
+``EDGETUNE_ENGINE=off`` runs a command cold even where an engine runs;
+``EDGETUNE_ENGINE=auto`` starts the project's engine in the background when a command
+finds none (that command runs cold, the next ones warm). Only the user who
+started the engine may use it (its socket's folder and the peer's credentials).
+
+This module imports only the standard library at the top: the client side runs before
+anything else in every ``edgetune`` command.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+#: The engine's files, in the project's Prefect state folder.
+STATE = Path(".prefect")
+SOCKET_NAME, LOG_NAME = "engine.sock", "engine.log"
+#: ``EDGETUNE_ENGINE=off`` (or 0, no, false): never use a running engine; ``auto``: start
+#: one where none runs.
+SWITCH = "EDGETUNE_ENGINE"
+#: Commands that always run in their own process.
+COLD_COMMANDS = frozenset({"engine", "worker"})
+#: Environment variables read when a library is imported (or by the interpreter): a
+#: command whose values differ from the engine's would not see its own.
+IMPORT_TIME = (
+    "PYTHON",
+    "TORCH",
+    "PYTORCH",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "OPENBLAS_",
+    "LD_",
+    "CUDA_",
+    "NVIDIA_",
+    "MPL",
+    "VIRTUAL_ENV",
+)
+#: Where the Prefect server is: the engine keeps the project's own only where none is set.
+PREFECT_PLACES = (
+    "PREFECT_API_URL",
+    "PREFECT_HOME",
+    "PREFECT_PROFILE",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+)
+DEFAULT_IDLE_MINUTES = 30.0
+#: How long ``edgetune engine start`` waits for the engine (a first start migrates).
+START_TIMEOUT_S = 180.0
+_FDS = struct.calcsize("i")
+
+
+class EngineError(RuntimeError):
+    """The engine could not be started or reached."""
+
+
+def socket_path(project: Path) -> Path:
+    return project / STATE / SOCKET_NAME
+
+
+def address(path: Path) -> str:
+    """A socket's address: relative to this folder where that is shorter (a unix socket's
+    path has at most 107 bytes, a project's folder may be deeper)."""
+    relative = os.path.relpath(path)
+    return relative if len(relative) < len(str(path)) else str(path)
+
+
+def log_path(project: Path) -> Path:
+    return project / STATE / LOG_NAME
+
+
+def import_time_environment(env: dict[str, str]) -> dict[str, str]:
+    """The part of an environment a warm process cannot take from a command."""
+    return {
+        key: value
+        for key, value in env.items()
+        if key.startswith(IMPORT_TIME) or key in PREFECT_PLACES
+    }
+
+
+def _package_roots() -> list[Path]:
+    import importlib.util
+
+    roots = []
+    for name in ("edgetune", "flows", "tasks"):
+        spec = importlib.util.find_spec(name)
+        roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return roots
+
+
+def code_stamp(roots: list[Path] | None = None) -> str:
+    """Changes when edgetune's code (the source files under ``roots``: its packages by
+    default) or the installed packages (the folders they install into) change."""
+    import site
+
+    newest, count = 0, 0
+    for root in _package_roots() if roots is None else roots:
+        for path in root.rglob("*.py"):
+            newest, count = max(newest, path.stat().st_mtime_ns), count + 1
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    installed = [str(os.stat(f).st_mtime_ns) for f in folders if os.path.isdir(f)]
+    return f"{sys.executable}:{newest}:{count}:{','.join(installed)}"
+
+
+# --- the wire: one JSON object per line; the first request carries the client's fds ---
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = (json.dumps(message) + "\n").encode()
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([data], ancillary)
+        data = data[sent:]
+    sock.sendall(data)
+
+
+class Lines:
+    """The JSON lines of a connection, and the fds its first bytes carried."""
+
+    def __init__(self, sock: socket.socket, with_fds: bool = False) -> None:
+        self.sock, self.buffer, self.fds, self.with_fds = sock, b"", list[int](), with_fds
+
+    def _more(self) -> bool:
+        if self.with_fds:  # the fds come with the first bytes
+            self.with_fds = False
+            data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(3 * _FDS))
+            for level, kind, payload in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                    usable = len(payload) - len(payload) % _FDS
+                    self.fds.extend(array.array("i", payload[:usable]))
+        else:
+            data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def read(self) -> dict[str, Any] | None:
+        """The next message; None at the end of the connection."""
+        while b"\n" not in self.buffer:
+            if not self._more():
+                return None
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+
+# --- the client: an ``edgetune`` command handed to the project's engine ---
+
+
+def _connect(project: Path) -> socket.socket | None:
+    path = socket_path(project)
+    if not path.exists():
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(address(path))
+    except OSError:  # an engine that ended without cleaning up (killed)
+        sock.close()
+        return None
+    return sock
+
+
+def _open_fds() -> list[int]:
+    """The client's standard streams that are open (a closed one is /dev/null there)."""
+    fds = []
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            os.fstat(fd)
+            fds.append(fd)
+    return fds
+
+
+def run_in_engine(argv: list[str]) -> int | None:
+    """Run the command in the project's engine; its exit code, or None where no engine
+    runs here or it refused the command (then the caller runs it itself)."""
+    if os.environ.get(SWITCH, "").lower() in {"off", "0", "no", "false"}:
+        return None
+    if len(argv) < 2 or argv[1] in COLD_COMMANDS or argv[1].startswith("-"):
+        return None
+    sock = _connect(Path.cwd())
+    if sock is None:
+        if os.environ.get(SWITCH, "").lower() == "auto":
+            spawn(Path.cwd(), DEFAULT_IDLE_MINUTES, dict(os.environ))
+        return None
+    with sock:
+        fds = _open_fds()
+        request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "fds": fds}
+        try:
+            send(sock, request, fds)
+            lines = Lines(sock)
+            first = lines.read()
+        except OSError:
+            return None
+        if first is None or "refused" in first:
+            if first is not None:
+                print(f"note: {first['refused']}; running without it", file=sys.stderr)
+            return None
+        with _forwarding(sock):
+            last = lines.read()
+    if last is None:
+        where = log_path(Path.cwd()).relative_to(Path.cwd())
+        print(f"error: the project's engine ended during the command; see {where}", file=sys.stderr)
+        return 1
+    return int(last["exit"])
+
+
+@contextlib.contextmanager
+def _forwarding(sock: socket.socket) -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP of the client go to the command's process group."""
+
+    def forward(number: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):
+            send(sock, {"signal": number})
+
+    kinds = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {kind: signal.signal(kind, forward) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in before.items():
+            signal.signal(kind, handler)
+
+
+def control(project: Path, what: str) -> dict[str, Any] | None:
+    """Ask the engine of ``project`` for its ``status`` or to ``stop``; None if none runs."""
+    sock = _connect(project)
+    if sock is None:
+        return None
+    with sock:
+        try:
+            send(sock, {"control": what})
+            return Lines(sock).read()
+        except OSError:
+            return None
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1][:300] if lines else "no output"
+
+
+def spawn(project: Path, idle_minutes: float, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The engine's process for ``project``, started in the background; ``env``: the
+    environment the commands it serves will have."""
+    (project / STATE).mkdir(parents=True, exist_ok=True)
+    with log_path(project).open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edgetune.resident", "--idle", f"{idle_minutes:g}"],
+            cwd=project,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # not stopped by the terminal's Ctrl-C
+        )
+
+
+def start(project: Path, idle_minutes: float, env: dict[str, str]) -> dict[str, Any]:
+    """Start the engine of ``project`` and wait until it answers; its status."""
+    process, log = spawn(project, idle_minutes, env), log_path(project)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status, code = control(project, "status"), process.poll()
+        if status is not None and (status.get("pid") == process.pid or code is not None):
+            return status  # this one, or one another command started meanwhile
+        if code is not None:
+            raise EngineError(f"the engine exited with code {code} ({_last_line(log)}); see {log}")
+        time.sleep(0.1)
+    process.terminate()
+    raise EngineError(f"the engine gave no answer in {START_TIMEOUT_S:.0f} s; see {log}")
+
+
+def wait_stopped(project: Path, timeout: float) -> bool:
+    """Whether the engine of ``project`` ended (its socket gone) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while socket_path(project).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not socket_path(project).exists()

@@ -1,0 +1,338 @@
+"""The project's resident engine (``edgetune engine``) as a user runs it: the installed
+command, a project folder, no Prefect server configured (the embedded default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from edgetune import engine
+from edgetune.resident import Engine
+
+from conftest import tiny_config
+
+EDGETUNE = str(Path(sys.executable).parent / "edgetune")
+
+
+def _environment(home: Path, **more: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PREFECT_", "EDGETUNE_ENGINE"))
+    }
+    env.update(HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **more)
+    return env
+
+
+def _edgetune(
+    project: Path, *argv: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EDGETUNE, *argv],
+        cwd=project,
+        env=_environment(project.parent / "home", **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _ended(pid: int, timeout: float = 30) -> bool:
+    """Whether process ``pid`` ended (gone, or a zombie nobody reaped yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _status(project: Path) -> dict[str, Any]:
+    status = engine.control(project, "status")
+    assert status is not None, "no engine answers"
+    return status
+
+
+def _until_idle(project: Path, timeout: float = 60) -> None:
+    """Until the engine runs no command (a monitor ends a moment after its exit code)."""
+    deadline = time.monotonic() + timeout
+    while _status(project)["running"]:
+        assert time.monotonic() < deadline, "a command outlived its client"
+        time.sleep(0.1)
+
+
+def _write_study(project: Path, digits_root: Path, name: str, **train: Any) -> str:
+    raw = tiny_config(
+        digits_root, project / "runs" / name, study={"n_trials": 1, "parallel": 1}, train=train
+    )
+    (project / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    return f"{name}.yaml"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A project folder with its engine running (started as a user starts it)."""
+    root = tmp_path_factory.mktemp("engine")
+    (root / "home").mkdir()
+    project = root / "project"
+    project.mkdir()
+    started = _edgetune(project, "engine", "start", "--idle", "10")
+    assert started.returncode == 0, started.stderr
+    assert "the engine is ready" in started.stdout
+    pid = _status(project)["pid"]
+    yield project
+    stopped = _edgetune(project, "engine", "stop")
+    assert (stopped.returncode, stopped.stdout.strip()) == (0, f"the engine (pid {pid}) stopped")
+    assert not engine.socket_path(project).exists()
+    assert _ended(pid)
+
+
+def _trial_states(project: Path, name: str) -> list[str]:
+    database = project / "runs" / name / "optuna.db"
+    if not database.exists():
+        return []
+    with sqlite3.connect(database, timeout=30) as db:
+        return [row[0] for row in db.execute("select state from trials order by number")]
+
+
+def _start_long_study(project: Path, digits_root: Path, name: str) -> subprocess.Popen[str]:
+    """A study whose one trial trains for minutes, through the engine; returned once its
+    trial runs."""
+    config = _write_study(project, digits_root, name, epochs=500, swa_start=499)
+    client = subprocess.Popen(
+        [EDGETUNE, "tune", config],
+        cwd=project,
+        env=_environment(project.parent / "home"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while _trial_states(project, name) != ["RUNNING"]:
+        assert client.poll() is None, client.communicate()
+        assert time.monotonic() < deadline, "the trial never started"
+        time.sleep(0.2)
+    return client
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_study_through_the_engine_runs_on_its_server_and_prints_as_a_cold_one(
+    project: Path, digits_root: Path
+) -> None:
+    config = _write_study(project, digits_root, "warm")
+    served = _status(project)["served"]
+    done = _edgetune(project, "tune", config, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["counts"]["COMPLETE"] == 1
+    assert _status(project)["served"] == served + 1  # it ran in the engine
+    with sqlite3.connect(project / ".prefect" / "prefect.db") as db:
+        names = [row[0] for row in db.execute("select name from flow_run")]
+    assert "tune-warm" in names  # on the project's own Prefect database
+    assert not (project.parent / "home" / ".prefect" / "prefect.db").exists()
+
+    cold = _edgetune(project, "tune", config, "--json", EDGETUNE_ENGINE="off")
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert _status(project)["served"] == served + 1  # not in the engine
+    assert json.loads(cold.stdout)["counts"] == result["counts"]  # the study was complete
+
+
+@pytest.mark.integration
+def test_bad_input_through_the_engine_is_the_same_line_and_exit_code(project: Path) -> None:
+    served = _status(project)["served"]
+    warm = _edgetune(project, "tune", "absent.yaml")
+    cold = _edgetune(project, "tune", "absent.yaml", EDGETUNE_ENGINE="off")
+    assert _status(project)["served"] == served + 1
+    assert warm.returncode == cold.returncode == 2
+    assert (warm.stdout, warm.stderr) == (cold.stdout, cold.stderr)
+    assert warm.stderr.startswith("error: ") and warm.stderr.count("\n") == 1
+
+
+@pytest.mark.integration
+def test_an_environment_read_at_import_time_runs_the_command_cold_with_a_note(
+    project: Path,
+) -> None:
+    served = _status(project)["served"]
+    done = _edgetune(project, "tune", "absent.yaml", PYTHONHASHSEED="7")
+    assert done.returncode == 2
+    note, error = done.stderr.splitlines()
+    assert note.startswith("note: the project's engine started with other values of PYTHONHASHSEED")
+    assert note.endswith("; running without it")
+    assert error.startswith("error: ")
+    assert _status(project)["served"] == served  # refused: run by the client itself
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_of_the_client_interrupts_the_command_in_the_engine(
+    project: Path, digits_root: Path
+) -> None:
+    """The terminal's Ctrl-C reaches the client only; the command in the engine ends as a
+    cold one does: its trial told FAIL, exit 130."""
+    client = _start_long_study(project, digits_root, "interrupted")
+    client.send_signal(signal.SIGINT)
+    _, stderr = client.communicate(timeout=120)
+    assert client.returncode == 130, stderr
+    assert "error: interrupted; trials in flight were told FAIL, re-run to continue" in stderr
+    states = _trial_states(project, "interrupted")
+    assert states[0] == "FAIL" and "RUNNING" not in states, states  # a re-run continues it
+    _until_idle(project, timeout=10)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_killed_client_interrupts_its_command(project: Path, digits_root: Path) -> None:
+    client = _start_long_study(project, digits_root, "orphaned")
+    assert _status(project)["running"] == 1
+    client.kill()
+    client.communicate(timeout=30)
+    _until_idle(project)
+    states = _trial_states(project, "orphaned")
+    assert states[0] == "FAIL" and "RUNNING" not in states, states  # as after a Ctrl-C
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_idle_engine_stops_with_its_server(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    project = tmp_path / "project"
+    project.mkdir()
+    started = _edgetune(project, "engine", "start", "--idle", "0.05")
+    assert started.returncode == 0, started.stderr
+    status = _status(project)
+    again = _edgetune(project, "engine", "start")
+    assert (
+        again.stdout.strip()
+        == f"the engine runs already (pid {status['pid']}); edgetune engine status"
+    )
+    assert engine.wait_stopped(project, 60)
+    log = engine.log_path(project).read_text()
+    assert "idle for 0 min: stopping" in log
+    assert "stopped (idle); 0 commands served" in log
+    none = _edgetune(project, "engine", "status")
+    assert (none.returncode, none.stdout.strip()) == (
+        1,
+        "no engine runs in this folder (edgetune engine start)",
+    )
+    assert _ended(status["pid"])
+    port = int(status["prefect"].rsplit(":", 1)[1].split("/")[0])
+    with socket.socket() as probe:  # the project's Prefect server stopped with it
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_changed_code_is_refused_and_stops_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = Engine(Path("."), 60.0, {"PYTHONPATH": "a"}, stamp="before")
+    monkeypatch.setattr(engine, "code_stamp", lambda: "before")
+    assert state.refusal({"PYTHONPATH": "a", "TERM": "xterm"}) is None  # other names: free
+    assert "PYTHONPATH" in (state.refusal({}) or "")
+    assert "PYTHONPATH, TORCH_HOME" in (
+        state.refusal({"PYTHONPATH": "b", "TORCH_HOME": "/x"}) or ""
+    )
+    assert not state.stopping
+    monkeypatch.setattr(engine, "code_stamp", lambda: "after")
+    reason = state.refusal({"PYTHONPATH": "a"})
+    assert reason is not None and reason.startswith("the code or the installed packages changed")
+    assert state.stopping == "the code or the installed packages changed"
+    assert "is stopping" in (state.refusal({"PYTHONPATH": "a"}) or "")
+
+
+def test_the_code_stamp_follows_the_source_files(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    source = tmp_path / "pkg" / "module.py"
+    source.write_text("x = 1\n")
+    os.utime(source, ns=(10**18, 10**18))
+    before = engine.code_stamp([tmp_path])
+    assert engine.code_stamp([tmp_path]) == before
+    os.utime(source, ns=(10**18, 10**18 + 1))
+    edited = engine.code_stamp([tmp_path])
+    assert edited != before
+    (tmp_path / "pkg" / "new.py").write_text("")
+    os.utime(tmp_path / "pkg" / "new.py", ns=(1, 1))  # older than the rest, still counted
+    assert engine.code_stamp([tmp_path]) != edited
+    assert engine.code_stamp() != engine.code_stamp([tmp_path])  # the packages by default
+
+
+def test_a_socket_left_by_a_killed_engine_runs_the_command_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = engine.socket_path(tmp_path)
+    path.parent.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
+        left.bind(str(path))  # bound, never listening again: as after a SIGKILL
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(engine.SWITCH, raising=False)
+    assert engine.run_in_engine(["edgetune", "tune", "x.yaml"]) is None
+    assert engine.control(tmp_path, "status") is None
+
+
+def test_engine_and_worker_commands_never_go_to_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    asked: list[Path] = []
+    monkeypatch.setattr(engine, "_connect", lambda where: asked.append(where))
+    for argv in (["edgetune", "engine", "stop"], ["edgetune", "worker"], ["edgetune", "--help"]):
+        assert engine.run_in_engine(argv) is None
+    assert asked == []
+    monkeypatch.setenv(engine.SWITCH, "off")
+    assert engine.run_in_engine(["edgetune", "tune", "x.yaml"]) is None
+    assert asked == []
+    monkeypatch.setenv(engine.SWITCH, "on")
+    assert engine.run_in_engine(["edgetune", "tune", "x.yaml"]) is None
+    assert asked == [tmp_path]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_auto_starts_one_engine_however_many_commands_find_none(tmp_path: Path) -> None:
+    """EDGETUNE_ENGINE=auto: a command that finds no engine runs cold and starts one; two
+    such commands at once start two processes, and one of them ends before its imports."""
+    (tmp_path / "home").mkdir()
+    project = tmp_path / "project"
+    project.mkdir()
+    env = _environment(tmp_path / "home", EDGETUNE_ENGINE="auto")
+    clients = [
+        subprocess.Popen(
+            [EDGETUNE, "tune", "absent.yaml"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for client in clients:
+        _, stderr = client.communicate(timeout=300)
+        assert client.returncode == 2 and stderr.startswith("error: "), stderr
+    deadline = time.monotonic() + 180
+    while (status := engine.control(project, "status")) is None:
+        assert time.monotonic() < deadline, engine.log_path(project).read_text()
+        time.sleep(0.2)
+    log = engine.log_path(project)
+    while "another engine runs for this project" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    assert log.read_text().count("engine INFO ready in") == 1
+    again = _edgetune(project, "tune", "absent.yaml", EDGETUNE_ENGINE="auto")
+    assert again.returncode == 2 and again.stderr.startswith("error: ")
+    assert _status(project)["served"] == 1 and _status(project)["pid"] == status["pid"]
+    assert _edgetune(project, "engine", "stop").returncode == 0
+    assert engine.wait_stopped(project, 30)
