@@ -148,18 +148,21 @@ def _prepare(project: Path, idle_s: float) -> Engine:
 
     given = dict(os.environ)
     state = Engine(project, idle_s, engine.import_time_environment(given), engine.code_stamp())
-    cli._project_prefect_state()
-    cli._prefect_in_background()
-    state.added = _changed(given)
+    cli._project_prefect_state()  # in the order a command takes: the server gets its defaults
     cli._quiet_services(verbose=False)
-    quiet, clock = dict(os.environ), time.monotonic()
+    quiet = dict(os.environ)
+    cli._prefect_in_background()
+    places = (*engine.PREFECT_PLACES, cli._PROJECT_STATE, prefect_server.EMBEDDED_URL_ENV)
+    state.added = {k: v for k, v in _changed(given).items() if k in places}
+    clock = time.monotonic()
     for name in WARM:
         try:
             importlib.import_module(name)
         except ImportError as exc:  # an optional extra that is not installed
             log.info("not imported: %s (%s)", name, exc)
     log.info("imports: %.1f s", time.monotonic() - clock)
-    state.imported = _changed(quiet)  # defaults modules set when imported
+    # defaults modules set when imported (a command would set them when it imports them)
+    state.imported = {k: v for k, v in _changed(quiet).items() if k not in places}
     prefect_server.ready()
     if threading.active_count() > 1:
         log.warning("threads before the first fork: %s", threading.enumerate())
@@ -415,6 +418,11 @@ def _run(added: dict[str, str]) -> int:
     else:
         prefect_server.forget()
     verbose = any(word in ("--verbose", "-v") for word in sys.argv[2:])
+    if verbose:  # the engine quieted these; a verbose command keeps their defaults
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+        logging.getLogger("alembic").setLevel(logging.NOTSET)
     cli._quiet_services(verbose)  # as the command would, before Prefect reads its settings
     import prefect.context
     import prefect.logging.configuration

@@ -27,13 +27,15 @@ EDGETUNE = str(Path(sys.executable).parent / "edgetune")
 
 
 def _environment(home: Path, **more: str) -> dict[str, str]:
+    """No Prefect server configured, a home of the test's own; ``more`` on top (an empty
+    value removes the variable)."""
     env = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("PREFECT_", "EDGETUNE_ENGINE"))
     }
-    env.update(HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **more)
-    return env
+    env.update({"HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **more})
+    return {key: value for key, value in env.items() if value}
 
 
 def _edgetune(
@@ -155,6 +157,25 @@ def test_a_study_through_the_engine_runs_on_its_server_and_prints_as_a_cold_one(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
+def test_a_verbose_command_in_the_engine_logs_as_a_cold_one(
+    project: Path, digits_root: Path
+) -> None:
+    """The engine imported Prefect, Optuna and alembic quieted (as a command without
+    --verbose does); a --verbose command gets their logs all the same."""
+    config = _write_study(project, digits_root, "verbose")
+    served = _status(project)["served"]
+    done = _edgetune(project, "tune", config, "--verbose")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _status(project)["served"] == served + 1
+    assert "A new study created in RDB with name: verbose" in done.stderr  # Optuna's INFO
+    assert "| INFO    | Flow run 'tune-verbose' - View at http://127.0.0.1:" in done.stderr
+    quiet = _edgetune(project, "tune", config, "--restart")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "INFO" not in quiet.stderr and "A new study created" not in quiet.stderr
+
+
+@pytest.mark.integration
 def test_bad_input_through_the_engine_is_the_same_line_and_exit_code(project: Path) -> None:
     served = _status(project)["served"]
     warm = _edgetune(project, "tune", "absent.yaml")
@@ -214,9 +235,16 @@ def test_an_idle_engine_stops_with_its_server(tmp_path: Path) -> None:
     (tmp_path / "home").mkdir()
     project = tmp_path / "project"
     project.mkdir()
-    started = _edgetune(project, "engine", "start", "--idle", "0.05")
+    started = _edgetune(
+        project, "engine", "start", "--idle", "0.05", PREFECT_SERVER_ANALYTICS_ENABLED=""
+    )
     assert started.returncode == 0, started.stderr
     status = _status(project)
+    # Its Prefect server has the settings a command's own gets (no analytics, offline).
+    children = Path(f"/proc/{status['pid']}/task/{status['pid']}/children").read_text().split()
+    (server,) = children
+    environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
+    assert b"PREFECT_SERVER_ANALYTICS_ENABLED=false" in environ
     again = _edgetune(project, "engine", "start")
     assert (
         again.stdout.strip()
