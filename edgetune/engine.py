@@ -145,9 +145,9 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
     data = (json.dumps(message) + "\n").encode()
     if fds:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = sock.sendmsg([data], ancillary)
-        data = data[sent:]
-    sock.sendall(data)
+        data = data[sock.sendmsg([data], ancillary) :]
+    if data:  # (a send of nothing to an engine that answered and closed fails: EPIPE)
+        sock.sendall(data)
 
 
 class Lines:
@@ -168,6 +168,11 @@ class Lines:
             data = self.sock.recv(65536)
         self.buffer += data
         return bool(data)
+
+    def pending(self) -> bool:
+        """Whether a whole message was read already (a reader waiting on the socket would
+        not see it)."""
+        return b"\n" in self.buffer
 
     def read(self) -> dict[str, Any] | None:
         """The next message; None at the end of the connection."""
@@ -217,7 +222,7 @@ def run_in_engine(argv: list[str]) -> int | None:
         if os.environ.get(SWITCH, "").lower() == "auto":
             spawn(Path.cwd(), DEFAULT_IDLE_MINUTES, dict(os.environ))
         return None
-    with sock:
+    with sock, _forwarding(sock) as received:
         fds = _open_fds()
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "fds": fds}
         try:
@@ -225,13 +230,15 @@ def run_in_engine(argv: list[str]) -> int | None:
             lines = Lines(sock)
             first = lines.read()
         except OSError:
-            return None
+            first = None
         if first is None or "refused" in first:
             if first is not None:
                 print(f"note: {first['refused']}; running without it", file=sys.stderr)
+            if received:  # a Ctrl-C before the command started: it ends here
+                print("error: interrupted", file=sys.stderr)
+                return 128 + received[0]
             return None
-        with _forwarding(sock):
-            last = lines.read()
+        last = lines.read()
     if last is None:
         where = log_path(Path.cwd()).relative_to(Path.cwd())
         print(f"error: the project's engine ended during the command; see {where}", file=sys.stderr)
@@ -240,17 +247,20 @@ def run_in_engine(argv: list[str]) -> int | None:
 
 
 @contextlib.contextmanager
-def _forwarding(sock: socket.socket) -> Iterator[None]:
-    """Ctrl-C, SIGTERM and SIGHUP of the client go to the command's process group."""
+def _forwarding(sock: socket.socket) -> Iterator[list[int]]:
+    """Ctrl-C, SIGTERM and SIGHUP of the client go to the command's process group (the
+    engine's monitor passes them on); the signals received, in order."""
+    received: list[int] = []
 
     def forward(number: int, _frame: object) -> None:
+        received.append(number)
         with contextlib.suppress(OSError):
             send(sock, {"signal": number})
 
     kinds = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     before = {kind: signal.signal(kind, forward) for kind in kinds}
     try:
-        yield
+        yield received
     finally:
         for kind, handler in before.items():
             signal.signal(kind, handler)

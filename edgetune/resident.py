@@ -7,7 +7,8 @@ and then serves: each command is a fork of this warm process. Two forks per comm
 the engine itself single-threaded and free of the command's state:
 
 - the monitor: tells the client the command started, passes the client's signals to the
-  command's process group (a vanished client hangs it up), then sends the exit code;
+  command's process group (a vanished client interrupts it, as a Ctrl-C), then sends the
+  exit code;
 - the command: in its own process group, with the client's standard streams, folder,
   arguments and environment; Prefect's settings and logging are read again from that
   environment; it ends as an interpreter ends (threads joined, exit hooks run).
@@ -290,7 +291,7 @@ def _handle(state: Engine, conn: socket.socket, listener: socket.socket) -> None
         pid = os.fork()
         if pid == 0:
             listener.close()
-            _monitor(conn, request, fds, state)  # never returns
+            _monitor(conn, lines, request, fds, state)  # never returns
         state.commands.add(pid)
         state.served += 1
     except OSError as exc:  # the client went away
@@ -307,7 +308,13 @@ def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _monitor(conn: socket.socket, request: dict[str, Any], fds: list[int], state: Engine) -> None:
+def _monitor(
+    conn: socket.socket,
+    lines: engine.Lines,
+    request: dict[str, Any],
+    fds: list[int],
+    state: Engine,
+) -> None:
     """The monitor's life (a fork of the engine): start the command, pass signals on,
     report its exit code; never returns."""
     try:
@@ -323,7 +330,7 @@ def _monitor(conn: socket.socket, request: dict[str, Any], fds: list[int], state
         for fd in fds:
             os.close(fd)
         engine.send(conn, {"started": pid})
-        code = _wait(conn, pid)
+        code = _wait(conn, lines, pid)
         with contextlib.suppress(OSError):
             engine.send(conn, {"exit": code})
     except BaseException:  # a monitor never returns into the engine's loop
@@ -332,11 +339,11 @@ def _monitor(conn: socket.socket, request: dict[str, Any], fds: list[int], state
         os._exit(0)
 
 
-def _wait(conn: socket.socket, pid: int) -> int:
+def _wait(conn: socket.socket, lines: engine.Lines, pid: int) -> int:
     """The command's exit code (128 + N for signal N, as a shell says), passing on the
     client's signals meanwhile; a client that is gone (killed) interrupts the command, as
     a Ctrl-C would: its trials are told FAIL, nothing stays RUNNING."""
-    lines, client = engine.Lines(conn), True
+    client = True
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -345,9 +352,10 @@ def _wait(conn: socket.socket, pid: int) -> int:
         if not client:
             time.sleep(WAIT_S)
             continue
-        readable, _, _ = select.select([conn], [], [], WAIT_S)
-        if not readable:
-            continue
+        if not lines.pending():
+            readable, _, _ = select.select([conn], [], [], WAIT_S)
+            if not readable:
+                continue
         try:
             message = lines.read()
         except (OSError, ValueError):
@@ -376,8 +384,10 @@ def _command(request: dict[str, Any], fds: list[int], state: Engine) -> None:
         log.handlers.clear()  # the engine's log is not the command's
         _default_signals()
         code = _run(state.added)
-    except SystemExit as exc:
+    except SystemExit as exc:  # as the interpreter reads it: a message is printed, then 1
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
     except BaseException:  # on the client's stderr, as Python would print it
         traceback.print_exc()
     _finish(code)
@@ -418,19 +428,20 @@ def _run(added: dict[str, str]) -> int:
     else:
         prefect_server.forget()
     verbose = any(word in ("--verbose", "-v") for word in sys.argv[2:])
-    if verbose:  # the engine quieted these; a verbose command keeps their defaults
+    if verbose:  # the engine quieted Optuna; a verbose command keeps its default
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.INFO)
-        logging.getLogger("alembic").setLevel(logging.NOTSET)
     cli._quiet_services(verbose)  # as the command would, before Prefect reads its settings
+    import mlflow.utils.logging_utils
     import prefect.context
     import prefect.logging.configuration
 
+    # What Prefect and MLflow read from the environment when they are imported, read
+    # again from the command's, in the order a command imports them.
     prefect.context.refresh_global_settings_context()
     prefect.logging.configuration.setup_logging(incremental=False)
-    if "MLFLOW_LOGGING_LEVEL" in os.environ:
-        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
+    mlflow.utils.logging_utils._configure_mlflow_loggers("mlflow")
     cli.run_here()
     return 0
 
