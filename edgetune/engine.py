@@ -8,14 +8,15 @@ per project folder (the engine), and every later ``edgetune`` command in that fo
 starts as a fork of it instead of as a new interpreter:
 
 - the engine owns the project's Prefect server (``edgetune.prefect_server``) and keeps it
-  between commands, so Prefect's runs of one command stay browsable by the next;
+  between commands, so Prefect's runs of one command stay browsable by the next; a killed
+  engine's commands keep it until the last of them ends;
 - the command (the client) sends its arguments, folder and environment over a unix
   socket in the project's ``.prefect/`` folder, with its standard input, output and error
   (``SCM_RIGHTS``): what the command prints goes straight to the client's terminal or
   pipe, and the client exits with the command's exit code;
 - a Ctrl-C (or SIGTERM, SIGHUP) of the client reaches the command's whole process group,
-  as it would in a terminal; a client that is killed interrupts it (SIGINT: its trials are
-  told FAIL);
+  as it would in a terminal; a client that is killed or hung up ends it as a Ctrl-C does
+  (its trials are told FAIL), its output dropped;
 - the engine refuses a command (the client then runs it cold, with a one-line note) when
   the code or the installed packages changed since it started, or when an environment
   variable read at import time differs (``IMPORT_TIME`` and the Prefect server's

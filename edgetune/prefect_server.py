@@ -60,6 +60,15 @@ class ProjectServer:
 _running: list[ProjectServer] = []
 #: A server another process owns (the project's engine) serves this command.
 _adopted: list[bool] = []
+#: The session whose processes a server started from here keeps serving after this
+#: process is gone (the engine's: the commands it forked still use it).
+_outlived_by: list[int] = []
+
+
+def serve_session() -> None:
+    """Servers this process starts serve its whole session: they stop when the last of its
+    processes ends, not with this one (the engine: its commands outlive a killed engine)."""
+    _outlived_by[:] = [os.getsid(0)]
 
 
 def _free_port() -> int:
@@ -75,7 +84,8 @@ def _launch(log: Path) -> ProjectServer:
     env["PREFECT__SERVER_FINAL"] = "1"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "edgetune.prefect_server", str(port), str(os.getpid())],
+            [sys.executable, "-m", "edgetune.prefect_server", str(port), str(os.getpid())]
+            + [str(session) for session in _outlived_by],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -174,8 +184,26 @@ def stop() -> None:
                 process.wait()
 
 
-def _serve(port: int, parent: int) -> None:
-    """The server process: Prefect's API app under uvicorn, stopped when ``parent`` is gone."""
+def _session_runs(session: int) -> bool:
+    """Whether a process of ``session`` runs (a zombie does not); without ``/proc`` (not
+    Linux) none is known to."""
+    if not os.path.isdir("/proc"):
+        return False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            return True
+    return False
+
+
+def _serve(port: int, parent: int, session: int | None = None) -> None:
+    """The server process: Prefect's API app under uvicorn, stopped when ``parent`` is gone
+    (and, with ``session``, no process of that session runs any more)."""
     import uvicorn
 
     config = uvicorn.Config(
@@ -189,7 +217,7 @@ def _serve(port: int, parent: int) -> None:
     server = uvicorn.Server(config)
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent or (session is not None and _session_runs(session)):
             time.sleep(WATCH_INTERVAL_S)
         server.should_exit = True  # the command is gone: shut down cleanly, then for sure
         time.sleep(STOP_TIMEOUT_S)
@@ -200,4 +228,4 @@ def _serve(port: int, parent: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    _serve(int(sys.argv[1]), int(sys.argv[2]), *(int(a) for a in sys.argv[3:4]))

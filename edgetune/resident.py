@@ -7,8 +7,8 @@ and then serves: each command is a fork of this warm process. Two forks per comm
 the engine itself single-threaded and free of the command's state:
 
 - the monitor: tells the client the command started, passes the client's signals to the
-  command's process group (a vanished client interrupts it, as a Ctrl-C), then sends the
-  exit code;
+  command's process group (a vanished client hangs the command up: ``_hung_up``), then
+  sends the exit code;
 - the command: in its own process group, with the client's standard streams, folder,
   arguments and environment; Prefect's settings and logging are read again from that
   environment; it ends as an interpreter ends (threads joined, exit hooks run).
@@ -152,6 +152,7 @@ def _prepare(project: Path, idle_s: float) -> Engine:
     cli._project_prefect_state()  # in the order a command takes: the server gets its defaults
     cli._quiet_services(verbose=False)
     quiet = dict(os.environ)
+    prefect_server.serve_session()  # a killed engine's commands keep their server
     cli._prefect_in_background()
     places = (*engine.PREFECT_PLACES, cli._PROJECT_STATE, prefect_server.EMBEDDED_URL_ENV)
     state.added = {k: v for k, v in _changed(given).items() if k in places}
@@ -259,6 +260,9 @@ def _check_server(state: Engine) -> None:
 
 
 def _peer_uid(conn: socket.socket) -> int:
+    """The connecting user (Linux); elsewhere the socket's mode (0600) keeps others out."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return os.getuid()
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", creds)[1])
 
@@ -341,8 +345,8 @@ def _monitor(
 
 def _wait(conn: socket.socket, lines: engine.Lines, pid: int) -> int:
     """The command's exit code (128 + N for signal N, as a shell says), passing on the
-    client's signals meanwhile; a client that is gone (killed) interrupts the command, as
-    a Ctrl-C would: its trials are told FAIL, nothing stays RUNNING."""
+    client's signals meanwhile; a client that is gone (killed) hangs the command up: it
+    lets go of the client's streams and ends as after a Ctrl-C (its trials told FAIL)."""
     client = True
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -360,11 +364,12 @@ def _wait(conn: socket.socket, lines: engine.Lines, pid: int) -> int:
             message = lines.read()
         except (OSError, ValueError):
             message = None
-        number = signal.SIGINT if message is None else int(message.get("signal", 0))
         client = message is not None
-        if number:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, number)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if not client:
+                os.kill(pid, signal.SIGHUP)  # the command's ``_hung_up``
+            elif message and message.get("signal"):
+                os.killpg(pid, int(message["signal"]))
 
 
 def _command(request: dict[str, Any], fds: list[int], state: Engine) -> None:
@@ -383,6 +388,7 @@ def _command(request: dict[str, Any], fds: list[int], state: Engine) -> None:
         sys.argv = list(request["argv"])
         log.handlers.clear()  # the engine's log is not the command's
         _default_signals()
+        signal.signal(signal.SIGHUP, _hung_up)
         code = _run(state.added)
     except SystemExit as exc:  # as the interpreter reads it: a message is printed, then 1
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -391,6 +397,18 @@ def _command(request: dict[str, Any], fds: list[int], state: Engine) -> None:
     except BaseException:  # on the client's stderr, as Python would print it
         traceback.print_exc()
     _finish(code)
+
+
+def _hung_up(_number: int, _frame: object) -> None:
+    """SIGHUP in a command: its client is gone (killed, or its terminal closed). Writing
+    to the client's streams would fail from here on (a broken pipe, a hung-up terminal),
+    and with it the command's own clean-up; so they become /dev/null, and the command ends
+    as after a Ctrl-C."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    raise KeyboardInterrupt
 
 
 def _streams(numbers: list[int], fds: list[int]) -> None:

@@ -109,8 +109,11 @@ def _trial_states(project: Path, name: str) -> list[str]:
     database = project / "runs" / name / "optuna.db"
     if not database.exists():
         return []
-    with sqlite3.connect(database, timeout=30) as db:
-        return [row[0] for row in db.execute("select state from trials order by number")]
+    try:
+        with sqlite3.connect(database, timeout=30) as db:
+            return [row[0] for row in db.execute("select state from trials order by number")]
+    except sqlite3.OperationalError:  # made, its tables not yet
+        return []
 
 
 def _start_long_study(project: Path, digits_root: Path, name: str) -> subprocess.Popen[str]:
@@ -386,3 +389,47 @@ def test_many_control_requests_all_get_an_answer(project: Path) -> None:
     pid = _status(project)["pid"]
     answers = [engine.control(project, "status") for _ in range(100)]
     assert [a and a["pid"] for a in answers] == [pid] * 100
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_killed_engine_leaves_its_commands_their_server(
+    tmp_path: Path, digits_root: Path
+) -> None:
+    """The engine killed (the OOM killer's pick: it is the largest process) while a study
+    runs through it: the study ends as it would have, on the engine's Prefect server,
+    which stops once the last of the engine's commands is gone; the next engine starts."""
+    (tmp_path / "home").mkdir()
+    project = tmp_path / "project"
+    project.mkdir()
+    assert _edgetune(project, "engine", "start").returncode == 0
+    status = _status(project)
+    config = _write_study(project, digits_root, "survivor", epochs=12, swa_start=10)
+    client = subprocess.Popen(
+        [EDGETUNE, "tune", config, "--json"],
+        cwd=project,
+        env=_environment(tmp_path / "home"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while _trial_states(project, "survivor") != ["RUNNING"]:
+        assert client.poll() is None and time.monotonic() < deadline, client.communicate()
+        time.sleep(0.1)
+    os.kill(status["pid"], signal.SIGKILL)
+    stdout, stderr = client.communicate(timeout=300)
+    assert client.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout)["counts"]["COMPLETE"] == 1
+    port = int(status["prefect"].rsplit(":", 1)[1].split("/")[0])
+    deadline = time.monotonic() + 30
+    while True:  # its server ends with the last command of the killed engine
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        assert time.monotonic() < deadline, "the killed engine's server outlived its commands"
+        time.sleep(0.2)
+    again = _edgetune(project, "engine", "start")  # over the socket it left behind
+    assert again.returncode == 0, again.stderr
+    assert _status(project)["pid"] != status["pid"]
+    assert _edgetune(project, "engine", "stop").returncode == 0

@@ -458,6 +458,8 @@ class StudyLoop:
             if attempt >= MAX_REJECTED:
                 self._enqueue_feasible(base, attempt)
             trial = self.study.ask()
+            # From here a stop (Ctrl-C) tells it FAIL: abandon() reads ``asking``.
+            self.asking = Slot(trial, {}, "", self.parent_run_id)
             optuna_ops.set_attrs(
                 trial, {ATTR_OWNER: self.me, ATTR_HEARTBEAT: time.time(), ATTR_STAGE: "train"}
             )
@@ -523,6 +525,7 @@ class StudyLoop:
         trial with the same parameters instead (``study.repeats: reuse``)."""
         trial, params = self._sample()
         if self._answered(trial):
+            self.asking = None
             return False
         slot = Slot(trial, params, "", self.parent_run_id, times={"asked_at": time.time()})
         self.asking = slot  # stopped before its training is submitted, abandon() tells it

@@ -400,6 +400,37 @@ def test_an_interrupted_study_tells_its_trials_fail_and_enqueues_them(tmp_path: 
     assert tracker.named(f"study-{config.study.name}").status == "KILLED"
 
 
+@pytest.mark.parametrize("where", ["sampling", "repeat check"])
+def test_a_trial_interrupted_as_it_is_asked_is_told_fail_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A Ctrl-C between the ask and the trial's slot (its parameters being sampled, its
+    repeat check) left the trial RUNNING: asked, but in no list abandon() reads."""
+    import tasks.hpo.loop as loop_module
+
+    def interrupt(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    loop, _, _, _ = make_loop(tmp_path, n_trials=2, parallel=1)
+    if where == "sampling":
+        monkeypatch.setattr(loop_module, "suggest", interrupt)
+    else:
+        monkeypatch.setattr(loop, "_answered", interrupt)
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+
+    asked, *retry = loop.study.get_trials()
+    assert asked.state == TrialState.FAIL
+    assert asked.user_attrs["fail_reason"] == "study interrupted: KeyboardInterrupt: "
+    if where == "sampling":  # no parameters yet: nothing to run again, the study asks anew
+        assert retry == []
+    else:
+        assert [t.state for t in retry] == [TrialState.WAITING]
+        assert retry[0].user_attrs[ATTR_RETRY_OF] == 0
+        assert retry[0].system_attrs["fixed_params"] == asked.params  # the same, again
+
+
 def test_a_time_budget_stops_asking_and_lets_trials_in_flight_finish(tmp_path: Path) -> None:
     loop, _, tracker, _ = make_loop(
         tmp_path, {"train_s": 0.03}, n_trials=50, parallel=2, time_budget="0.1s"
