@@ -73,12 +73,7 @@ def _quiet_services(verbose: bool) -> None:
 
 #: Where the embedded Prefect server keeps its runs: in the folder edgetune runs in.
 PROJECT_PREFECT_DB = Path(".prefect") / "prefect.db"
-_PREFECT_PLACES = (
-    "PREFECT_API_URL",
-    "PREFECT_HOME",
-    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-    "PREFECT_API_DATABASE_CONNECTION_URL",
-)
+_PREFECT_PLACES = prefect_server.LOCATION_VARIABLES
 
 
 def _project_prefect_state() -> None:

@@ -29,8 +29,9 @@ starts as a fork of it instead of as a new interpreter:
 finds none (that command runs cold, the next ones warm). Only the user who
 started the engine may use it (its socket's folder and the peer's credentials).
 
-This module imports only the standard library at the top: the client side runs before
-anything else in every ``edgetune`` command.
+This module imports only the standard library (and ``edgetune.prefect_server``, which
+imports no more) at the top: the client side runs before anything else in every
+``edgetune`` command.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from edgetune import prefect_server
 
 #: The engine's files, in the project's Prefect state folder.
 STATE = Path(".prefect")
@@ -74,13 +77,7 @@ IMPORT_TIME = (
     "VIRTUAL_ENV",
 )
 #: Where the Prefect server is: the engine keeps the project's own only where none is set.
-PREFECT_PLACES = (
-    "PREFECT_API_URL",
-    "PREFECT_HOME",
-    "PREFECT_PROFILE",
-    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-    "PREFECT_API_DATABASE_CONNECTION_URL",
-)
+PREFECT_PLACES = (*prefect_server.LOCATION_VARIABLES, "PREFECT_PROFILE")
 DEFAULT_IDLE_MINUTES = 30.0
 #: How long ``edgetune engine start`` waits for the engine (a first start migrates).
 START_TIMEOUT_S = 180.0
@@ -214,13 +211,14 @@ def _open_fds() -> list[int]:
 def run_in_engine(argv: list[str]) -> int | None:
     """Run the command in the project's engine; its exit code, or None where no engine
     runs here or it refused the command (then the caller runs it itself)."""
-    if os.environ.get(SWITCH, "").lower() in {"off", "0", "no", "false"}:
+    switch = os.environ.get(SWITCH, "").lower()
+    if switch in {"off", "0", "no", "false"}:
         return None
     if len(argv) < 2 or argv[1] in COLD_COMMANDS or argv[1].startswith("-"):
         return None
     sock = _connect(Path.cwd())
     if sock is None:
-        if os.environ.get(SWITCH, "").lower() == "auto":
+        if switch == "auto":
             spawn(Path.cwd(), DEFAULT_IDLE_MINUTES, dict(os.environ))
         return None
     with sock, _forwarding(sock) as received:
@@ -280,11 +278,6 @@ def control(project: Path, what: str) -> dict[str, Any] | None:
             return None
 
 
-def _last_line(path: Path) -> str:
-    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-    return lines[-1][:300] if lines else "no output"
-
-
 def spawn(project: Path, idle_minutes: float, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """The engine's process for ``project``, started in the background; ``env``: the
     environment the commands it serves will have."""
@@ -310,7 +303,9 @@ def start(project: Path, idle_minutes: float, env: dict[str, str]) -> dict[str, 
         if status is not None and (status.get("pid") == process.pid or code is not None):
             return status  # this one, or one another command started meanwhile
         if code is not None:
-            raise EngineError(f"the engine exited with code {code} ({_last_line(log)}); see {log}")
+            raise EngineError(
+                f"the engine exited with code {code} ({prefect_server.last_line(log)}); see {log}"
+            )
         time.sleep(0.1)
     process.terminate()
     raise EngineError(f"the engine gave no answer in {START_TIMEOUT_S:.0f} s; see {log}")

@@ -44,6 +44,16 @@ WATCH_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 5.0
 
 
+#: Where a Prefect server and its database are: set by the user, they win over the
+#: project's own server (``edgetune.cli``, ``edgetune.engine``).
+LOCATION_VARIABLES = (
+    "PREFECT_API_URL",
+    "PREFECT_HOME",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+)
+
+
 class ServerStartError(RuntimeError):
     """The project's Prefect server did not come up."""
 
@@ -140,7 +150,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _last_line(log: Path) -> str:
+def last_line(log: Path) -> str:
     lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
     return lines[-1][:300] if lines else "no output"
 
@@ -165,7 +175,7 @@ def ready(timeout: float = STARTUP_TIMEOUT_S) -> None:
                     else f"gave no answer in {timeout:.0f} s"
                 )
                 raise ServerStartError(
-                    f"the project's Prefect server {what} ({_last_line(server.log)}); see "
+                    f"the project's Prefect server {what} ({last_line(server.log)}); see "
                     f"{server.log}, or start a Prefect server and set PREFECT_API_URL"
                 )
             time.sleep(0.05)

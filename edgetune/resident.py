@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetune import engine
+from edgetune import engine, prefect_server
 
 #: Imported once by the engine: what ``edgetune tune`` and the other commands import,
 #: including what they import inside functions (figures, ONNX, MLflow's model flavour).
@@ -145,7 +145,7 @@ def _changed(before: dict[str, str]) -> dict[str, str]:
 def _prepare(project: Path, idle_s: float) -> Engine:
     """What a command would do before its work, done once: the Prefect location and the
     project's server (started first, so it comes up while the imports run), the imports."""
-    from edgetune import cli, prefect_server
+    from edgetune import cli
 
     given = dict(os.environ)
     state = Engine(project, idle_s, engine.import_time_environment(given), engine.code_stamp())
@@ -197,8 +197,6 @@ def serve(project: Path, idle_s: float) -> int:
         return 0
     state = _prepare(project, idle_s)
     state.lock = lock
-    from edgetune import prefect_server
-
     path = engine.socket_path(project)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # an engine that was killed left it
@@ -252,8 +250,6 @@ def _reap(state: Engine) -> None:
 
 
 def _check_server(state: Engine) -> None:
-    from edgetune import prefect_server
-
     if state.added and not state.stopping and not prefect_server.alive():
         state.stopping = "its Prefect server ended"
         log.warning("the project's Prefect server ended; see .prefect/server.log")
@@ -439,7 +435,7 @@ def _streams(numbers: list[int], fds: list[int]) -> None:
 
 def _run(added: dict[str, str]) -> int:
     """The command, in this process's new environment."""
-    from edgetune import cli, prefect_server
+    from edgetune import cli
 
     if "PREFECT_API_URL" in added:
         prefect_server.adopt()  # the engine's server: used here, never stopped here
