@@ -18,9 +18,11 @@ With ``--plain`` each round also times ``bench.plain_trial``: a plain script doi
 trial's training, export, compilation and board evaluation without Prefect, Optuna or
 MLflow; the report adds each side's wall time over the plain script's, round by round.
 
-With ``--engine`` a third side runs the same command through the project's resident
-engine (``edgetune engine start`` once, after the warm-up; ``edgetune.engine``); it comes
-first, so the ratio column (with two sides) is the engine's over a cold command's.
+With ``--engine`` a third side runs the same command as a user's default would: the
+environment without ``EDGETUNE_ENGINE`` (and without ``CI``), so its warm-up run, which
+finds no engine, runs cold and starts the project's resident engine when it ends
+(``edgetune.engine``), and its timed runs go through that engine. It comes first, so the
+ratio column (with two sides) is the engine's over a cold command's (``EDGETUNE_ENGINE=off``).
 
     python -m bench.startup --runs 5 --vs ../edgetune-before
     python -m bench.startup --runs 5 --epochs 1 --plain
@@ -81,10 +83,13 @@ def _project(root: Path, data: Path, epochs: int = 2) -> Path:
 
 def _environment(checkout: Path | None, engine: bool) -> dict[str, str]:
     """No Prefect server configured; the other checkout first on the path; the project's
-    engine used only by the side that has one."""
+    engine as by default on the side that has one, never on the others."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    env["EDGETUNE_ENGINE"] = "on" if engine else "off"
+    for name in ("EDGETUNE_ENGINE", "CI"):
+        env.pop(name, None)
+    if not engine:
+        env["EDGETUNE_ENGINE"] = "off"
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout)
     return env
@@ -104,9 +109,24 @@ def engine(project: Path, what: str) -> None:
         sys.exit(f"error: edgetune engine {what} failed in {project}: {done.stderr.strip()}")
 
 
-def run_once(project: Path, checkout: Path | None, warm: bool = False) -> dict[str, float]:
-    """One ``edgetune tune`` in ``project`` (``warm``: through the project's engine); its
-    figures in seconds."""
+def wait_for_engine(project: Path, timeout: float = 300) -> None:
+    """Until the engine the warm-up run started in ``project`` answers."""
+    from edgetune.engine import control, log_path
+
+    deadline = time.monotonic() + timeout
+    while control(project, "status") is None:
+        if time.monotonic() > deadline:
+            log = log_path(project)
+            text = log.read_text()[-1500:] if log.exists() else "no log"
+            sys.exit(f"error: no engine answered in {project} after its first run: {text}")
+        time.sleep(0.2)
+
+
+def run_once(
+    project: Path, checkout: Path | None, warm: bool = False, first: bool = False
+) -> dict[str, float]:
+    """One ``edgetune tune`` in ``project`` (``warm``: as by default, through the project's
+    engine unless ``first``); its figures in seconds."""
     env = _environment(checkout, warm)
     started, clock = datetime.now(), time.monotonic()
     done = subprocess.run(
@@ -120,7 +140,7 @@ def run_once(project: Path, checkout: Path | None, warm: bool = False) -> dict[s
     wall, ended = time.monotonic() - clock, datetime.now()
     if done.returncode != 0:
         sys.exit(f"error: edgetune tune failed in {project}: {done.stderr.strip()[-1500:]}")
-    if warm and "note: " in done.stderr:  # the engine refused it: a cold run
+    if warm and not first and "note: " in done.stderr:  # the engine refused it: a cold run
         sys.exit(f"error: the engine did not run the command in {project}: {done.stderr}")
     storage = f"sqlite:///{project / 'runs' / 'one' / 'optuna.db'}"
     (trial,) = optuna.load_study(study_name="one", storage=storage).trials
@@ -209,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--engine",
         action="store_true",
-        help="also time this checkout's commands through the project's engine (started "
-        "once after the warm-up: edgetune engine start)",
+        help="also time this checkout's commands as by default: through the project's "
+        "engine, which its warm-up run starts when it ends",
     )
     parser.add_argument(
         "--plain",
@@ -236,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
         plain: list[float] = []
-        for name, (checkout, _) in sides.items():
-            run_once(projects[name], checkout)  # warm-up: makes and migrates the databases
+        for name, (checkout, warm) in sides.items():
+            # warm-up: makes and migrates the databases (and, as by default, the engine)
+            run_once(projects[name], checkout, warm, first=True)
         if args.engine:
-            engine(projects[WARM_SIDE], "start")
+            wait_for_engine(projects[WARM_SIDE])
         if args.plain:
             run_plain(projects["this checkout"])  # warm-up: the file cache
         try:

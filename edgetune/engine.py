@@ -24,10 +24,13 @@ starts as a fork of it instead of as a new interpreter:
 - it stops after ``--idle`` minutes without a command, on ``edgetune engine stop`` (after
   the commands it runs), and never leaves its socket behind when it ends cleanly.
 
-``EDGETUNE_ENGINE=off`` runs a command cold even where an engine runs;
-``EDGETUNE_ENGINE=auto`` starts the project's engine in the background when a command
-finds none (that command runs cold, the next ones warm). Only the user who
-started the engine may use it (its socket's folder and the peer's credentials).
+By default (``EDGETUNE_ENGINE=auto``) a command that finds no engine runs cold and, when
+it ends (if it used Prefect: a study, not ``data``), starts the project's engine in the background with a one-line note: the next
+commands in that folder start warm, and the engine ends after ``--idle`` minutes without
+one. Where the ``CI`` variable is set (continuous integration), the default is ``off``.
+``EDGETUNE_ENGINE=off`` runs every command cold and starts nothing; ``on`` uses a running
+engine but never starts one. Only the user who started the engine may use it (its
+socket's folder and the peer's credentials).
 
 This module imports only the standard library (and ``edgetune.prefect_server``, which
 imports no more) at the top: the client side runs before anything else in every
@@ -37,6 +40,7 @@ imports no more) at the top: the client side runs before anything else in every
 from __future__ import annotations
 
 import array
+import atexit
 import contextlib
 import json
 import os
@@ -55,9 +59,11 @@ from edgetune import prefect_server
 #: The engine's files, in the project's Prefect state folder.
 STATE = Path(".prefect")
 SOCKET_NAME, LOG_NAME = "engine.sock", "engine.log"
-#: ``EDGETUNE_ENGINE=off`` (or 0, no, false): never use a running engine; ``auto``: start
-#: one where none runs.
+#: ``EDGETUNE_ENGINE=off`` (or 0, no, false): never use a running engine; ``on``: use a
+#: running one; ``auto`` (the default, but where ``CI`` is set): use one, and start one
+#: after a command that found none.
 SWITCH = "EDGETUNE_ENGINE"
+OFF = frozenset({"off", "0", "no", "false"})
 #: Commands that always run in their own process.
 COLD_COMMANDS = frozenset({"engine", "worker"})
 #: Environment variables read when a library is imported (or by the interpreter): a
@@ -79,6 +85,8 @@ IMPORT_TIME = (
 #: Where the Prefect server is: the engine keeps the project's own only where none is set.
 PREFECT_PLACES = (*prefect_server.LOCATION_VARIABLES, "PREFECT_PROFILE")
 DEFAULT_IDLE_MINUTES = 30.0
+#: Imported by a command that used Prefect (``start_after``).
+PREFECT_CLIENT = "prefect.client.orchestration"
 #: How long ``edgetune engine start`` waits for the engine (a first start migrates).
 START_TIMEOUT_S = 180.0
 _FDS = struct.calcsize("i")
@@ -208,18 +216,28 @@ def _open_fds() -> list[int]:
     return fds
 
 
+def switch(env: dict[str, str]) -> str:
+    """``off``, ``on`` or ``auto``: what ``EDGETUNE_ENGINE`` (or its default) says."""
+    value = env.get(SWITCH, "").strip().lower()
+    if not value:
+        in_ci = env.get("CI", "").strip().lower() not in {"", *OFF}
+        return "off" if in_ci else "auto"
+    return "off" if value in OFF else value
+
+
 def run_in_engine(argv: list[str]) -> int | None:
     """Run the command in the project's engine; its exit code, or None where no engine
-    runs here or it refused the command (then the caller runs it itself)."""
-    switch = os.environ.get(SWITCH, "").lower()
-    if switch in {"off", "0", "no", "false"}:
+    runs here or it refused the command (then the caller runs it itself, and, by default,
+    starts the engine when it ends)."""
+    mode = switch(dict(os.environ))
+    if mode == "off":
         return None
     if len(argv) < 2 or argv[1] in COLD_COMMANDS or argv[1].startswith("-"):
         return None
     sock = _connect(Path.cwd())
     if sock is None:
-        if switch == "auto":
-            spawn(Path.cwd(), DEFAULT_IDLE_MINUTES, dict(os.environ))
+        if mode == "auto":
+            atexit.register(start_after, Path.cwd(), dict(os.environ))
         return None
     with sock, _forwarding(sock) as received:
         fds = _open_fds()
@@ -233,6 +251,8 @@ def run_in_engine(argv: list[str]) -> int | None:
         if first is None or "refused" in first:
             if first is not None:
                 print(f"note: {first['refused']}; running without it", file=sys.stderr)
+                if mode == "auto" and first.get("stopping"):  # a fresh one for the next
+                    atexit.register(start_after, Path.cwd(), dict(os.environ))
             if received:  # a Ctrl-C before the command started: it ends here
                 print("error: interrupted", file=sys.stderr)
                 return 128 + received[0]
@@ -292,6 +312,27 @@ def spawn(project: Path, idle_minutes: float, env: dict[str, str]) -> subprocess
             stderr=subprocess.STDOUT,
             start_new_session=True,  # not stopped by the terminal's Ctrl-C
         )
+
+
+def start_after(project: Path, env: dict[str, str]) -> None:
+    """At the end of a cold command (``auto``) that used Prefect (the commands whose start
+    the engine shortens; not ``data`` or a usage error): start the engine of ``project`` in
+    the background unless one runs there now, with a one-line note. Not while the command
+    runs: the engine would take CPU from it, and idle out under a long study."""
+    if PREFECT_CLIENT not in sys.modules:
+        return
+    if socket_path(project).exists() and control(project, "status") is not None:
+        return
+    try:
+        spawn(project, DEFAULT_IDLE_MINUTES, env)
+    except OSError:  # a folder the user cannot write: the next command runs cold too
+        return
+    print(
+        "note: started the project's engine in the background: the next edgetune commands "
+        f"in this folder start warm (it stops after {DEFAULT_IDLE_MINUTES:g} idle minutes, "
+        "or on 'edgetune engine stop'; EDGETUNE_ENGINE=off runs without it)",
+        file=sys.stderr,
+    )
 
 
 def start(project: Path, idle_minutes: float, env: dict[str, str]) -> dict[str, Any]:

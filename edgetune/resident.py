@@ -285,7 +285,7 @@ def _handle(state: Engine, conn: socket.socket, listener: socket.socket) -> None
             return
         reason = state.refusal(request["env"])
         if reason:
-            engine.send(conn, {"refused": reason})
+            engine.send(conn, {"refused": reason, "stopping": bool(state.stopping)})
             return
         conn.settimeout(None)
         pid = os.fork()

@@ -14,6 +14,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Commands started by tests run cold and leave no engine behind (tests/test_engine.py
+# chooses its own).
+os.environ["EDGETUNE_ENGINE"] = "off"
 
 
 URL_VARIABLES = ("EDGETUNE_STORAGE", "MLFLOW_TRACKING_URI")

@@ -27,14 +27,18 @@ EDGETUNE = str(Path(sys.executable).parent / "edgetune")
 
 
 def _environment(home: Path, **more: str) -> dict[str, str]:
-    """No Prefect server configured, a home of the test's own; ``more`` on top (an empty
-    value removes the variable)."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PREFECT_", "EDGETUNE_ENGINE"))
-    }
-    env.update({"HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **more})
+    """No Prefect server configured, a home of the test's own, a running engine used but
+    none started (``EDGETUNE_ENGINE=on``); ``more`` on top (an empty value removes the
+    variable)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(
+        {
+            "HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "EDGETUNE_ENGINE": "on",
+            **more,
+        }
+    )
     return {key: value for key, value in env.items() if value}
 
 
@@ -308,9 +312,65 @@ def test_a_socket_left_by_a_killed_engine_runs_the_command_here(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
         left.bind(str(path))  # bound, never listening again: as after a SIGKILL
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(engine.SWITCH, raising=False)
+    monkeypatch.setenv(engine.SWITCH, "on")
     assert engine.run_in_engine(["edgetune", "tune", "x.yaml"]) is None
     assert engine.control(tmp_path, "status") is None
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "auto"),
+        ({"CI": "true"}, "off"),
+        ({"CI": "1", "EDGETUNE_ENGINE": "auto"}, "auto"),
+        ({"CI": "false"}, "auto"),
+        ({"EDGETUNE_ENGINE": "on"}, "on"),
+        ({"EDGETUNE_ENGINE": "No"}, "off"),
+        ({"EDGETUNE_ENGINE": "0", "CI": ""}, "off"),
+    ],
+)
+def test_the_engine_is_on_by_default_but_in_continuous_integration(
+    env: dict[str, str], expected: str
+) -> None:
+    assert engine.switch(env) == expected
+
+
+def test_a_command_that_finds_no_engine_starts_one_when_it_ends_not_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(engine.SWITCH, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    at_exit: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(engine.atexit, "register", lambda *call: at_exit.append(call))
+    spawned: list[tuple[Path, float]] = []
+    monkeypatch.setattr(engine, "spawn", lambda where, idle, env: spawned.append((where, idle)))
+
+    assert engine.run_in_engine(["edgetune", "tune", "x.yaml"]) is None  # runs cold
+    assert spawned == []  # not while the command runs
+    [(call, where, env)] = at_exit
+    assert where == tmp_path and env == dict(os.environ)
+    monkeypatch.delitem(sys.modules, engine.PREFECT_CLIENT, raising=False)
+    call(where, env)  # a command that did not use Prefect (``data``): none
+    assert spawned == [] and capsys.readouterr().err == ""
+    monkeypatch.setitem(sys.modules, engine.PREFECT_CLIENT, sys)  # as if it had
+    call(where, env)  # as the interpreter ends
+    assert spawned == [(tmp_path, engine.DEFAULT_IDLE_MINUTES)]
+    note = capsys.readouterr().err
+    assert note.startswith("note: started the project's engine in the background") and (
+        note.count("\n") == 1 and "EDGETUNE_ENGINE=off" in note
+    )
+
+    monkeypatch.setattr(engine, "control", lambda where, what: {"pid": 1})
+    engine.socket_path(tmp_path).parent.mkdir()
+    engine.socket_path(tmp_path).touch()
+    call(where, env)  # one answers there now (another command started it): no second
+    assert len(spawned) == 1 and capsys.readouterr().err == ""
+    monkeypatch.setenv(engine.SWITCH, "on")
+    at_exit.clear()
+    monkeypatch.setattr(engine, "_connect", lambda where: None)
+    assert engine.run_in_engine(["edgetune", "tune", "x.yaml"]) is None
+    assert at_exit == []  # "on" never starts one
 
 
 def test_engine_and_worker_commands_never_go_to_the_engine(
@@ -332,13 +392,14 @@ def test_engine_and_worker_commands_never_go_to_the_engine(
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_auto_starts_one_engine_however_many_commands_find_none(tmp_path: Path) -> None:
-    """EDGETUNE_ENGINE=auto: a command that finds no engine runs cold and starts one; two
-    such commands at once start two processes, and one of them ends before its imports."""
+def test_by_default_one_engine_starts_however_many_commands_find_none(tmp_path: Path) -> None:
+    """By default (no EDGETUNE_ENGINE, no CI) a command that finds no engine runs cold and
+    starts one as it ends, with a note; two such commands at once start two processes, and
+    one of them ends before its imports."""
     (tmp_path / "home").mkdir()
     project = tmp_path / "project"
     project.mkdir()
-    env = _environment(tmp_path / "home", EDGETUNE_ENGINE="auto")
+    env = _environment(tmp_path / "home", EDGETUNE_ENGINE="", CI="")
     clients = [
         subprocess.Popen(
             [EDGETUNE, "tune", "absent.yaml"],
@@ -350,20 +411,25 @@ def test_auto_starts_one_engine_however_many_commands_find_none(tmp_path: Path) 
         )
         for _ in range(2)
     ]
+    started = 0
     for client in clients:
         _, stderr = client.communicate(timeout=300)
         assert client.returncode == 2 and stderr.startswith("error: "), stderr
+        # the last line, unless the other's engine already answered as this one ended
+        started += stderr.splitlines()[-1].startswith("note: started the project's engine")
+    assert started >= 1
     deadline = time.monotonic() + 180
     while (status := engine.control(project, "status")) is None:
         assert time.monotonic() < deadline, engine.log_path(project).read_text()
         time.sleep(0.2)
     log = engine.log_path(project)
-    while "another engine runs for this project" not in log.read_text():
+    while started == 2 and "another engine runs for this project" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
     assert log.read_text().count("engine INFO ready in") == 1
-    again = _edgetune(project, "tune", "absent.yaml", EDGETUNE_ENGINE="auto")
+    again = _edgetune(project, "tune", "absent.yaml", EDGETUNE_ENGINE="", CI="")
     assert again.returncode == 2 and again.stderr.startswith("error: ")
+    assert "note: " not in again.stderr  # it ran in the engine
     assert _status(project)["served"] == 1 and _status(project)["pid"] == status["pid"]
     assert _edgetune(project, "engine", "stop").returncode == 0
     assert engine.wait_stopped(project, 30)
