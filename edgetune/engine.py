@@ -25,12 +25,13 @@ starts as a fork of it instead of as a new interpreter:
   the commands it runs), and never leaves its socket behind when it ends cleanly.
 
 By default (``EDGETUNE_ENGINE=auto``) a command that finds no engine runs cold and, when
-it ends (if it used Prefect: a study, not ``data``), starts the project's engine in the background with a one-line note: the next
-commands in that folder start warm, and the engine ends after ``--idle`` minutes without
-one. Where the ``CI`` variable is set (continuous integration), the default is ``off``.
-``EDGETUNE_ENGINE=off`` runs every command cold and starts nothing; ``on`` uses a running
-engine but never starts one. Only the user who started the engine may use it (its
-socket's folder and the peer's credentials).
+it ends, if it used Prefect (a study, not ``data``), starts the project's engine in the
+background with a one-line note: the next commands in that folder start warm, and the
+engine ends after ``--idle`` minutes without one. Where the ``CI`` variable is set
+(continuous integration), the default is ``off``. ``EDGETUNE_ENGINE=off`` (or 0, no,
+false) runs every command cold and starts nothing; ``on`` (or any other value) uses a
+running engine but never starts one. Only the user who started the engine may use it
+(its socket's folder and the peer's credentials).
 
 This module imports only the standard library (and ``edgetune.prefect_server``, which
 imports no more) at the top: the client side runs before anything else in every
@@ -59,9 +60,9 @@ from edgetune import prefect_server
 #: The engine's files, in the project's Prefect state folder.
 STATE = Path(".prefect")
 SOCKET_NAME, LOG_NAME = "engine.sock", "engine.log"
-#: ``EDGETUNE_ENGINE=off`` (or 0, no, false): never use a running engine; ``on``: use a
-#: running one; ``auto`` (the default, but where ``CI`` is set): use one, and start one
-#: after a command that found none.
+#: ``EDGETUNE_ENGINE=off`` (or 0, no, false): never use a running engine; ``auto`` (the
+#: default, but where ``CI`` is set): use one, and start one after a command that found
+#: none; ``on`` (any other value): use a running one, never start one.
 SWITCH = "EDGETUNE_ENGINE"
 OFF = frozenset({"off", "0", "no", "false"})
 #: Commands that always run in their own process.
@@ -222,7 +223,7 @@ def switch(env: dict[str, str]) -> str:
     if not value:
         in_ci = env.get("CI", "").strip().lower() not in {"", *OFF}
         return "off" if in_ci else "auto"
-    return "off" if value in OFF else value
+    return "off" if value in OFF else "auto" if value == "auto" else "on"
 
 
 def run_in_engine(argv: list[str]) -> int | None:

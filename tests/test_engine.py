@@ -325,6 +325,8 @@ def test_a_socket_left_by_a_killed_engine_runs_the_command_here(
         ({"CI": "1", "EDGETUNE_ENGINE": "auto"}, "auto"),
         ({"CI": "false"}, "auto"),
         ({"EDGETUNE_ENGINE": "on"}, "on"),
+        ({"EDGETUNE_ENGINE": "yes", "CI": "true"}, "on"),
+        ({"EDGETUNE_ENGINE": " AUTO "}, "auto"),
         ({"EDGETUNE_ENGINE": "No"}, "off"),
         ({"EDGETUNE_ENGINE": "0", "CI": ""}, "off"),
     ],
