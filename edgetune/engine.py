@@ -112,6 +112,24 @@ def log_path(project: Path) -> Path:
     return project / STATE / LOG_NAME
 
 
+def cannot_listen(path: Path) -> str | None:
+    """Why no unix socket can be made where ``path`` goes (a filesystem without them, a
+    path too long), or None; checked before an engine starts, so one that could never
+    serve is not started (or ends before its imports)."""
+    probe = path.with_name(f"{os.getpid():07d}.tst"[-len(path.name) :])  # as long
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address(probe))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        sock.close()
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
 def import_time_environment(env: dict[str, str]) -> dict[str, str]:
     """The part of an environment a warm process cannot take from a command."""
     return {
@@ -325,6 +343,8 @@ def start_after(project: Path, env: dict[str, str]) -> None:
     if socket_path(project).exists() and control(project, "status") is not None:
         return
     try:
+        if cannot_listen(socket_path(project)):  # it could never serve: all run cold
+            return
         spawn(project, DEFAULT_IDLE_MINUTES, env)
     except OSError:  # a folder the user cannot write: the next command runs cold too
         return

@@ -195,6 +195,10 @@ def serve(project: Path, idle_s: float) -> int:
     if lock is None:
         log.info("another engine runs for this project (pid %d ends)", os.getpid())
         return 0
+    problem = engine.cannot_listen(engine.socket_path(project))
+    if problem:
+        log.error("no socket at %s (%s): commands here run cold", project / engine.STATE, problem)
+        return 1
     state = _prepare(project, idle_s)
     state.lock = lock
     path = engine.socket_path(project)

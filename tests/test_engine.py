@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edgetune import engine
+from edgetune import engine, resident
 from edgetune.resident import Engine
 
 from conftest import tiny_config
@@ -272,6 +272,30 @@ def test_an_idle_engine_stops_with_its_server(tmp_path: Path) -> None:
         assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
+def test_an_engine_that_could_not_listen_ends_before_its_imports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A unix socket's path has at most 107 bytes: in a folder deeper than that (seen from
+    here too) the engine ends at once, not after its imports and its Prefect server."""
+    project = tmp_path / ("deep" * 30)
+    project.mkdir()
+    monkeypatch.chdir("/")
+    monkeypatch.setattr(resident, "_prepare", lambda *_: pytest.fail("prepared"))
+    with caplog.at_level("ERROR", logger=resident.log.name):
+        assert resident.serve(project, 60.0) == 1
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"no socket at {project / '.prefect'} (")
+    assert sorted(p.name for p in (project / ".prefect").iterdir()) == ["engine.lock"]
+    spawned: list[Path] = []
+    monkeypatch.setattr(engine, "spawn", lambda where, *_: spawned.append(where))
+    monkeypatch.setitem(sys.modules, engine.PREFECT_CLIENT, sys)
+    engine.start_after(project, {})  # after a cold command there: none started, no note
+    assert spawned == [] and engine.cannot_listen(engine.socket_path(project))
+    engine.start_after(tmp_path, {})
+    assert spawned == [tmp_path] and engine.cannot_listen(engine.socket_path(tmp_path)) is None
+    assert sorted(p.name for p in (tmp_path / ".prefect").iterdir()) == []  # probe gone
+
+
 def test_changed_code_is_refused_and_stops_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     state = Engine(Path("."), 60.0, {"PYTHONPATH": "a"}, stamp="before")
     monkeypatch.setattr(engine, "code_stamp", lambda: "before")
@@ -364,7 +388,6 @@ def test_a_command_that_finds_no_engine_starts_one_when_it_ends_not_before(
     )
 
     monkeypatch.setattr(engine, "control", lambda where, what: {"pid": 1})
-    engine.socket_path(tmp_path).parent.mkdir()
     engine.socket_path(tmp_path).touch()
     call(where, env)  # one answers there now (another command started it): no second
     assert len(spawned) == 1 and capsys.readouterr().err == ""
