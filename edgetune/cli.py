@@ -168,6 +168,7 @@ def _untraced(verbose: bool, *also: type[Exception]) -> Iterator[None]:
     The record still reaches the Prefect API (the run's logs in the UI); --verbose shows it
     here too."""
     prefect_server.ready()
+    prefect_server.supervise()
     hide = _HideExpected((*_user_errors(), *also))
     # MLflow logs a database error, with its traceback, on a handler of its own.
     places: list[logging.Filterer] = (

@@ -42,6 +42,8 @@ STARTUP_TIMEOUT_S = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEO
 WATCH_INTERVAL_S = 0.5
 #: How long a stopping server may take before it is killed.
 STOP_TIMEOUT_S = 5.0
+#: How many times a server that ended by itself is started again on its port.
+RESTARTS = 3
 
 
 #: Where a Prefect server and its database are: set by the user, they win over the
@@ -65,6 +67,11 @@ class ProjectServer:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
+    restarts: int = 0
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/")[0])
 
 
 _running: list[ProjectServer] = []
@@ -73,6 +80,9 @@ _adopted: list[bool] = []
 #: The session whose processes a server started from here keeps serving after this
 #: process is gone (the engine's: the commands it forked still use it).
 _outlived_by: list[int] = []
+#: Set when this process stops its servers: no server is started again after that.
+_stopping = threading.Event()
+_supervised: list[bool] = []
 
 
 def serve_session() -> None:
@@ -87,12 +97,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch(log: Path) -> ProjectServer:
-    port = _free_port()
+def _launch(log: Path, port: int | None = None) -> ProjectServer:
+    """A server on ``port`` (a free one by default; the log is appended to when a port is
+    given: the same server started again)."""
+    again, port = port is not None, port or _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", EMBEDDED_URL_ENV)}
     env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"})
     env["PREFECT__SERVER_FINAL"] = "1"
-    with log.open("wb") as out:
+    with log.open("ab" if again else "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "edgetune.prefect_server", str(port), str(os.getpid())]
             + [str(session) for session in _outlived_by],
@@ -181,8 +193,42 @@ def ready(timeout: float = STARTUP_TIMEOUT_S) -> None:
             time.sleep(0.05)
 
 
+def revive() -> list[str]:
+    """Start again, on its port, each server of this process that ended though nothing
+    stopped it (killed, out of memory), at most ``RESTARTS`` times: the flows' Prefect
+    clients retry their calls meanwhile, and the database on disk keeps the runs. One line
+    for each server started again."""
+    said = []
+    for index, server in enumerate(_running):
+        code = server.process.poll()
+        if code is None or _stopping.is_set() or server.restarts >= RESTARTS:
+            continue
+        _running[index] = _launch(server.log, server.port)
+        _running[index].restarts = server.restarts + 1
+        said.append(
+            f"the project's Prefect server ended (exit code {code}); started again on port "
+            f"{server.port} (see {server.log})"
+        )
+    return said
+
+
+def supervise() -> None:
+    """In a command (not the engine, which forks and runs no thread): a thread that starts
+    the project's server again when it ends by itself (``revive``), until ``stop``."""
+
+    def watch() -> None:
+        while not _stopping.wait(WATCH_INTERVAL_S):
+            for line in revive():
+                print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    if _running and not _supervised:
+        _supervised.append(True)
+        threading.Thread(target=watch, name="revive-prefect-server", daemon=True).start()
+
+
 def stop() -> None:
     """Stop the servers this process started (at exit; their watchdogs would too)."""
+    _stopping.set()
     while _running:
         process = _running.pop().process
         if process.poll() is None:

@@ -293,6 +293,7 @@ class Progress:
         self._thread: threading.Thread | None = None
         self._live: Live | None = None
         self._studies: dict[str, Any] = {}
+        self._deleted: dict[str, int] = {}  # each study's deletions when it was loaded
         self._last: dict[str, Snapshot] = {}
         self._started = self._said = time.monotonic()
 
@@ -344,9 +345,16 @@ class Progress:
         """Each study of the run that exists yet, read now."""
         import optuna
 
+        from tasks.hpo.recovery import forgotten
+
         found = []
         for label, target in self._targets():
             name = target.study.name
+            deleted = forgotten(target.storage_url, name)
+            if self._deleted.setdefault(name, deleted) != deleted:  # --restart deleted it:
+                self._deleted[name] = deleted  # what is read next is a new study, all news
+                self._studies.pop(name, None)
+                self._last.pop(name, None)
             try:
                 if name not in self._studies:
                     self._studies[name] = optuna.load_study(

@@ -254,7 +254,11 @@ def _reap(state: Engine) -> None:
 
 
 def _check_server(state: Engine) -> None:
-    if state.added and not state.stopping and not prefect_server.alive():
+    if not state.added or state.stopping:
+        return
+    for line in prefect_server.revive():  # its commands' clients retry meanwhile
+        log.warning(line)
+    if not prefect_server.alive():  # started again too often
         state.stopping = "its Prefect server ended"
         log.warning("the project's Prefect server ended; see .prefect/server.log")
 

@@ -6,15 +6,19 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from edgetune import prefect_server
 from tasks.host import SCRATCH_PREFIX, pid_alive, scratch_folder, sweep_scratch
 
 from conftest import tiny_config
@@ -52,6 +56,15 @@ def _wait_for(check: object, timeout: float, what: str) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"{what} within {timeout} s"
         time.sleep(0.1)
+
+
+def _project(tmp_path: Path, digits_root: Path, name: str, **settings: Any) -> Path:
+    """A project folder with the tiny study ``name``.yaml (``settings``: its sections)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    raw = tiny_config(digits_root, project / "runs" / name, **settings)
+    (project / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    return project
 
 
 def _environment(home: Path) -> dict[str, str]:
@@ -126,15 +139,8 @@ def test_ctrl_c_in_a_terminal_ends_the_study_cleanly(digits_root: Path, tmp_path
     line, the trials in flight told FAIL, no server and no scratch folder left."""
     import pty
 
-    project = tmp_path / "project"
-    project.mkdir()
-    raw = tiny_config(
-        digits_root,
-        project / "runs" / "ctrlc",
-        train={"epochs": 60, "swa_start": 50},
-        study={"n_trials": 2, "parallel": 2},
-    )
-    (project / "ctrlc.yaml").write_text(yaml.safe_dump(raw))
+    train, study = {"epochs": 60, "swa_start": 50}, {"n_trials": 2, "parallel": 2}
+    project = _project(tmp_path, digits_root, "ctrlc", train=train, study=study)
     pid, terminal = pty.fork()
     if pid == 0:  # the child: a session leader with the pty as its terminal, like a shell's job
         os.chdir(project)
@@ -185,3 +191,90 @@ def test_ctrl_c_in_a_terminal_ends_the_study_cleanly(digits_root: Path, tmp_path
     )
     states = [t.state.name for t in study.trials]
     assert "RUNNING" not in states and states.count("FAIL") >= 1, states
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_killed_prefect_server_is_started_again_and_the_study_ends(
+    digits_root: Path, tmp_path: Path
+) -> None:
+    """The command's own Prefect server killed mid-training (out of memory, a stray kill):
+    the command starts it again on its port with one warning line, the flows' clients retry
+    meanwhile, and the study ends with every trial COMPLETE. (It hung before, and did not
+    end on SIGTERM either.)"""
+    train, study = {"epochs": 12, "swa_start": 8}, {"n_trials": 3, "parallel": 1}
+    project = _project(tmp_path, digits_root, "revive", train=train, study=study)
+    command = subprocess.Popen(
+        [EDGETUNE, "tune", "revive.yaml"],
+        cwd=project,
+        env=_environment(tmp_path),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert command.stderr is not None
+    lines = []
+    while not any("train epoch" in line for line in lines):
+        line = command.stderr.readline()
+        assert line, "".join(lines)[-2000:]
+        lines.append(line)
+    [server] = _servers_of(command.pid)
+    os.kill(server, signal.SIGKILL)
+    try:
+        _, rest = command.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        command.kill()
+        _, rest = command.communicate()
+        pytest.fail(f"the study hung after its Prefect server was killed: {rest[-2000:]}")
+    text = "".join(lines) + rest
+    assert command.returncode == 0, text[-3000:]
+    warnings = [line for line in text.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: the project's Prefect server ended (exit code -9); started again on port "
+    ), text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    port = int(warnings[0].split(" on port ")[1].split()[0])
+
+    def closed() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) != 0
+
+    _wait_for(closed, 15, "the server started again stops with the command")
+
+    import optuna
+
+    study = optuna.load_study(
+        study_name="revive", storage=f"sqlite:///{project / 'runs' / 'revive' / 'optuna.db'}"
+    )
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+def test_a_server_that_ended_by_itself_is_started_again_on_its_port_a_few_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Ended:
+        def poll(self) -> int:
+            return -9
+
+    launched: list[tuple[Path, int | None]] = []
+
+    def launch(log: Path, port: int | None = None) -> prefect_server.ProjectServer:
+        launched.append((log, port))
+        return prefect_server.ProjectServer(Ended(), f"http://127.0.0.1:{port}/api", log)  # type: ignore[arg-type]
+
+    log = tmp_path / "server.log"
+    monkeypatch.setattr(prefect_server, "_launch", launch)
+    monkeypatch.setattr(prefect_server, "_stopping", threading.Event())
+    first = prefect_server.ProjectServer(Ended(), "http://127.0.0.1:4321/api", log)  # type: ignore[arg-type]
+    monkeypatch.setattr(prefect_server, "_running", [first])
+    said = [prefect_server.revive() for _ in range(prefect_server.RESTARTS + 2)]
+    assert said[0] == [
+        f"the project's Prefect server ended (exit code -9); started again on port 4321 (see {log})"
+    ]
+    assert [len(lines) for lines in said] == [1] * prefect_server.RESTARTS + [0, 0]
+    assert launched == [(log, 4321)] * prefect_server.RESTARTS  # its port, its log
+    assert not prefect_server.alive()  # given up: the engine stops, as before
+
+    monkeypatch.setattr(prefect_server, "_running", [first])
+    prefect_server._stopping.set()  # stopping at exit: a server that ends is not started
+    assert prefect_server.revive() == [] and len(launched) == prefect_server.RESTARTS

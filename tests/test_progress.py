@@ -184,6 +184,25 @@ def test_a_study_started_afresh_is_news_again(tmp_path: Path) -> None:
     assert events(old, read_snapshot(study, config)) == ["trial 0 started: train epoch 1/10"]
 
 
+def test_a_study_restarted_under_a_watching_progress_is_news_again(tmp_path: Path) -> None:
+    """``--restart`` deletes the study the progress loaded at its start; SQLite gives the
+    new one the same id, and the loaded study's cache kept showing the old one: not one
+    line for the whole run."""
+    from tasks.hpo.recovery import forget_study
+
+    config, study = _study(tmp_path)
+    study.tell(_ask(study, "train"), 0.05)
+    out = io.StringIO()
+    with Progress(config, live=False, fresh=True, interval=60, out=out) as progress:
+        progress.tick()  # the old study, loaded and read
+        assert forget_study(config)
+        study = open_study(config.storage_url, config.study, config.seed)
+        _ask(study, "train")
+        progress.tick()
+    said = [LINE.match(line).group(3) for line in out.getvalue().splitlines()]  # type: ignore[union-attr]
+    assert said == ["trial 0 started: train epoch 1/10"]
+
+
 def test_the_live_view_keeps_each_line_within_80_columns(tmp_path: Path) -> None:
     config, study = _study(tmp_path)
     study.tell(_ask(study, "train"), 0.05)

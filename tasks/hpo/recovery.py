@@ -389,6 +389,12 @@ def check_fingerprint(study: optuna.Study, config: StudyTarget, *, record: bool 
 
 
 # Restart and reuse ------------------------------------------------------------------------------
+#: How many times this process deleted each study (storage URL, study name): a reader that
+#: holds one loaded sees that what it holds is gone, though a study made again under the
+#: name may get the same id (SQLite reuses it) and its storage's cache would mix the two.
+_FORGOTTEN: dict[tuple[str, str], int] = {}
+
+
 def forget_study(config: StudyTarget) -> bool:
     """Delete the stored study (``--restart``); True if there was one. MLflow runs stay."""
     storage = open_storage(config.storage_url)
@@ -396,7 +402,14 @@ def forget_study(config: StudyTarget) -> bool:
         optuna.delete_study(study_name=config.study.name, storage=storage)
     except KeyError:
         return False
+    key = (config.storage_url, config.study.name)
+    _FORGOTTEN[key] = _FORGOTTEN.get(key, 0) + 1
     return True
+
+
+def forgotten(url: str, name: str) -> int:
+    """How many times this process deleted study ``name`` of ``url`` (``forget_study``)."""
+    return _FORGOTTEN.get((url, name), 0)
 
 
 class NothingToReuseError(RuntimeError):
