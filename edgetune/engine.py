@@ -340,7 +340,7 @@ def start_after(project: Path, env: dict[str, str]) -> None:
     runs: the engine would take CPU from it, and idle out under a long study."""
     if PREFECT_CLIENT not in sys.modules:
         return
-    if socket_path(project).exists() and control(project, "status") is not None:
+    if control(project, "status") is not None:
         return
     try:
         if cannot_listen(socket_path(project)):  # it could never serve: all run cold

@@ -198,10 +198,12 @@ def revive() -> list[str]:
     stopped it (killed, out of memory), at most ``RESTARTS`` times: the flows' Prefect
     clients retry their calls meanwhile, and the database on disk keeps the runs. One line
     for each server started again."""
-    said = []
+    said: list[str] = []
+    if _stopping.is_set():
+        return said
     for index, server in enumerate(_running):
         code = server.process.poll()
-        if code is None or _stopping.is_set() or server.restarts >= RESTARTS:
+        if code is None or server.restarts >= RESTARTS:
             continue
         _running[index] = _launch(server.log, server.port)
         _running[index].restarts = server.restarts + 1
